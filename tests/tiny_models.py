@@ -11,7 +11,7 @@ from d3sr_core.models.schedule import alphas_cumprod
 # Same block structure as SD2.1-base (4 levels, cross-attention in the first three, linear
 # projections, 2 layers per block), with tiny widths.
 TINY_UNET_CONFIG = {
-    "block_out_channels": [32, 32, 64, 64],
+    "block_out_channels": [16, 32, 64, 64],
     "down_block_types": [
         "CrossAttnDownBlock2D",
         "CrossAttnDownBlock2D",
@@ -33,13 +33,14 @@ TINY_UNET_CONFIG = {
     "out_channels": 4,
     "sample_size": 16,
 }
-# Four levels like SD2.1's VAE, so the latent is 1/8 of the image as in the real model.
+# Same block structure as SD2.1's VAE (so the latent is 1/8 of the image and OSEDiff's
+# 32 VAE-encoder LoRA modules exist), with tiny widths.
 TINY_VAE_CONFIG = {
-    "block_out_channels": [16, 16, 32, 32],
+    "block_out_channels": [8, 16, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "latent_channels": 4,
-    "layers_per_block": 1,
+    "layers_per_block": 2,
     "norm_num_groups": 8,
     "in_channels": 3,
     "out_channels": 3,

@@ -81,9 +81,8 @@ class D3SRGenerator(nn.Module):
         self.unet = unet
         self.vae = vae
         self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=False)
-        self.register_buffer(
-            "alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False
-        )
+        # A plain float, not a buffer: ``.to(bfloat16)`` must never round the schedule.
+        self.alpha_bar = float(alphas_cumprod[self.config.timestep])
         self._merged: dict[str, MergedLora] = {}
 
     # ---- adapters -----------------------------------------------------------------------
@@ -145,8 +144,7 @@ class D3SRGenerator(nn.Module):
 
     def to_x0(self, latent: Tensor, model_output: Tensor) -> Tensor:
         """Closed-form clean latent from a :meth:`predict` output (float32)."""
-        alpha_bar = self.alphas_cumprod[self.config.timestep]
-        return predict_x0(latent, model_output, alpha_bar, self.config.prediction_type)
+        return predict_x0(latent, model_output, self.alpha_bar, self.config.prediction_type)
 
     def denoise(self, latent: Tensor) -> Tensor:
         """Scaled LR latent -> scaled SR latent (one UNet evaluation)."""

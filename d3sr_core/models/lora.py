@@ -190,6 +190,8 @@ def split_peft_state_dict(
             if adapter_name is not None and adapter != adapter_name:
                 continue
             path = path.removesuffix(".base_layer")
+            if path in bucket:
+                raise KeyError(f"module {path!r} has LoRA tensors under more than one adapter name")
             bucket[path] = tensor
     missing = sorted(set(downs) ^ set(ups))
     if missing:

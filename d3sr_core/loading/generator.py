@@ -1,0 +1,81 @@
+"""Assemble a ready-to-run :class:`D3SRGenerator` from a base model and a D3SR/OSEDiff weights file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models.generator import D3SRGenerator
+from ..models.schedule import alphas_cumprod_from_config
+from .base import BaseModel, load_base
+from .checkpoint import D3SRCheckpoint, is_d3sr_checkpoint, load_checkpoint
+from .files import WeightsFileError
+from .osediff import osediff_to_checkpoint, read_osediff
+
+
+def read_weights(path: str | Path, base_source: str | Path | None = None) -> D3SRCheckpoint:
+    """Read D3SR weights: a D3SR ``.safetensors`` or OSEDiff's ``osediff.pkl``.
+
+    OSEDiff files carry no prompt embedding; it is computed once from the base model's
+    text encoder (``base_source``: the SD2.1 folder or single file).
+    """
+    path = Path(path)
+    if is_d3sr_checkpoint(path):
+        return load_checkpoint(path)
+    if path.suffix.lower() == ".safetensors":
+        return load_checkpoint(path)  # raises the "not a D3SR checkpoint" error
+    state = read_osediff(path)
+    if base_source is None:
+        raise WeightsFileError(path, "OSEDiff weights need the SD2.1 base model to compute the prompt embedding")
+    from .prompt import empty_prompt_embeds
+
+    return osediff_to_checkpoint(state, empty_prompt_embeds(base_source), path)
+
+
+def build_generator(base: BaseModel, ckpt: D3SRCheckpoint, strength: float = 1.0, weights_name: str = "weights") -> D3SRGenerator:
+    """Merge ``ckpt``'s adapters into ``base`` (in place) and wrap them as a generator."""
+    config = ckpt.config
+    if base.prediction_type != config.prediction_type:
+        raise WeightsFileError(
+            weights_name,
+            f"checkpoint was trained for a {config.prediction_type!r} base, the base model predicts {base.prediction_type!r}",
+        )
+    context = getattr(base.unet.config, "cross_attention_dim", None)
+    if context is not None and ckpt.prompt_embeds.shape[-1] != context:
+        raise WeightsFileError(
+            weights_name, f"prompt_embeds width {ckpt.prompt_embeds.shape[-1]} does not match the UNet's context {context}"
+        )
+    generator = D3SRGenerator(
+        base.unet, base.vae, ckpt.prompt_embeds, alphas_cumprod_from_config(base.scheduler_config), config
+    )
+    try:
+        generator.merge_adapters(ckpt.adapters.get("unet"), ckpt.adapters.get("vae"), strength)
+    except (KeyError, ValueError) as err:
+        raise WeightsFileError(weights_name, f"does not fit this base model: {err.args[0]}") from None
+    return generator
+
+
+def load_generator(
+    weights: str | Path,
+    base: str | Path,
+    *,
+    vae: str | Path | None = None,
+    strength: float = 1.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_download: bool = False,
+) -> D3SRGenerator:
+    """Load base + weights, merge the LoRA (fp32) and move to ``device``/``dtype``.
+
+    Args:
+        weights: a D3SR ``.safetensors`` checkpoint or OSEDiff ``osediff.pkl``.
+        base: SD2.1-base diffusers folder, LDM single file, or hub id (with ``allow_download``).
+        vae: optional replacement VAE.
+        strength: LoRA strength (0 = base model, 1 = trained, >1 extrapolates).
+    """
+    ckpt = read_weights(weights, base)
+    base_model = load_base(base, vae=vae, prediction_type=ckpt.config.prediction_type if Path(base).is_file() else None,
+                           allow_download=allow_download)
+    generator = build_generator(base_model, ckpt, strength, str(weights))
+    return generator.to(device=device, dtype=dtype).eval()

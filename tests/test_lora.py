@@ -1,0 +1,109 @@
+import copy
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model, get_peft_model_state_dict
+
+from d3sr_core.models.configs import bundled_config
+from d3sr_core.models.lora import (
+    DEFAULT_UNET_LORA_TARGETS,
+    LoraAdapter,
+    MergedLora,
+    count_lora_parameters,
+    find_lora_targets,
+    split_peft_state_dict,
+)
+from tiny_models import TINY_CONTEXT_DIM, tiny_unet
+
+
+def peft_unet(rank=4, alpha=8.0, seed=0):
+    """A tiny UNet with a peft LoRA (unmerged) whose B matrices are random, plus its base copy."""
+    base = tiny_unet()
+    model = copy.deepcopy(base)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(DEFAULT_UNET_LORA_TARGETS), init_lora_weights="gaussian")
+    model = inject_adapter_in_model(config, model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return base, model.eval()
+
+
+def run_unet(unet, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    cond = torch.randn(1, 77, TINY_CONTEXT_DIM, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([399]), encoder_hidden_states=cond).sample
+
+
+def test_merged_lora_equals_peft_unmerged():
+    base, peft_model = peft_unet(rank=4, alpha=8.0)
+    factors = split_peft_state_dict(get_peft_model_state_dict(peft_model))
+    assert len(factors) == len(find_lora_targets(base, DEFAULT_UNET_LORA_TARGETS))
+    merged = copy.deepcopy(base)
+    MergedLora(merged, LoraAdapter(factors, scale=2.0))
+    expected = run_unet(peft_model)
+    assert (expected - run_unet(base)).abs().max() > 1e-3  # the LoRA changes the output
+    torch.testing.assert_close(run_unet(merged), expected, atol=1e-4, rtol=0)
+
+
+def test_strength_zero_is_base_and_strength_is_reversible():
+    base, peft_model = peft_unet()
+    factors = split_peft_state_dict(get_peft_model_state_dict(peft_model))
+    model = copy.deepcopy(base)
+    merged = MergedLora(model, LoraAdapter(factors, scale=2.0), strength=0.0)
+    torch.testing.assert_close(run_unet(model), run_unet(base), atol=0, rtol=0)
+    merged.set_strength(1.0)
+    torch.testing.assert_close(run_unet(model), run_unet(peft_model), atol=1e-4, rtol=0)
+    merged.set_strength(2.0)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = factors[path]
+    expected = base.get_submodule(path).weight + 2.0 * 2.0 * (up @ down)
+    torch.testing.assert_close(model.get_submodule(path).weight, expected, atol=1e-6, rtol=0)
+    merged.set_strength(0.0)
+    torch.testing.assert_close(run_unet(model), run_unet(base), atol=1e-5, rtol=0)
+
+
+def test_replaced_parameter_interpolates_with_strength():
+    base = tiny_unet()
+    model = copy.deepcopy(base)
+    trained = torch.randn_like(base.conv_in.weight)
+    merged = MergedLora(model, LoraAdapter({}, 1.0, {"conv_in.weight": trained}), strength=1.0)
+    torch.testing.assert_close(model.conv_in.weight, trained)
+    merged.set_strength(0.5)
+    torch.testing.assert_close(model.conv_in.weight, (trained + base.conv_in.weight) / 2)
+
+
+def test_mismatched_lora_shape_and_unknown_module_are_named():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="conv_in.*delta of shape"):
+        MergedLora(unet, LoraAdapter({"conv_in": (torch.zeros(4, 3, 3, 3), torch.zeros(16, 4, 1, 1))}))
+    with pytest.raises(KeyError, match="no_such.block"):
+        MergedLora(unet, LoraAdapter({"no_such.block": (torch.zeros(4, 8), torch.zeros(8, 4))}))
+
+
+def test_incomplete_peft_pairs_rejected():
+    with pytest.raises(KeyError, match="incomplete"):
+        split_peft_state_dict({"a.lora_A.default.weight": torch.zeros(1, 1)})
+
+
+def test_full_size_parameter_counts_match_paper():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(bundled_config("sd21-base", "unet"))
+        vae = AutoencoderKL.from_config(bundled_config("sd21-base", "vae"))
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    assert n_unet / 1e6 == pytest.approx(865.9, abs=0.05)
+    assert n_vae / 1e6 == pytest.approx(83.7, abs=0.05)
+    n_lora = count_lora_parameters(unet, DEFAULT_UNET_LORA_TARGETS, rank=16)
+    total = (n_unet + n_vae + n_lora) / 1e6
+    assert total == pytest.approx(966.3, rel=0.01)
+
+
+def test_lora_count_matches_peft_on_tiny_model():
+    base, peft_model = peft_unet(rank=4)
+    n_peft = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert count_lora_parameters(base, DEFAULT_UNET_LORA_TARGETS, rank=4) == n_peft
