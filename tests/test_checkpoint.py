@@ -21,16 +21,34 @@ from tiny_models import tiny_prompt_embeds, tiny_unet, tiny_vae
 def random_checkpoint(dtype=torch.float32) -> D3SRCheckpoint:
     g = torch.Generator().manual_seed(0)
     factors = {
-        "down_blocks.0.resnets.0.conv1": (torch.randn(4, 16, 3, 3, generator=g), torch.randn(16, 4, 1, 1, generator=g)),
-        "mid_block.attentions.0.proj_in": (torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)),
+        "down_blocks.0.resnets.0.conv1": (
+            torch.randn(4, 16, 3, 3, generator=g),
+            torch.randn(16, 4, 1, 1, generator=g),
+        ),
+        "mid_block.attentions.0.proj_in": (
+            torch.randn(4, 64, generator=g),
+            torch.randn(64, 4, generator=g),
+        ),
     }
     factors = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in factors.items()}
     return D3SRCheckpoint(
-        config=GeneratorConfig(timestep=250, lora_rank=4, lora_alpha=4.0, lora_targets=["conv1", "proj_in"]),
+        config=GeneratorConfig(
+            timestep=250, lora_rank=4, lora_alpha=4.0, lora_targets=["conv1", "proj_in"]
+        ),
         prompt_embeds=tiny_prompt_embeds().to(dtype),
         adapters={
-            "unet": LoraAdapter(factors, 1.0, {"conv_in.bias": torch.randn(16, generator=g).to(dtype)}),
-            "vae": LoraAdapter({"quant_conv": (torch.randn(4, 8, 1, 1, generator=g), torch.randn(8, 4, 1, 1, generator=g))}, 2.0),
+            "unet": LoraAdapter(
+                factors, 1.0, {"conv_in.bias": torch.randn(16, generator=g).to(dtype)}
+            ),
+            "vae": LoraAdapter(
+                {
+                    "quant_conv": (
+                        torch.randn(4, 8, 1, 1, generator=g),
+                        torch.randn(8, 4, 1, 1, generator=g),
+                    )
+                },
+                2.0,
+            ),
         },
     )
 
@@ -41,7 +59,10 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, dtype):
     path = save_checkpoint(ckpt, tmp_path / "model.safetensors")
     loaded = load_checkpoint(path)
     assert loaded.config == ckpt.config
-    assert torch.equal(loaded.prompt_embeds, ckpt.prompt_embeds) and loaded.prompt_embeds.dtype == dtype
+    assert (
+        torch.equal(loaded.prompt_embeds, ckpt.prompt_embeds)
+        and loaded.prompt_embeds.dtype == dtype
+    )
     assert loaded.adapters.keys() == ckpt.adapters.keys()
     for name, adapter in ckpt.adapters.items():
         got = loaded.adapters[name]
@@ -61,7 +82,15 @@ def test_checkpoint_header_metadata_is_readable_json(tmp_path):
         meta = json.loads(f.read(n))["__metadata__"]
     assert meta["format"] == "d3sr" and meta["format_version"] == "1"
     config = json.loads(meta["config"])
-    for field in ("base", "timestep", "lora_rank", "lora_alpha", "lora_targets", "prediction_type", "scaling_factor"):
+    for field in (
+        "base",
+        "timestep",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "prediction_type",
+        "scaling_factor",
+    ):
         assert field in config
     assert config["timestep"] == 250
 
@@ -87,7 +116,11 @@ def test_newer_format_version_is_rejected(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "future.safetensors"
-    save_file({"prompt_embeds": torch.zeros(1, 77, 32)}, str(path), metadata={"format": "d3sr", "format_version": "9", "config": "{}"})
+    save_file(
+        {"prompt_embeds": torch.zeros(1, 77, 32)},
+        str(path),
+        metadata={"format": "d3sr", "format_version": "9", "config": "{}"},
+    )
     with pytest.raises(WeightsFileError, match="version 9"):
         load_checkpoint(path)
 
@@ -106,7 +139,18 @@ def test_pickle_needing_code_execution_is_refused(tmp_path):
 # ---- OSEDiff ----------------------------------------------------------------------------------
 UNET_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
                  "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]  # fmt: skip
-VAE_PATTERNS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0"]
+VAE_PATTERNS = [
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv",
+    "conv_out",
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+]
 
 
 def osediff_selection(unet):
@@ -153,16 +197,32 @@ def make_osediff(tmp_path):
     """Build, with peft, exactly what OSEDiff's save_model writes; return (path, peft unet, peft vae)."""
     unet, vae = tiny_unet(), tiny_vae()
     enc, dec, oth = osediff_selection(unet)
-    assert (len(enc), len(dec), len(oth)) == (94, 148, 16)  # same module counts as the full SD2.1 UNet
-    for name, targets in (("default_encoder", enc), ("default_decoder", dec), ("default_others", oth)):
-        unet = inject_adapter_in_model(LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"), unet, adapter_name=name)
+    assert (len(enc), len(dec), len(oth)) == (
+        94,
+        148,
+        16,
+    )  # same module counts as the full SD2.1 UNet
+    for name, targets in (
+        ("default_encoder", enc),
+        ("default_decoder", dec),
+        ("default_others", oth),
+    ):
+        unet = inject_adapter_in_model(
+            LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"),
+            unet,
+            adapter_name=name,
+        )
     # as OSEDiff_test does with unet.set_adapter([...]): each injection activated only its own adapter
     adapters = ["default_encoder", "default_decoder", "default_others"]
     for module in unet.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(adapters)
     vae_mods = osediff_vae_selection(vae)
-    vae = inject_adapter_in_model(LoraConfig(r=4, target_modules=vae_mods, init_lora_weights="gaussian"), vae, adapter_name="default_encoder")
+    vae = inject_adapter_in_model(
+        LoraConfig(r=4, target_modules=vae_mods, init_lora_weights="gaussian"),
+        vae,
+        adapter_name="default_encoder",
+    )
     randomize_lora(unet, 1)
     randomize_lora(vae, 2)
     with torch.no_grad():
@@ -174,7 +234,9 @@ def make_osediff(tmp_path):
         "unet_lora_others_modules": oth,
         "rank_unet": 4,
         "rank_vae": 4,
-        "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+        "state_dict_unet": {
+            k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k
+        },
         "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
     }
     assert len(state["state_dict_unet"]) == 518 and len(state["state_dict_vae"]) == 64
@@ -191,13 +253,17 @@ def test_osediff_pickle_loads_and_matches_peft(tmp_path):
     assert ckpt.config.timestep == 999 and ckpt.adapters["unet"].scale == 2.0
     assert len(ckpt.adapters["unet"].factors) == 258 and len(ckpt.adapters["vae"].factors) == 32
 
-    ours = build_generator(BaseModel(tiny_unet(), tiny_vae(), bundled_config("sd21-base", "scheduler"), "tiny"), ckpt)
+    ours = build_generator(
+        BaseModel(tiny_unet(), tiny_vae(), bundled_config("sd21-base", "scheduler"), "tiny"), ckpt
+    )
     reference = D3SRGenerator(peft_unet, peft_vae, prompt, alphas_cumprod(), ckpt.config).eval()
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
         z_ref, z = reference.encode(x), ours.encode(x)
         torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.predict(z_ref), reference.predict(z_ref), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours.predict(z_ref), reference.predict(z_ref), atol=1e-4, rtol=1e-4
+        )
         torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
 
 
@@ -209,7 +275,10 @@ def test_osediff_converts_to_d3sr_file_and_back(tmp_path):
     assert again.config == ckpt.config
     for name in ("unet", "vae"):
         assert again.adapters[name].factors.keys() == ckpt.adapters[name].factors.keys()
-    assert torch.equal(again.adapters["unet"].replaced["conv_in.weight"], ckpt.adapters["unet"].replaced["conv_in.weight"])
+    assert torch.equal(
+        again.adapters["unet"].replaced["conv_in.weight"],
+        ckpt.adapters["unet"].replaced["conv_in.weight"],
+    )
 
 
 def test_non_osediff_pickle_is_named(tmp_path):
@@ -221,7 +290,10 @@ def test_non_osediff_pickle_is_named(tmp_path):
 
 def test_adapter_for_other_architecture_is_rejected():
     ckpt = random_checkpoint()
-    ckpt.adapters["unet"].factors["down_blocks.0.resnets.0.conv1"] = (torch.zeros(4, 8, 3, 3), torch.zeros(16, 4, 1, 1))
+    ckpt.adapters["unet"].factors["down_blocks.0.resnets.0.conv1"] = (
+        torch.zeros(4, 8, 3, 3),
+        torch.zeros(16, 4, 1, 1),
+    )
     base = BaseModel(tiny_unet(), tiny_vae(), bundled_config("sd21-base", "scheduler"), "tiny")
     with pytest.raises(WeightsFileError, match="does not fit this base model.*conv1"):
         build_generator(base, ckpt, weights_name="w.safetensors")

@@ -32,10 +32,18 @@ class BaseModel:
 
 def check_sd21_unet_config(config: dict, source: str | Path) -> None:
     """Reject UNets of other families (SD1.x, SDXL, inpainting/upscaler variants) by their config."""
-    if config.get("addition_embed_type") == "text_time" or config.get("cross_attention_dim") == 2048:
-        raise WeightsFileError(source, "this is an SDXL UNet; D3SR's generator needs Stable Diffusion 2.1(-base)")
+    if (
+        config.get("addition_embed_type") == "text_time"
+        or config.get("cross_attention_dim") == 2048
+    ):
+        raise WeightsFileError(
+            source, "this is an SDXL UNet; D3SR's generator needs Stable Diffusion 2.1(-base)"
+        )
     if config.get("cross_attention_dim") == 768:
-        raise WeightsFileError(source, "this is an SD 1.x UNet (text context 768); D3SR needs Stable Diffusion 2.1(-base) (context 1024)")
+        raise WeightsFileError(
+            source,
+            "this is an SD 1.x UNet (text context 768); D3SR needs Stable Diffusion 2.1(-base) (context 1024)",
+        )
     if config.get("in_channels", 4) != 4 or config.get("out_channels", 4) != 4:
         raise WeightsFileError(
             source,
@@ -48,14 +56,18 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "unet" / "config.json").is_file()
 
 
-def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_diffusers_folder(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BaseModel:
     """UNet, VAE and scheduler config from a diffusers model folder (``unet/``, ``vae/``, ``scheduler/``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(path)
     for sub in ("unet", "vae"):
         if not (path / sub / "config.json").is_file():
-            raise WeightsFileError(path, f"not a diffusers model folder: {sub}/config.json is missing")
+            raise WeightsFileError(
+                path, f"not a diffusers model folder: {sub}/config.json is missing"
+            )
     check_sd21_unet_config(json.loads((path / "unet" / "config.json").read_text()), path / "unet")
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
@@ -63,7 +75,11 @@ def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu", 
     except (OSError, ValueError, RuntimeError) as err:
         raise WeightsFileError(path, f"could not load the diffusers UNet/VAE ({err})") from None
     sched_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else bundled_config("sd21-base", "scheduler")
+    scheduler_config = (
+        json.loads(sched_file.read_text())
+        if sched_file.is_file()
+        else bundled_config("sd21-base", "scheduler")
+    )
     return BaseModel(unet.to(device).eval(), vae.to(device).eval(), scheduler_config, str(path))
 
 
@@ -91,17 +107,29 @@ def load_base(
     elif path.is_file():
         from .single_file import load_single_file
 
-        unet, vae_model = load_single_file(path, device=device, dtype=dtype, require_vae=vae is None)
+        # a separate VAE *file* is read instead of the checkpoint's own (never loaded twice)
+        vae_file = Path(vae) if vae is not None and Path(vae).is_file() else None
+        unet, vae_model = load_single_file(
+            path, device=device, dtype=dtype, vae_path=vae_file, require_vae=vae is None
+        )
         base = BaseModel(unet, vae_model, bundled_config("sd21-base", "scheduler"), str(path))
+        if vae_file is not None:
+            vae = None
     elif _looks_like_hub_id(str(source)):
         if not allow_download:
-            raise WeightsFileError(source, "no such file or folder (it looks like a hub id: allow downloads to fetch it)")
+            raise WeightsFileError(
+                source,
+                "no such file or folder (it looks like a hub id: allow downloads to fetch it)",
+            )
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(str(source), allow_patterns=HUB_PATTERNS)
         base = load_diffusers_folder(folder, device, dtype)
     else:
-        raise WeightsFileError(source, "no such file or folder (expected an SD2.1 diffusers folder or .safetensors/.ckpt file)")
+        raise WeightsFileError(
+            source,
+            "no such file or folder (expected an SD2.1 diffusers folder or .safetensors/.ckpt file)",
+        )
     if vae is not None:
         base.vae = load_vae(vae, device=device, dtype=dtype)
     if prediction_type is not None:
@@ -109,7 +137,9 @@ def load_base(
     return base
 
 
-def load_vae(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_vae(
+    source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A standalone SD VAE: a diffusers folder (``config.json``, or a model folder with ``vae/``) or a single file."""
     from diffusers import AutoencoderKL
 
@@ -117,7 +147,11 @@ def load_vae(source: str | Path, device: str | torch.device = "cpu", dtype: torc
     if path.is_dir():
         sub = "vae" if (path / "vae" / "config.json").is_file() else None
         try:
-            return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype).to(device).eval()
+            return (
+                AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+                .to(device)
+                .eval()
+            )
         except (OSError, ValueError, RuntimeError) as err:
             raise WeightsFileError(path, f"could not load a diffusers VAE ({err})") from None
     from .single_file import load_single_file_vae
@@ -127,4 +161,6 @@ def load_vae(source: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+    return (
+        len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+    )

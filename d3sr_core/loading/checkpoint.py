@@ -53,7 +53,9 @@ def checkpoint_state_dict(ckpt: D3SRCheckpoint) -> dict[str, Tensor]:
     tensors = {"prompt_embeds": ckpt.prompt_embeds}
     for model, adapter in ckpt.adapters.items():
         if model not in ADAPTED_MODELS:
-            raise ValueError(f"adapter for unknown model {model!r}; expected one of {ADAPTED_MODELS}")
+            raise ValueError(
+                f"adapter for unknown model {model!r}; expected one of {ADAPTED_MODELS}"
+            )
         for path, (down, up) in adapter.factors.items():
             tensors[f"{model}.{path}.lora_A.weight"] = down
             tensors[f"{model}.{path}.lora_B.weight"] = up
@@ -112,17 +114,22 @@ def load_checkpoint(path: str | Path) -> D3SRCheckpoint:
         config = GeneratorConfig.from_dict(json.loads(meta["config"]))
         scales = {m: float(v["scale"]) for m, v in json.loads(meta.get("adapters", "{}")).items()}
     except (KeyError, ValueError, TypeError) as err:
-        raise WeightsFileError(path, f"D3SR header metadata is incomplete or invalid ({err})") from None
+        raise WeightsFileError(
+            path, f"D3SR header metadata is incomplete or invalid ({err})"
+        ) from None
     if version < 1 or version > FORMAT_VERSION:
         raise WeightsFileError(
-            path, f"D3SR format version {version}; this d3sr reads versions 1..{FORMAT_VERSION} (update d3sr)"
+            path,
+            f"D3SR format version {version}; this d3sr reads versions 1..{FORMAT_VERSION} (update d3sr)",
         )
     tensors = read_state_dict(path)
     if "prompt_embeds" not in tensors:
         raise WeightsFileError(path, "D3SR checkpoint lacks the 'prompt_embeds' tensor [1, 77, C]")
     prompt_embeds = tensors.pop("prompt_embeds")
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
-        raise WeightsFileError(path, f"'prompt_embeds' has shape {tuple(prompt_embeds.shape)}, expected [1, 77, C]")
+        raise WeightsFileError(
+            path, f"'prompt_embeds' has shape {tuple(prompt_embeds.shape)}, expected [1, 77, C]"
+        )
 
     grouped: dict[str, dict[str, Tensor]] = {m: {} for m in ADAPTED_MODELS}
     replaced: dict[str, dict[str, Tensor]] = {m: {} for m in ADAPTED_MODELS}
@@ -148,7 +155,11 @@ def load_checkpoint(path: str | Path) -> D3SRCheckpoint:
             raise WeightsFileError(path, f"{model} LoRA: {err.args[0]}") from None
         if model not in scales:
             raise WeightsFileError(path, f"header gives no LoRA scale for the {model} adapter")
-        adapters[model] = LoraAdapter(factors=factors, scale=scales[model], replaced=replaced[model])
+        adapters[model] = LoraAdapter(
+            factors=factors, scale=scales[model], replaced=replaced[model]
+        )
     if "unet" not in adapters:
-        raise WeightsFileError(path, "D3SR checkpoint holds no UNet LoRA tensors ('unet.*.lora_A.weight')")
+        raise WeightsFileError(
+            path, "D3SR checkpoint holds no UNet LoRA tensors ('unet.*.lora_A.weight')"
+        )
     return D3SRCheckpoint(config=config, prompt_embeds=prompt_embeds, adapters=adapters)

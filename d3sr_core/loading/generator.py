@@ -27,13 +27,17 @@ def read_weights(path: str | Path, base_source: str | Path | None = None) -> D3S
         return load_checkpoint(path)  # raises the "not a D3SR checkpoint" error
     state = read_osediff(path)
     if base_source is None:
-        raise WeightsFileError(path, "OSEDiff weights need the SD2.1 base model to compute the prompt embedding")
+        raise WeightsFileError(
+            path, "OSEDiff weights need the SD2.1 base model to compute the prompt embedding"
+        )
     from .prompt import empty_prompt_embeds
 
     return osediff_to_checkpoint(state, empty_prompt_embeds(base_source), path)
 
 
-def build_generator(base: BaseModel, ckpt: D3SRCheckpoint, strength: float = 1.0, weights_name: str = "weights") -> D3SRGenerator:
+def build_generator(
+    base: BaseModel, ckpt: D3SRCheckpoint, strength: float = 1.0, weights_name: str = "weights"
+) -> D3SRGenerator:
     """Merge ``ckpt``'s adapters into ``base`` (in place) and wrap them as a generator."""
     config = ckpt.config
     if base.prediction_type != config.prediction_type:
@@ -44,15 +48,22 @@ def build_generator(base: BaseModel, ckpt: D3SRCheckpoint, strength: float = 1.0
     context = getattr(base.unet.config, "cross_attention_dim", None)
     if context is not None and ckpt.prompt_embeds.shape[-1] != context:
         raise WeightsFileError(
-            weights_name, f"prompt_embeds width {ckpt.prompt_embeds.shape[-1]} does not match the UNet's context {context}"
+            weights_name,
+            f"prompt_embeds width {ckpt.prompt_embeds.shape[-1]} does not match the UNet's context {context}",
         )
     generator = D3SRGenerator(
-        base.unet, base.vae, ckpt.prompt_embeds, alphas_cumprod_from_config(base.scheduler_config), config
+        base.unet,
+        base.vae,
+        ckpt.prompt_embeds,
+        alphas_cumprod_from_config(base.scheduler_config),
+        config,
     )
     try:
         generator.merge_adapters(ckpt.adapters.get("unet"), ckpt.adapters.get("vae"), strength)
     except (KeyError, ValueError) as err:
-        raise WeightsFileError(weights_name, f"does not fit this base model: {err.args[0]}") from None
+        raise WeightsFileError(
+            weights_name, f"does not fit this base model: {err.args[0]}"
+        ) from None
     return generator
 
 
@@ -75,7 +86,11 @@ def load_generator(
         strength: LoRA strength (0 = base model, 1 = trained, >1 extrapolates).
     """
     ckpt = read_weights(weights, base)
-    base_model = load_base(base, vae=vae, prediction_type=ckpt.config.prediction_type if Path(base).is_file() else None,
-                           allow_download=allow_download)
+    base_model = load_base(
+        base,
+        vae=vae,
+        prediction_type=ckpt.config.prediction_type if Path(base).is_file() else None,
+        allow_download=allow_download,
+    )
     generator = build_generator(base_model, ckpt, strength, str(weights))
     return generator.to(device=device, dtype=dtype).eval()

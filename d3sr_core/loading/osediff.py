@@ -31,11 +31,16 @@ def is_osediff_state(state: object) -> bool:
     return isinstance(state, dict) and all(k in state for k in ("state_dict_unet", "rank_unet"))
 
 
-def osediff_to_checkpoint(state: dict, prompt_embeds: Tensor, path: str | Path = "<osediff>") -> D3SRCheckpoint:
+def osediff_to_checkpoint(
+    state: dict, prompt_embeds: Tensor, path: str | Path = "<osediff>"
+) -> D3SRCheckpoint:
     """Convert the dict inside ``osediff.pkl`` (already loaded) to a :class:`D3SRCheckpoint`."""
     missing = [k for k in OSEDIFF_KEYS if k not in state]
     if missing:
-        raise WeightsFileError(path, f"not an OSEDiff checkpoint: missing top-level keys {missing} (expected {list(OSEDIFF_KEYS)})")
+        raise WeightsFileError(
+            path,
+            f"not an OSEDiff checkpoint: missing top-level keys {missing} (expected {list(OSEDIFF_KEYS)})",
+        )
     unet_sd, vae_sd = state["state_dict_unet"], state["state_dict_vae"]
     rank_unet, rank_vae = int(state["rank_unet"]), int(state["rank_vae"])
 
@@ -49,7 +54,9 @@ def osediff_to_checkpoint(state: dict, prompt_embeds: Tensor, path: str | Path =
         elif key.startswith("conv_in.") and key.endswith(("weight", "bias")):
             replaced["conv_in." + key.rsplit(".", 1)[1]] = tensor
         else:
-            raise WeightsFileError(path, f"unexpected UNet tensor {key!r} (OSEDiff stores only LoRA and conv_in)")
+            raise WeightsFileError(
+                path, f"unexpected UNet tensor {key!r} (OSEDiff stores only LoRA and conv_in)"
+            )
     try:
         unet_factors = split_peft_state_dict(lora_sd)
         vae_factors = split_peft_state_dict(dict(vae_sd))
@@ -73,7 +80,9 @@ def osediff_to_checkpoint(state: dict, prompt_embeds: Tensor, path: str | Path =
     adapters = {"unet": LoraAdapter(unet_factors, PEFT_DEFAULT_ALPHA / rank_unet, replaced)}
     if vae_factors:
         adapters["vae"] = LoraAdapter(vae_factors, PEFT_DEFAULT_ALPHA / rank_vae)
-    return D3SRCheckpoint(config=config, prompt_embeds=prompt_embeds.detach().float().cpu(), adapters=adapters)
+    return D3SRCheckpoint(
+        config=config, prompt_embeds=prompt_embeds.detach().float().cpu(), adapters=adapters
+    )
 
 
 def read_osediff(path: str | Path) -> dict:
@@ -81,5 +90,7 @@ def read_osediff(path: str | Path) -> dict:
     state = read_state_dict(path)
     if not is_osediff_state(state):
         keys = list(state)[:6] if isinstance(state, dict) else type(state).__name__
-        raise WeightsFileError(path, f"not an OSEDiff checkpoint: expected keys {list(OSEDIFF_KEYS)}, found {keys}")
+        raise WeightsFileError(
+            path, f"not an OSEDiff checkpoint: expected keys {list(OSEDIFF_KEYS)}, found {keys}"
+        )
     return state

@@ -30,6 +30,7 @@ __all__ = [
     "detect_family",
     "detect_parts",
     "load_single_file",
+    "load_single_file_vae",
     "unwrap_state_dict",
 ]
 
@@ -269,6 +270,7 @@ def _vae_section(state_dict: Mapping[str, Tensor]):
 class _Converted:
     tensors: dict[str, Tensor]  # diffusers name -> tensor
     sources: dict[str, str]  # diffusers name -> file key (without prefix)
+    file_shapes: dict[str, list[int]]  # diffusers name -> shape as stored in the file
     unmapped: list[str]  # file keys (without prefix) that have no place in the config
 
 
@@ -278,7 +280,7 @@ def _convert(
     cast: Callable[[Tensor], Tensor] | None = None,
     consume: bool = False,
 ) -> _Converted:
-    out = _Converted({}, {}, [])
+    out = _Converted({}, {}, {}, [])
     for key in sorted(section):
         t = section.pop(key) if consume else section[key]
         parts = key.split(".")
@@ -294,11 +296,12 @@ def _convert(
             if rest.startswith(old + "."):
                 rest = new + rest[len(old) :]
                 break
+        name = f"{block.target}.{rest}"
+        out.file_shapes[name] = list(t.shape)
         if block.fix is not None:
             t = block.fix(rest, t)
         if cast is not None:
             t = cast(t)
-        name = f"{block.target}.{rest}"
         out.tensors[name] = t
         out.sources[name] = key
     return out
@@ -374,10 +377,6 @@ def _looks_like_diffusers(sd: Iterable[str]) -> bool:
 # --------------------------------------------------------------------------- loading
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _examples(items: list[str], n: int = 5) -> str:
     more = f", ... ({len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -413,7 +412,7 @@ def _check_and_assign(model, conv: _Converted, prefix: str, part: str, path: Pat
             f"architecture: {_examples(unexpected)}"
         )
     mismatched = [
-        f"{prefix}{conv.sources[k]}: file shape {_shape(t)}, expected {list(expected[k])}"
+        f"{prefix}{conv.sources[k]}: file shape {conv.file_shapes[k]}, expected {list(expected[k])}"
         for k, t in conv.tensors.items()
         if k in expected and t.shape != expected[k]
     ]
@@ -462,6 +461,42 @@ def _check_family(sd: Mapping[str, Tensor], unet_sec, unet_config: Mapping, path
         )
 
 
+def _caster(device, dtype) -> Callable[[Tensor], Tensor]:
+    def cast(t: Tensor) -> Tensor:
+        # Always a fresh, contiguous allocation: tensors read from .safetensors are not
+        # 64-byte aligned, which changes vectorised kernels' results in the last bits (and
+        # speed); the originals are dropped one by one, so the copy costs no extra peak.
+        target = dtype if t.is_floating_point() else t.dtype
+        return t.to(device=device, dtype=target, memory_format=torch.contiguous_format, copy=True)
+
+    return cast
+
+
+_NO_VAE_IN_CHECKPOINT = (
+    f"no VAE weights in this file (expected keys like '{VAE_PREFIX}encoder.conv_in.weight'); "
+    "pass a separate VAE file (vae_path=..., e.g. vae-ft-mse-840000-ema-pruned.safetensors) "
+    "or a full SD2.1 checkpoint"
+)
+_NO_VAE = (
+    "no VAE weights (expected LDM keys like 'encoder.conv_in.weight' or "
+    f"'{VAE_PREFIX}encoder.conv_in.weight'; a full SD2.1 checkpoint or a standalone SD VAE "
+    "such as vae-ft-mse-840000-ema-pruned.safetensors)"
+)
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    return unwrap_state_dict(read_state_dict(path), path)
+
+
+def _load_vae_section(prefix: str, sec: dict, vae_config: Mapping, cast, path: Path):
+    from diffusers import AutoencoderKL
+
+    vae = _build(AutoencoderKL, vae_config)
+    conv = _convert(sec, _vae_blocks(vae.config), cast=cast, consume=True)
+    _check_and_assign(vae, conv, prefix, "VAE", path)
+    return vae.eval()
+
+
 def load_single_file(
     path: str | Path,
     base: str = "sd21-base",
@@ -470,6 +505,7 @@ def load_single_file(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     vae_path: str | Path | None = None,
+    require_vae: bool = True,
 ):
     """Build ``(UNet2DConditionModel, AutoencoderKL)`` from one LDM-layout checkpoint.
 
@@ -477,29 +513,24 @@ def load_single_file(
     fetched. The models are built on the ``meta`` device and the file's tensors assigned
     (cast to ``dtype``, moved to ``device``), so weights are not held twice. Every key and
     shape is checked. ``vae_path`` loads the VAE from a separate file (full checkpoint or a
-    standalone LDM VAE such as ``vae-ft-mse-840000-ema-pruned.safetensors``) instead.
-    Both models are returned in eval mode.
+    standalone LDM VAE such as ``vae-ft-mse-840000-ema-pruned.safetensors``) instead. With
+    ``require_vae=False`` a file without VAE gives ``(unet, None)`` (the caller brings its
+    own VAE). Models are returned in eval mode.
 
     Raises:
         WeightsFileError: unreadable/truncated file, wrong architecture (SD1.x, SDXL, other
             context width), missing or unexpected keys, shape mismatches, no VAE.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     path = Path(path)
     if unet_config is None:
         unet_config = bundled_config(base, "unet")
     if vae_config is None:
         vae_config = bundled_config(base, "vae")
+    cast = _caster(device, dtype)
 
-    def cast(t: Tensor) -> Tensor:
-        # Always a fresh, contiguous allocation: tensors read from .safetensors are not
-        # 64-byte aligned, which changes vectorised kernels' results in the last bits (and
-        # speed); the originals are dropped one by one, so the copy costs no extra peak.
-        target = dtype if t.is_floating_point() else t.dtype
-        return t.to(device=device, dtype=target, memory_format=torch.contiguous_format, copy=True)
-
-    sd = unwrap_state_dict(read_state_dict(path), path)
+    sd = _read(path)
     unet_prefix, unet_sec = _unet_section(sd)
     if not unet_sec:
         what = (
@@ -514,33 +545,36 @@ def load_single_file(
         )
     _check_family(sd, unet_sec, unet_config, path)
 
-    if vae_path is None:
-        vae_file, vae_sd = path, sd
-    else:
-        vae_file = Path(vae_path)
-        vae_sd = unwrap_state_dict(read_state_dict(vae_file), vae_file)
-    vae_prefix, vae_sec = _vae_section(vae_sd)
-    if not vae_sec:
-        if vae_path is None:
-            problem = (
-                f"no VAE weights in this file (expected keys like '{VAE_PREFIX}encoder.conv_in."
-                "weight'); pass a separate VAE file (vae_path=..., e.g. "
-                "vae-ft-mse-840000-ema-pruned.safetensors) or a full SD2.1 checkpoint"
-            )
-        else:
-            problem = (
-                "no VAE weights (expected LDM keys like 'encoder.conv_in.weight' or "
-                f"'{VAE_PREFIX}encoder.conv_in.weight')"
-            )
-        raise WeightsFileError(vae_file, problem)
-    del sd, vae_sd  # only the sections stay referenced; they are consumed below
+    vae_file = path if vae_path is None else Path(vae_path)
+    vae_prefix, vae_sec = _vae_section(sd if vae_path is None else _read(vae_file))
+    if not vae_sec and (require_vae or vae_path is not None):
+        raise WeightsFileError(vae_file, _NO_VAE_IN_CHECKPOINT if vae_path is None else _NO_VAE)
+    del sd  # only the sections stay referenced; they are consumed below
 
     unet = _build(UNet2DConditionModel, unet_config)
     conv = _convert(unet_sec, _unet_blocks(unet.config), cast=cast, consume=True)
     _check_and_assign(unet, conv, unet_prefix, "UNet", path)
     del conv
+    vae = _load_vae_section(vae_prefix, vae_sec, vae_config, cast, vae_file) if vae_sec else None
+    return unet.eval(), vae
 
-    vae = _build(AutoencoderKL, vae_config)
-    conv = _convert(vae_sec, _vae_blocks(vae.config), cast=cast, consume=True)
-    _check_and_assign(vae, conv, vae_prefix, "VAE", vae_file)
-    return unet.eval(), vae.eval()
+
+def load_single_file_vae(
+    path: str | Path,
+    base: str = "sd21-base",
+    vae_config: Mapping | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """An ``AutoencoderKL`` from a standalone LDM-layout VAE file or a full checkpoint's VAE.
+
+    Raises:
+        WeightsFileError: unreadable file, no VAE keys, missing/unexpected keys, shapes.
+    """
+    path = Path(path)
+    if vae_config is None:
+        vae_config = bundled_config(base, "vae")
+    prefix, sec = _vae_section(_read(path))
+    if not sec:
+        raise WeightsFileError(path, _NO_VAE)
+    return _load_vae_section(prefix, sec, vae_config, _caster(device, dtype), path)
