@@ -68,7 +68,10 @@ def lora_delta(down: Tensor, up: Tensor) -> Tensor:
     if down.ndim == 2:
         return up.reshape(up.shape[0], -1) @ down
     if down.ndim == 4 and up.ndim == 4 and up.shape[2:] == (1, 1):
-        return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+        # B is 1x1, so B o A is one conv whose kernel is B @ A over the flattened A kernel
+        return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(
+            up.shape[0], *down.shape[1:]
+        )
     raise ValueError(
         f"unsupported LoRA pair shapes A={tuple(down.shape)} B={tuple(up.shape)}: "
         "expected A [r, in] / B [out, r] (linear) or A [r, in, kh, kw] / B [out, r, 1, 1] (conv)"
@@ -150,16 +153,20 @@ class MergedLora:
             for path, (down, up) in self.adapter.factors.items():
                 weight = self.model.get_submodule(path).weight
                 delta = lora_delta(down.to(weight.device), up.to(weight.device))
-                weight.copy_(
-                    (weight.float() + (step * self.adapter.scale) * delta).to(weight.dtype)
-                )
+                _add_scaled(weight, delta, step * self.adapter.scale)
             for path, trained in self.adapter.replaced.items():
                 param = _param(self.model, path)
-                delta = trained.float().to(param.device) - self._base_of_replaced[path].to(
-                    param.device
-                )
-                param.copy_((param.float() + step * delta).to(param.dtype))
+                base = self._base_of_replaced[path].to(param.device)
+                _add_scaled(param, trained.float().to(param.device) - base, step)
         self.strength = float(strength)
+
+
+def _add_scaled(param: Tensor, delta: Tensor, alpha: float) -> None:
+    """``param += alpha * delta``, accumulated in float32 for half-precision weights."""
+    if param.dtype == torch.float32:
+        param.add_(delta, alpha=alpha)
+    else:
+        param.copy_(param.float().add_(delta, alpha=alpha).to(param.dtype))
 
 
 def _param(model: nn.Module, path: str) -> nn.Parameter:
