@@ -21,7 +21,12 @@ def peft_unet(rank=4, alpha=8.0, seed=0):
     """A tiny UNet with a peft LoRA (unmerged) whose B matrices are random, plus its base copy."""
     base = tiny_unet()
     model = copy.deepcopy(base)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(DEFAULT_UNET_LORA_TARGETS), init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(DEFAULT_UNET_LORA_TARGETS),
+        init_lora_weights="gaussian",
+    )
     model = inject_adapter_in_model(config, model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -80,7 +85,9 @@ def test_replaced_parameter_interpolates_with_strength():
 def test_mismatched_lora_shape_and_unknown_module_are_named():
     unet = tiny_unet()
     with pytest.raises(ValueError, match="conv_in.*delta of shape"):
-        MergedLora(unet, LoraAdapter({"conv_in": (torch.zeros(4, 3, 3, 3), torch.zeros(16, 4, 1, 1))}))
+        MergedLora(
+            unet, LoraAdapter({"conv_in": (torch.zeros(4, 3, 3, 3), torch.zeros(16, 4, 1, 1))})
+        )
     with pytest.raises(KeyError, match="no_such.block"):
         MergedLora(unet, LoraAdapter({"no_such.block": (torch.zeros(4, 8), torch.zeros(8, 4))}))
 

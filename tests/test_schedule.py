@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from d3sr_core.models.schedule import add_noise, alphas_cumprod, alphas_cumprod_from_config, predict_x0
+from d3sr_core.models.schedule import (
+    add_noise,
+    alphas_cumprod,
+    alphas_cumprod_from_config,
+    predict_x0,
+)
 from d3sr_core.models.configs import bundled_config
 
 
@@ -46,7 +51,9 @@ def test_x0_inverts_forward_noising(t):
     eps = torch.randn(3, 4, 8, 8, generator=g)
     a = alphas_cumprod()[t]
     zt = add_noise(x0, eps, a)
-    torch.testing.assert_close(predict_x0(zt, eps, a, "epsilon"), x0, atol=2e-3 if t == 999 else 1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        predict_x0(zt, eps, a, "epsilon"), x0, atol=2e-3 if t == 999 else 1e-5, rtol=1e-4
+    )
     v = a.sqrt() * eps - (1 - a).sqrt() * x0
     torch.testing.assert_close(predict_x0(zt, v, a, "v_prediction"), x0, atol=1e-5, rtol=1e-4)
 

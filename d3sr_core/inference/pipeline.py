@@ -84,9 +84,9 @@ def tensor_to_pil(image: Tensor, sixteen_bit: bool = False) -> Image.Image:
     array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
         if sixteen_bit:
-            return Image.fromarray((array[:, :, 0] * 65535.0 + 0.5).astype(np.uint16), mode="I;16")
-        return Image.fromarray((array[:, :, 0] * 255.0 + 0.5).astype(np.uint8), mode="L")
-    return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8), mode="RGBA" if array.shape[2] == 4 else "RGB")
+            return Image.fromarray((array[:, :, 0] * 65535.0 + 0.5).astype(np.uint16))  # -> "I;16"
+        return Image.fromarray((array[:, :, 0] * 255.0 + 0.5).astype(np.uint8))  # -> "L"
+    return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8))  # -> "RGB" / "RGBA"
 
 
 class D3SRPipeline:

@@ -124,6 +124,7 @@ class Located:
     searched_weights: list[Path] = field(default_factory=list)
     searched_base: list[Path] = field(default_factory=list)
     searched_vae: list[Path] = field(default_factory=list)
+    download_dir: Path | None = None
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -153,7 +154,9 @@ def model_roots(
     env, home, cwd = _env(env), _home(home), _cwd(cwd)
     roots: list[ModelRoot] = []
     if env.get(ENV_MODELS_DIR):
-        roots.append(ModelRoot("d3sr", Path(env[ENV_MODELS_DIR]).expanduser(), f"${ENV_MODELS_DIR}"))
+        roots.append(
+            ModelRoot("d3sr", Path(env[ENV_MODELS_DIR]).expanduser(), f"${ENV_MODELS_DIR}")
+        )
     roots.append(ModelRoot("d3sr", home / ".cache" / "d3sr", "~/.cache/d3sr"))
     roots.append(ModelRoot("d3sr", cwd / "models", "./models"))
     for kind, names, places in (
@@ -223,7 +226,9 @@ def find_weights_in(folder: Path) -> list[Path]:
     """D3SR ``.safetensors`` checkpoints (by header) in ``folder``, then OSEDiff pickles."""
     entries = _entries(folder)
     d3sr = [
-        p for p in entries if p.suffix.lower() == ".safetensors" and p.is_file() and is_d3sr_checkpoint(p)
+        p
+        for p in entries
+        if p.suffix.lower() == ".safetensors" and p.is_file() and is_d3sr_checkpoint(p)
     ]
     return d3sr + _match(entries, OSEDIFF_PATTERNS, want_dir=False)
 
@@ -232,7 +237,11 @@ def find_base_in(folder: Path) -> list[Path]:
     """Known SD2.1-base single files, then SD2.1-base diffusers folders, in ``folder``."""
     entries = _entries(folder)
     files = _match(entries, BASE_FILE_PATTERNS, want_dir=False)
-    dirs = [d for d in _match(entries, BASE_FOLDER_PATTERNS, want_dir=True) if is_diffusers_base_folder(d)]
+    dirs = [
+        d
+        for d in _match(entries, BASE_FOLDER_PATTERNS, want_dir=True)
+        if is_diffusers_base_folder(d)
+    ]
     return files + dirs
 
 
@@ -249,7 +258,9 @@ def hub_cache_bases(env: Mapping[str, str] | None = None, home: Path | None = No
         cache = Path(env["HF_HOME"]) / "hub"
     else:
         cache = home / ".cache" / "huggingface" / "hub"
-    snapshots = [p for p in _entries(cache / HUB_CACHE_FOLDER / "snapshots") if is_diffusers_base_folder(p)]
+    snapshots = [
+        p for p in _entries(cache / HUB_CACHE_FOLDER / "snapshots") if is_diffusers_base_folder(p)
+    ]
     return sorted(snapshots, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -282,17 +293,22 @@ def locate_models(
         searched_weights=weights_folders(roots),
         searched_base=base_folders(roots),
         searched_vae=vae_folders(roots),
+        download_dir=default_models_dir(env, home),
     )
     found.weights = _from_env(env, ENV_WEIGHTS)
     found.base = _from_env(env, ENV_BASE)
     found.vae = _from_env(env, ENV_VAE)
     if found.weights is None:
         for folder in found.searched_weights:
-            found.weights_candidates += [p for p in find_weights_in(folder) if p not in found.weights_candidates]
-        found.weights = _prefer_converted(found.weights_candidates)
+            found.weights_candidates += [
+                p for p in find_weights_in(folder) if p not in found.weights_candidates
+            ]
+        found.weights = found.weights_candidates[0] if found.weights_candidates else None
     if found.base is None:
         for folder in found.searched_base:
-            found.base_candidates += [p for p in find_base_in(folder) if p not in found.base_candidates]
+            found.base_candidates += [
+                p for p in find_base_in(folder) if p not in found.base_candidates
+            ]
         found.base_candidates += hub_cache_bases(env, home)
         found.base = found.base_candidates[0] if found.base_candidates else None
     if found.vae is None and need_vae:
@@ -304,21 +320,14 @@ def locate_models(
     return found
 
 
-def _prefer_converted(candidates: list[Path]) -> Path | None:
-    """The first candidate, except that an OSEDiff pickle yields to its converted twin."""
-    if not candidates:
-        return None
-    first = candidates[0]
-    twin = converted_path(first)
-    return twin if twin in candidates else first
-
-
 def converted_path(osediff_pickle: Path) -> Path:
     """Where the D3SR conversion of an OSEDiff pickle is cached: beside it, ``.safetensors``."""
     return osediff_pickle.with_suffix(".safetensors")
 
 
-def missing_message(found: Located, *, command: str = "d3sr upscale ...") -> str:
+def missing_message(
+    found: Located, *, command: str = "d3sr upscale ...", download_hint: bool = True
+) -> str:
     """What to put where (and the ``--download`` alternative) when weights or base are missing."""
     lines = []
 
@@ -347,10 +356,10 @@ def missing_message(found: Located, *, command: str = "d3sr upscale ...") -> str
             *places(found.searched_base),
             f"  or pass --base PATH, or set ${ENV_BASE}=PATH.",
         ]
-    if lines:
+    if lines and download_hint:
         lines += [
-            "Or let d3sr fetch what is missing (SD2.1-base from the Hugging Face hub, about 3.5 GB;",
-            f"osediff.pkl from GitHub) into {found.searched_weights[0] if found.searched_weights else '~/.cache/d3sr'}:",
+            "Or let d3sr fetch what is missing (SD2.1-base from the Hugging Face hub, about 4.5 GB;",
+            f"osediff.pkl from GitHub, about 18 MB) into {found.download_dir}:",
             f"  {command} --download",
         ]
     return "\n".join(lines)

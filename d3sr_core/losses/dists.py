@@ -334,8 +334,10 @@ def resolve_dists_weights(path: str | Path | None = None, allow_download: bool =
         hub / "checkpoints" / DISTS_WEIGHTS_FILENAME,
     ]
     for p in candidates:
-        if p.is_file() and _sha256_prefix(p) == DISTS_WEIGHTS_SHA256_PREFIX:
-            return p
+        # size first: an unrelated, possibly huge, weights.pt is not hashed
+        if p.is_file() and p.stat().st_size < 1_000_000:
+            if _sha256_prefix(p) == DISTS_WEIGHTS_SHA256_PREFIX:
+                return p
     target = hub / "checkpoints" / DISTS_WEIGHTS_FILENAME
     if allow_download:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +421,9 @@ class DISTS(nn.Module):
         by broadcasting). Both images go through VGG in one batch.
         """
         if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"expected [B, 3, H, W] (or 1 channel) images, got {tuple(x.shape)}")
         if x.shape[1] == 1:

@@ -37,9 +37,7 @@ def sobel_magnitude(x: Tensor, mode: str = "rgb") -> Tensor:
     if mode not in EDGE_MODES:
         raise ValueError(f"edge mode must be one of {EDGE_MODES}, got {mode!r}")
     if mode == "gray":
-        return kornia.filters.sobel(rgb_to_gray(x), normalized=True, eps=1e-6).expand(
-            -1, 3, -1, -1
-        )
+        return kornia.filters.sobel(rgb_to_gray(x), normalized=True, eps=1e-6).expand(-1, 3, -1, -1)
     return kornia.filters.sobel(x, normalized=True, eps=1e-6)
 
 

@@ -332,25 +332,48 @@ def load_trunk(
     )
 
 
+# LDM block names that hold conv_in, the embeddings, the down path and the mid block.
+_LDM_TRUNK_HEADS = ("input_blocks.", "middle_block.", "time_embed.", "label_emb.")
+
+
 def _convert_single_file(path: Path, config: dict) -> dict[str, Tensor]:
-    """LDM-layout single file -> diffusers keys via the shared converter (loading/single_file)."""
-    try:
-        from ..loading.single_file import convert_ldm_unet
-    except ImportError:
-        # TODO(issue 4): the shared LDM->diffusers UNet converter is being written in
-        # d3sr_core/loading/single_file.py; use it here once it exists (and check it honours
-        # SDXL's transformer_layers_per_block [1, 2, 10] and label_emb -> add_embedding).
-        raise NotImplementedError(
-            f"{path}: loading the SDXL discriminator from a single-file checkpoint is not "
-            "available yet; point it at a diffusers SDXL folder (with unet/) instead"
-        ) from None
-    state = read_state_dict(path)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    try:
-        return convert_ldm_unet(state, config)
-    except (KeyError, ValueError) as err:
-        raise WeightsFileError(path, f"not an SDXL-layout UNet checkpoint ({err})") from None
+    """LDM-layout single file -> diffusers keys of the down/mid trunk.
+
+    Uses the shared converter (``loading.single_file.convert_ldm_unet``, config-driven, so
+    SDXL's ``transformer_layers_per_block`` and ``label_emb`` -> ``add_embedding`` follow from
+    the config). Only UNet down/mid keys are read: from a ``.safetensors`` key by key (the
+    up path, VAE and both text encoders of a 6.9 GB SDXL file stay on disk).
+    """
+    from ..loading.single_file import UNET_PREFIX, convert_ldm_unet, detect_family
+
+    def wanted(key: str) -> bool:
+        return key.removeprefix(UNET_PREFIX).startswith(_LDM_TRUNK_HEADS)
+
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        read_safetensors_metadata(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                state = {k: handle.get_tensor(k) for k in handle.keys() if wanted(k)}
+        except Exception as err:  # safetensors has its own error types
+            raise WeightsFileError(
+                path, f"damaged or truncated .safetensors file ({err})"
+            ) from None
+    else:
+        state = read_state_dict(path)
+        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        state = {k: v for k, v in state.items() if isinstance(v, Tensor) and wanted(k)}
+    if not state:
+        raise WeightsFileError(path, "no LDM UNet keys (model.diffusion_model.input_blocks...)")
+    family = detect_family(state)
+    expected = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd21"
+    if config.get("cross_attention_dim") in (1024, 2048) and family != expected:
+        raise WeightsFileError(
+            path, f"this is a {family} checkpoint; the discriminator backbone needs {expected}"
+        )
+    return convert_ldm_unet(state, config)
 
 
 def lora_target_names(
