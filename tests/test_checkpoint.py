@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import tiny_prompt_embeds, tiny_unet, tiny_vae
 
 from d3sr_core.loading.base import BaseModel
 from d3sr_core.loading.checkpoint import D3SRCheckpoint, load_checkpoint, save_checkpoint
@@ -15,7 +16,6 @@ from d3sr_core.loading.osediff import osediff_to_checkpoint, read_osediff
 from d3sr_core.models import D3SRGenerator, GeneratorConfig, LoraAdapter
 from d3sr_core.models.configs import bundled_config
 from d3sr_core.models.schedule import alphas_cumprod
-from tiny_models import tiny_prompt_embeds, tiny_unet, tiny_vae
 
 
 def random_checkpoint(dtype=torch.float32) -> D3SRCheckpoint:

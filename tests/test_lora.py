@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from peft import LoraConfig, inject_adapter_in_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from tiny_models import TINY_CONTEXT_DIM, tiny_unet
 
 from d3sr_core.models.configs import bundled_config
 from d3sr_core.models.lora import (
@@ -14,7 +15,6 @@ from d3sr_core.models.lora import (
     find_lora_targets,
     split_peft_state_dict,
 )
-from tiny_models import TINY_CONTEXT_DIM, tiny_unet
 
 
 def peft_unet(rank=4, alpha=8.0, seed=0):

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
+from d3sr_core.models.configs import bundled_config
 from d3sr_core.models.schedule import (
     add_noise,
     alphas_cumprod,
     alphas_cumprod_from_config,
     predict_x0,
 )
-from d3sr_core.models.configs import bundled_config
 
 
 def reference_alphas_cumprod() -> np.ndarray:

@@ -1,0 +1,392 @@
+"""The diffusion discriminator: full-size SDXL trunk on meta, tiny trunks for behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from d3sr_core.loading.files import WeightsFileError
+from d3sr_core.losses.gan import discriminator_loss, generator_loss
+from d3sr_core.models.discriminator import (
+    SDXL_LATENT_RESCALE,
+    TINY_TRUNK_CONFIGS,
+    DiffusionDiscriminator,
+    DiscriminatorCondition,
+    DiscriminatorConfig,
+    build_trunk,
+    encode_condition,
+    load_trunk,
+    lora_target_names,
+    trunk_forward,
+    zero_condition,
+)
+from d3sr_core.models.lora import DEFAULT_UNET_LORA_TARGETS, count_lora_parameters
+
+
+def tiny_config(base: str = "sdxl-tiny", **kw) -> DiscriminatorConfig:
+    return DiscriminatorConfig(base=base, head_hidden=32, head_groups=8, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl() -> DiffusionDiscriminator:
+    return DiffusionDiscriminator.from_config(tiny_config(), seed=0)
+
+
+def _latents(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- full size, on meta
+
+
+def test_full_size_sdxl_trunk_on_meta():
+    d = DiffusionDiscriminator.from_config(DiscriminatorConfig(), device="meta")
+    unet = d.unet
+    trunk = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
+    assert abs(trunk - 1.243e9) / 1.243e9 < 0.01, trunk
+    assert unet.up_blocks is None and unet.conv_out is None and unet.conv_norm_out is None
+    assert not any(
+        n.startswith(("up_blocks", "conv_out", "conv_norm_out")) for n, _ in unet.named_parameters()
+    )
+    lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    assert 22.5e6 < lora < 24.0e6, lora  # 23.50 M on the default targets
+    # What peft injected is exactly what lora.count_lora_parameters predicts.
+    plain = build_trunk("sdxl-base", device="meta")
+    names = lora_target_names(plain)
+    assert all(n.startswith(("down_blocks.", "mid_block.")) for n in names)
+    assert count_lora_parameters(plain, names, 16) == lora
+    trainable = {n.split(".")[0] for n, p in d.named_parameters() if p.requires_grad}
+    assert trainable == {"unet", "head"}
+    head = sum(p.numel() for p in d.head.parameters())
+    assert sum(p.numel() for p in d.parameters() if p.requires_grad) == lora + head
+    assert d.condition_context.shape == (1, 77, 2048)
+    assert d.condition_text_embeds.shape == (1, 1280) and d.condition_time_ids.shape == (1, 6)
+
+
+def test_full_size_sd21_trunk_on_meta():
+    unet = build_trunk("sd21-base", device="meta")
+    n = sum(p.numel() for p in unet.parameters())
+    assert abs(n - 351.7e6) < 1e6, n  # SD2.1 conv_in + time embedding + down + mid (of 865.9 M)
+    assert unet.up_blocks is None
+
+
+# ---------------------------------------------------------------- tiny SDXL
+
+
+def test_logit_grid_and_trainable_parameters(tiny_sdxl):
+    d = tiny_sdxl
+    logits = d(_latents())
+    assert logits.shape == (2, 1, 16, 16)  # 64 x 64 latent, two downsamplers
+    trainable = [n for n, p in d.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any(n.startswith("head.") for n in trainable)
+    frozen = [n for n, p in d.named_parameters() if not p.requires_grad]
+    assert frozen and not any("lora_" in n or n.startswith("head.") for n in frozen)
+    adapted = {n.split(".lora_")[0].removeprefix("unet.") for n in trainable if "lora_" in n}
+    assert adapted == set(lora_target_names(build_trunk("sdxl-tiny", device="meta")))
+    assert all(n.startswith(("down_blocks.", "mid_block.")) for n in adapted)
+
+
+def test_timesteps_and_noising(tiny_sdxl):
+    d = tiny_sdxl
+    g = torch.Generator().manual_seed(0)
+    t = d.sample_timesteps(20000, generator=g)
+    assert t.min() >= 0 and t.max() <= 999 and t.min() < 10 and t.max() > 990
+    z = _latents(2, 8)
+    t = torch.tensor([0, 999])
+    noisy = d.noise_latents(z, t, noise=torch.zeros_like(z))
+    abar = d.alphas_cumprod[t].view(2, 1, 1, 1)
+    assert torch.allclose(noisy, abar.sqrt() * z, atol=1e-6)
+    rescaled = DiffusionDiscriminator(
+        build_trunk("sdxl-tiny"), tiny_config(latent_rescale=SDXL_LATENT_RESCALE)
+    )
+    noisy = rescaled.noise_latents(z, t, noise=torch.zeros_like(z))
+    assert torch.allclose(noisy, abar.sqrt() * z * (0.13025 / 0.18215), atol=1e-6)
+    # given noise and timesteps make the forward deterministic
+    eps = torch.randn_like(z)
+    assert torch.equal(d(z, t, eps), d(z, t, eps))
+
+
+def test_trunk_forward_matches_full_unet_mid_block():
+    torch.manual_seed(0)
+    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"]).eval()
+    trunk = build_trunk("sdxl-tiny")
+    missing, unexpected = trunk.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(
+        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in unexpected
+    )
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.text_embeds.normal_()
+    z, t = _latents(2, 16), torch.tensor([10, 700])
+    ctx = torch.randn(2, 77, 32)
+    kwargs = {
+        "text_embeds": cond.text_embeds.expand(2, -1),
+        "time_ids": cond.time_ids.expand(2, -1),
+    }
+    seen = {}
+    full.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    with torch.no_grad():
+        full(z, t, encoder_hidden_states=ctx, added_cond_kwargs=kwargs)
+        mine = trunk_forward(trunk, z, t, ctx, **kwargs)
+    assert torch.allclose(mine, seen["mid"], atol=1e-5)
+
+
+def test_discriminator_steps_lower_its_loss():
+    """A few optimizer steps on a fixed batch: D's loss falls (real up, fake down)."""
+    d = DiffusionDiscriminator.from_config(tiny_config(), seed=1).train()
+    real, fake = _latents(2, 16, seed=1), _latents(2, 16, seed=2) * 0.5 + 1.0
+    t_r, t_f = torch.tensor([100, 500]), torch.tensor([300, 800])
+    n_r, n_f = _latents(2, 16, seed=3), _latents(2, 16, seed=4)
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-3)
+
+    def loss():
+        return discriminator_loss(d(real, t_r, n_r), d(fake, t_f, n_f))
+
+    start = loss().item()
+    for _ in range(5):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        end = loss().item()
+        assert end < start - 0.05, (start, end)
+        assert d(real, t_r, n_r).mean() > d(fake, t_f, n_f).mean()
+    # LoRA B matrices left zero-init: they now carry updates
+    assert any(p.abs().sum() > 0 for n, p in d.named_parameters() if "lora_B" in n)
+
+
+def test_generator_gradient_raises_fake_logits(tiny_sdxl):
+    """Stepping the fake latent against G's loss gradient makes D call it more real."""
+    d = tiny_sdxl
+    fake = _latents(1, 16, seed=5).requires_grad_(True)
+    t, eps = torch.tensor([200]), _latents(1, 16, seed=6)
+    before = d(fake, t, eps)
+    generator_loss(before).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    with torch.no_grad():
+        after = d(fake - 0.5 * fake.grad / fake.grad.norm(), t, eps)
+    assert after.mean() > before.mean()
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    d = DiffusionDiscriminator.from_config(tiny_config(), seed=2).train()
+    for n, p in d.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.01)
+    z, t, eps = _latents(1, 16), torch.tensor([400]), _latents(1, 16, seed=7)
+
+    def grads():
+        d.zero_grad()
+        discriminator_loss(d(z, t, eps), d(z * 0.3, t, eps)).backward()
+        return {n: p.grad.clone() for n, p in d.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    d.set_gradient_checkpointing(True)
+    assert d.config.gradient_checkpointing
+    ckpt = grads()
+    d.set_gradient_checkpointing(False)
+    assert plain.keys() == ckpt.keys()
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
+def test_save_and_load_trainable_state(tmp_path, tiny_sdxl):
+    d = tiny_sdxl
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.encoder_hidden_states.normal_()
+    trained = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(), condition=cond)
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    path = tmp_path / "disc.safetensors"
+    trained.save_trainable(path)
+    fresh = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config())
+    fresh.load_trainable(path)
+    for k, v in trained.trainable_state_dict().items():
+        assert torch.equal(fresh.trainable_state_dict()[k], v), k
+    assert torch.equal(fresh.condition_context, cond.encoder_hidden_states)
+    other_rank = DiffusionDiscriminator(
+        build_trunk("sdxl-tiny"), tiny_config(lora_rank=4, lora_alpha=4)
+    )
+    with pytest.raises(WeightsFileError, match="rank"):
+        other_rank.load_trainable(path)
+    with pytest.raises(WeightsFileError, match="not a D3SR discriminator"):
+        d.load_trainable(_plain_safetensors(tmp_path))
+
+
+def _plain_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_trunk_from_diffusers_folder(tmp_path):
+    torch.manual_seed(3)
+    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    full.save_pretrained(tmp_path / "sdxl" / "unet")
+    trunk = load_trunk(tmp_path / "sdxl")
+    assert trunk.up_blocks is None
+    ref = full.state_dict()
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    assert all(not p.requires_grad for p in trunk.parameters())
+    d = DiffusionDiscriminator.from_pretrained(tmp_path / "sdxl" / "unet", tiny_config())
+    assert d(_latents(1, 16)).shape == (1, 1, 4, 4)
+    # a damaged/other model: tensors missing -> clear error naming the folder
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if not k.startswith("mid_block")}, str(weights))
+    with pytest.raises(WeightsFileError, match="missing"):
+        load_trunk(tmp_path / "sdxl")
+    with pytest.raises(WeightsFileError, match="not a diffusers UNet folder"):
+        load_trunk(tmp_path)
+
+
+def sdxl_trunk_to_ldm(state: dict) -> dict:
+    """Diffusers SDXL down/mid keys -> original LDM names, written out for 3 levels x 2 layers
+    (attention at levels 1 and 2), independently of the loader's converter."""
+    renames = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("down_blocks.0.downsamplers.0.conv.", "input_blocks.3.0.op."),
+        ("down_blocks.1.downsamplers.0.conv.", "input_blocks.6.0.op."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ]
+    for level in range(3):
+        for j in range(2):
+            idx = 3 * level + j + 1
+            renames.append((f"down_blocks.{level}.resnets.{j}.", f"input_blocks.{idx}.0."))
+            renames.append((f"down_blocks.{level}.attentions.{j}.", f"input_blocks.{idx}.1."))
+    resnet = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("conv_shortcut.", "skip_connection."),
+    ]
+    out = {}
+    for key, value in state.items():
+        new = next(ldm + key[len(hf) :] for hf, ldm in renames if key.startswith(hf))
+        if ".resnets." in key:  # inside a resnet: LDM's in_layers/out_layers names
+            parts = new.split(".")
+            cut = 3 if new.startswith("input_blocks") else 2  # input_blocks.N.0 / middle_block.N
+            rest = ".".join(parts[cut:])
+            for hf, ldm in resnet:
+                if rest.startswith(hf):
+                    rest = ldm + rest[len(hf) :]
+                    break
+            new = ".".join(parts[:cut] + [rest])
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def test_load_trunk_from_sdxl_single_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    ref = build_trunk("sdxl-tiny")
+    ref.load_state_dict(full.state_dict(), strict=False)
+    ldm = sdxl_trunk_to_ldm(ref.state_dict())
+    assert "model.diffusion_model.input_blocks.8.1.transformer_blocks.1.attn2.to_k.weight" in ldm
+    assert "model.diffusion_model.input_blocks.7.0.in_layers.2.weight" in ldm
+    # what else a real single file carries: up path, VAE, text encoders (all ignored)
+    extra = {
+        "model.diffusion_model.output_blocks.0.0.in_layers.0.weight": torch.zeros(3),
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(2),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
+    }
+    path = tmp_path / "sdxl_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in {**ldm, **extra}.items()}, str(path))
+    trunk = load_trunk(path, config="sdxl-tiny")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(trunk.state_dict()[k], v), k
+    ckpt = tmp_path / "sdxl_tiny.ckpt"
+    torch.save({"state_dict": {**ldm, **extra}, "global_step": 3}, ckpt)
+    trunk = load_trunk(ckpt, config="sdxl-tiny", dtype=torch.bfloat16)
+    assert trunk.conv_in.weight.dtype == torch.bfloat16
+    # a different UNet (SD2.1 layout) for an SDXL backbone: clear error
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({k: v for k, v in ldm.items() if "label_emb" not in k}, str(wrong))
+    with pytest.raises(WeightsFileError, match="wrong.safetensors"):
+        load_trunk(wrong, config="sdxl-tiny")
+
+
+# ---------------------------------------------------------------- conditioning and SD2.1
+
+
+class _StubTokenizer:
+    model_max_length = 77
+
+    def __call__(self, prompts, padding, max_length, truncation, return_tensors):
+        ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
+        ids[:, 0], ids[:, 1] = 1, 2  # BOS, EOS, then padding
+
+        class Out:
+            input_ids = ids
+
+        return Out()
+
+
+def test_encode_condition_with_tiny_text_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def cfg(**kw):
+        return CLIPTextConfig(
+            vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, **kw,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    enc1 = CLIPTextModel(cfg()).eval()
+    enc2 = CLIPTextModelWithProjection(cfg(projection_dim=16)).eval()
+    cond = encode_condition([_StubTokenizer(), _StubTokenizer()], [enc1, enc2])
+    assert cond.encoder_hidden_states.shape == (1, 77, 32)
+    assert cond.text_embeds.shape == (1, 16) and cond.time_ids.shape == (1, 6)
+    d = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(), condition=cond)
+    assert d(_latents(1, 16)).shape == (1, 1, 4, 4)
+    single = encode_condition([_StubTokenizer()], [enc1])
+    assert single.encoder_hidden_states.shape == (1, 77, 16) and single.text_embeds is None
+    with pytest.raises(ValueError, match="context"):
+        DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(), condition=single)
+
+
+def test_sd21_backbone_builds_and_runs():
+    d = DiffusionDiscriminator.from_config(tiny_config("sd21-tiny"), seed=0)
+    assert d.condition_text_embeds is None
+    cfg = TINY_TRUNK_CONFIGS["sd21-tiny"]
+    assert d.condition_context.shape == (1, 77, cfg["cross_attention_dim"])
+    logits = d(_latents(2, 16))
+    assert logits.shape == (2, 1, 2, 2)  # three downsamplers: /8 (8 x 8 for a 64 x 64 latent)
+    assert all(
+        "lora_" in n or n.startswith("head.") for n, p in d.named_parameters() if p.requires_grad
+    )
+    custom = DiscriminatorCondition(torch.randn(1, 77, cfg["cross_attention_dim"]))
+    d2 = DiffusionDiscriminator(
+        build_trunk("sd21-tiny"), tiny_config("sd21-tiny"), condition=custom
+    )
+    assert torch.equal(d2.condition_context, custom.encoder_hidden_states)
+
+
+def test_config_round_trip_and_validation():
+    cfg = tiny_config(latent_rescale=0.5, t_min=10, t_max=900)
+    assert DiscriminatorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError):
+        DiscriminatorConfig(t_min=500, t_max=100)
+    assert DiscriminatorConfig().lora_targets == list(DEFAULT_UNET_LORA_TARGETS)
