@@ -1,25 +1,19 @@
-import json
-
 import pytest
 import torch
-from tiny_models import TINY_UNET_CONFIG, tiny_prompt_embeds, tiny_unet, tiny_vae
+from make_tiny_weights import write_tiny_base
+from tiny_models import TINY_UNET_CONFIG, tiny_prompt_embeds, tiny_unet
 
 from d3sr_core.loading.base import load_base
 from d3sr_core.loading.checkpoint import D3SRCheckpoint, save_checkpoint
 from d3sr_core.loading.files import WeightsFileError
 from d3sr_core.loading.generator import load_generator
 from d3sr_core.models import GeneratorConfig, LoraAdapter
-from d3sr_core.models.configs import bundled_config
 
 
 def write_base_folder(root, unet_config=None):
-    unet = tiny_unet() if unet_config is None else type(tiny_unet())(**unet_config)
-    unet.save_pretrained(root / "unet")
-    tiny_vae().save_pretrained(root / "vae")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "PNDMScheduler", **bundled_config("sd21-base", "scheduler")})
-    )
+    write_tiny_base(root, text_encoder=False)
+    if unet_config is not None:  # swap in a UNet of another family
+        type(tiny_unet())(**unet_config).save_pretrained(root / "unet")
     return root
 
 

@@ -1,7 +1,19 @@
-"""The one inference entry point used by the CLI, ComfyUI and A1111 alike."""
+"""The one inference entry point used by the CLI, ComfyUI and A1111 alike.
+
+Per image: bicubic upsample to the output size -> VAE encode -> one UNet step -> VAE decode
+-> colour fix against the upsampled input. Large images are tiled so that peak memory is
+bounded by the tile, not the image:
+
+* the UNet runs on overlapping latent tiles blended with Gaussian weights (:mod:`.tiling`);
+* the VAE runs tile by tile with whole-image GroupNorm statistics and exact attention
+  (:mod:`.tiled_vae`), so the result matches the untiled VAE;
+* tile sizes follow a memory budget (:mod:`.memory`); an out-of-memory error retries the
+  stage with smaller tiles and says so in the ``"d3sr"`` log.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,15 +25,31 @@ from PIL import Image
 from torch import Tensor
 
 from ..models.generator import D3SRGenerator
+from . import tiled_vae
+from .color import COLOR_FIXES, apply_color_fix
+from .memory import resolve_budget, run_with_oom_retry
+from .tiling import (
+    attention_bytes,
+    plan_latent_tiles,
+    tiled_model_output,
+    unet_bytes_per_latent_pixel,
+)
+
+logger = logging.getLogger("d3sr")
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
 LATENT_FACTOR = 8
+MIN_TILE_SIZE = 64  # output pixels (8 latent pixels)
+MIN_VAE_TILE_SIZE = 32
+
+# Share of one image's progress per stage, roughly their cost (the decoder dominates).
+_STAGE_WEIGHTS = {"encode": 25, "denoise": 20, "decode": 55}
 
 
 class UpscaleCancelled(RuntimeError):
-    """Raised between stages when the caller's cancel check returns True."""
+    """Raised between stages or tiles when the caller's cancel check returns True."""
 
 
 class InvalidImageError(ValueError):
@@ -36,11 +64,25 @@ class UpscaleOptions:
         scale: output / input size, any value > 1 (4 is what the model is trained for).
         seed: seeds the VAE posterior sample when the checkpoint's latent mode is ``sample``.
         max_output_pixels: refuse (before any work) outputs larger than this.
+        tile_size: UNet latent tile in *output* pixels (multiple of 8, >= 64); ``"auto"``
+            picks it from the memory budget (at most 1024); None or 0 never tiles.
+        tile_overlap: minimum overlap between UNet tiles, output pixels (clamped to half a tile).
+        vae_tile_size: VAE tile side in pixels of the full-resolution image (>= 32);
+            ``"auto"`` runs the VAE whole when it fits the budget, else in tiles that fit;
+            None or 0 never tiles. Tiling does not change the result (whole-image GroupNorm).
+        color_fix: ``"none"`` | ``"adain"`` | ``"wavelet"`` - match colours to the input.
+        memory_budget_bytes: activation memory the stages may use; None = a share of the free
+            device memory (80 % of a GPU's, 25 % of the RAM's).
     """
 
     scale: float = 4.0
     seed: int | None = None
     max_output_pixels: int = 256 * 1024 * 1024
+    tile_size: int | str | None = "auto"
+    tile_overlap: int = 256
+    vae_tile_size: int | str | None = "auto"
+    color_fix: str = "wavelet"
+    memory_budget_bytes: int | None = None
 
 
 def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -70,7 +112,9 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
         array = np.asarray(image, dtype=np.float32)
     else:
         if image.mode not in ("L", "RGB", "RGBA"):
-            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+            image = image.convert(
+                "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
+            )
         array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
@@ -89,29 +133,235 @@ def tensor_to_pil(image: Tensor, sixteen_bit: bool = False) -> Image.Image:
     return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8))  # -> "RGB" / "RGBA"
 
 
+class _Progress:
+    """Monotonic ``progress(done, total)`` over images and weighted stages; checks ``cancel``."""
+
+    def __init__(self, images: int, progress: ProgressCallback | None, cancel: CancelCheck | None):
+        self.total = 100 * images
+        self.progress = progress
+        self.cancel = cancel
+        self.done = 0
+        self.base = 0
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise UpscaleCancelled("upscale cancelled")
+
+    def stage(self, name: str) -> Callable[[float], None]:
+        """A ``tick(fraction)`` for one stage of the current image."""
+        start, weight = self.base, _STAGE_WEIGHTS[name]
+        self.base += weight
+
+        def tick(fraction: float) -> None:
+            done = min(start + weight, start + int(weight * max(0.0, min(1.0, fraction))))
+            if done > self.done:
+                self.done = done
+                if self.progress is not None:
+                    self.progress(done, self.total)
+            self.check()
+
+        return tick
+
+
+@dataclass
+class _Run:
+    """Per-call state the overridable stages read (options, budget, progress)."""
+
+    options: UpscaleOptions
+    budget: int
+    progress: _Progress | None = None
+
+    def tick(self, stage: str) -> Callable[[float], None] | None:
+        return self.progress.stage(stage) if self.progress is not None else None
+
+
 class D3SRPipeline:
     """Upscales images with a :class:`D3SRGenerator`.
 
+    The stages :meth:`encode`, :meth:`denoise` and :meth:`decode` take and return whole
+    tensors and tile internally (options of the current :meth:`upscale_tensor` call, or the
+    defaults when called directly); subclasses may override them.
+
     Args:
-        generator: the loaded generator (already on its device/dtype).
+        generator: the loaded generator (already on its device/dtype, e.g. through
+            :func:`~d3sr_core.inference.precision.prepare_generator`).
     """
 
     def __init__(self, generator: D3SRGenerator):
         self.generator = generator
+        self._run: _Run | None = None
 
     @property
     def device(self) -> torch.device:
         return self.generator.device
 
-    # ---- stages (overridable: tiling replaces these) ---------------------------------------
+    def _current(self) -> _Run:
+        if self._run is not None:
+            return self._run
+        options = UpscaleOptions()
+        return _Run(options, resolve_budget(None, self.device))
+
+    # ---- stages (overridable) ------------------------------------------------------------------
     def encode(self, image: Tensor, rng: torch.Generator | None = None) -> Tensor:
-        return self.generator.encode(image, rng)
+        """``[1, 3, H, W]`` in [-1, 1] (H, W multiples of 8) -> scaled latent, float32."""
+        run = self._current()
+        tile = run.options.vae_tile_size
+        tick = run.tick("encode")
+
+        def attempt(shrink: float) -> Tensor:
+            plan = self._vae_plan("encode", image.shape, tile, run.budget * shrink, shrink)
+            if plan is None:
+                latent = self._vae_guard(lambda: self.generator.encode(image, rng), "encode")
+            else:
+                moments = self._vae_guard(
+                    lambda: tiled_vae.tiled_encode(self.generator.vae, image, *plan, tick=tick),
+                    "encode",
+                )
+                latent = self._latent_from_moments(moments, rng)
+            if tick is not None:
+                tick(1.0)
+            return latent
+
+        return self._retry(attempt, "VAE encode", run)
 
     def denoise(self, latent: Tensor) -> Tensor:
-        return self.generator.denoise(latent)
+        """Scaled LR latent ``[1, 4, h, w]`` -> scaled SR latent (one UNet step, tiled)."""
+        run = self._current()
+        opts = run.options
+        tick = run.tick("denoise")
+        g = self.generator
+        _, _, h, w = latent.shape
+        tile = opts.tile_size
+        overlap = max(0, int(opts.tile_overlap)) // LATENT_FACTOR
+
+        def attempt(shrink: float) -> Tensor:
+            budget = int(run.budget * shrink)
+            lt = (
+                tile
+                if tile in (None, 0, "auto")
+                else _shrink_tile(int(tile), shrink) // LATENT_FACTOR
+            )
+            tiles, batch = plan_latent_tiles(
+                h,
+                w,
+                lt,
+                overlap,
+                budget,
+                unet_bytes_per_latent_pixel(g.unet, g.dtype),
+                self._attention_cost(),
+                max_batch=8 if self.device.type != "cpu" else 1,
+            )
+            if len(tiles) > 1:
+                logger.debug(
+                    "UNet: %d tiles of %dx%d latent px, batch %d",
+                    len(tiles),
+                    tiles[0].h,
+                    tiles[0].w,
+                    batch,
+                )
+            out = tiled_model_output(
+                self._predict_guarded,
+                latent,
+                tiles,
+                batch,
+                None if tick is None else lambda d, t: tick(d / t),
+            )
+            return g.to_x0(latent, out)
+
+        return self._retry(attempt, "UNet", run)
 
     def decode(self, latent: Tensor) -> Tensor:
-        return self.generator.decode(latent)
+        """Scaled latent ``[1, 4, h, w]`` -> image ``[1, 3, 8h, 8w]`` in [-1, 1], float32."""
+        run = self._current()
+        tile = run.options.vae_tile_size
+        tick = run.tick("decode")
+        shape = (latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3])
+
+        def attempt(shrink: float) -> Tensor:
+            plan = self._vae_plan("decode", shape, tile, run.budget * shrink, shrink)
+            if plan is None:
+                image = self._vae_guard(lambda: self.generator.decode(latent), "decode")
+            else:
+                z = latent / self.generator.config.scaling_factor
+                image = self._vae_guard(
+                    lambda: tiled_vae.tiled_decode(self.generator.vae, z, *plan, tick=tick),
+                    "decode",
+                )
+                image = image.float().clamp(-1.0, 1.0)
+            if tick is not None:
+                tick(1.0)
+            return image
+
+        return self._retry(attempt, "VAE decode", run)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _retry(self, attempt: Callable[[float], Tensor], what: str, run: _Run) -> Tensor:
+        return run_with_oom_retry(attempt, what=what, device=self.device)
+
+    def _vae_plan(self, kind: str, shape, tile, budget: float, shrink: float):
+        """None for the plain VAE call, else ``(budget, tile)`` for the tiled one."""
+        vae = self.generator.vae
+        if tile is None or tile == 0:
+            return None
+        if not tiled_vae.is_supported(vae):
+            logger.warning(
+                "this VAE's structure is not supported by the tiled VAE; running it whole"
+            )
+            return None
+        budget = int(budget)
+        if tile == "auto":
+            dtype = next(vae.parameters()).dtype
+            if (
+                shrink == 1.0
+                and tiled_vae.estimate_untiled_bytes(vae, kind, shape, dtype) <= budget
+            ):
+                return None
+            return budget, None
+        return budget, _shrink_tile(int(tile), shrink)
+
+    def _attention_cost(self) -> Callable[[int], int] | None:
+        # Flash / memory-efficient SDPA kernels (CUDA, CPU) need no score matrix; MPS does.
+        if self.device.type != "mps":
+            return None
+        heads = 8
+        config = getattr(self.generator.unet, "config", None)
+        head_dim = getattr(config, "attention_head_dim", None)
+        if isinstance(head_dim, (list, tuple)):
+            heads = max(int(h) for h in head_dim)
+        itemsize = torch.empty((), dtype=self.generator.dtype).element_size()
+        return lambda tokens: attention_bytes(tokens, heads, itemsize, True)
+
+    def _predict_guarded(self, latent: Tensor) -> Tensor:
+        """UNet output; if fp16 overflowed (non-finite values), redo this call in fp32."""
+        g = self.generator
+        out = g.predict(latent)
+        if torch.isfinite(out).all() or g.dtype == torch.float32:
+            return out
+        logger.warning("the UNet overflowed in %s; recomputing this tile in fp32", g.dtype)
+        with _upcast(g.unet):
+            return g.predict(latent)
+
+    def _vae_guard(self, fn: Callable[[], Tensor], kind: str) -> Tensor:
+        """Run a VAE call; if it produced non-finite values in half precision, redo it in fp32
+        (diffusers' ``force_upcast`` does this up front; this catches VAEs without it)."""
+        out = fn()
+        vae = self.generator.vae
+        dtype = next(vae.parameters()).dtype
+        if dtype == torch.float32 or torch.isfinite(out).all():
+            return out
+        logger.warning("the VAE %s overflowed in %s; recomputing in fp32", kind, dtype)
+        with _upcast(vae):
+            return fn()
+
+    def _latent_from_moments(self, moments: Tensor, rng: torch.Generator | None) -> Tensor:
+        """Scaled latent from the encoder's (mean, logvar), as ``D3SRGenerator.encode`` does."""
+        g = self.generator
+        mean, logvar = moments.float().chunk(2, dim=1)
+        if g.config.latent_mode == "sample":
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=rng, device=mean.device, dtype=mean.dtype)
+            mean = mean + std * noise
+        return mean * g.config.scaling_factor
 
     # ---- public API --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -124,45 +374,51 @@ class D3SRPipeline:
     ) -> Tensor:
         """Upscale ``[B, C, H, W]`` images in [0, 1] (C = 1 gray, 3 RGB or 4 RGBA).
 
-        Returns ``[B, C, round(H*scale), round(W*scale)]`` in [0, 1] on the input's device,
-        float32. Gray input is processed as RGB and returned gray; alpha is upsampled
-        bicubically and carried over.
+        Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` in [0, 1] on the input's
+        device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
+        bicubically and carried over. ``progress(done, total)`` advances per tile;
+        ``cancel()`` is checked between tiles and raises :class:`UpscaleCancelled`.
         """
         options = options or UpscaleOptions()
         images = validate_images(images, options)
+        budget = resolve_budget(options.memory_budget_bytes, self.device)
         b, c, h, w = images.shape
         out_w, out_h = output_size(w, h, options.scale)
-        total = 3 * b
-        done = 0
-
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-            if cancel is not None and cancel():
-                raise UpscaleCancelled("upscale cancelled")
-
-        if cancel is not None and cancel():
-            raise UpscaleCancelled("upscale cancelled")
-        rgb = images[:, :3] if c >= 3 else images[:, :1].expand(-1, 3, -1, -1)
-        upsampled = F.interpolate(rgb.float(), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
-        rng = torch.Generator(device=self.device).manual_seed(options.seed) if options.seed is not None else None
+        tracker = _Progress(b, progress, cancel)
+        tracker.check()
+        rng = (
+            torch.Generator(device=self.device).manual_seed(options.seed)
+            if options.seed is not None
+            else None
+        )
         outputs = []
-        for i in range(b):
-            padded, (ph, pw) = pad_to_multiple(upsampled[i : i + 1].to(self.device), LATENT_FACTOR)
-            latent = self.encode(padded * 2.0 - 1.0, rng)
-            step()
-            latent = self.denoise(latent)
-            step()
-            sr = self.decode(latent)[:, :, :ph, :pw]
-            step()
-            outputs.append((sr.float() + 1.0) / 2.0)
-        result = torch.cat(outputs).to(images.device)
+        previous, self._run = self._run, _Run(options, budget, tracker)
+        try:
+            for i in range(b):
+                rgb = (
+                    images[i : i + 1, :3] if c >= 3 else images[i : i + 1, :1].expand(-1, 3, -1, -1)
+                )
+                reference = F.interpolate(
+                    rgb.to(self.device), size=(out_h, out_w), mode="bicubic", align_corners=False
+                ).clamp_(0, 1)
+                padded, (ph, pw) = pad_to_multiple(reference, LATENT_FACTOR)
+                latent = self.encode(padded * 2.0 - 1.0, rng)
+                del padded
+                latent = self.denoise(latent)
+                sr = self.decode(latent)[:, :, :ph, :pw]
+                sr = (sr.float() + 1.0) / 2.0
+                sr = apply_color_fix(sr.clamp_(0, 1), reference, options.color_fix)
+                outputs.append(sr.to(images.device))
+                del reference, sr, latent
+        finally:
+            self._run = previous
+        result = torch.cat(outputs)
         if c == 1:
             result = result.mean(dim=1, keepdim=True)
         elif c == 4:
-            alpha = F.interpolate(images[:, 3:].float(), size=(out_h, out_w), mode="bicubic", align_corners=False)
+            alpha = F.interpolate(
+                images[:, 3:].float(), size=(out_h, out_w), mode="bicubic", align_corners=False
+            )
             result = torch.cat([result, alpha.clamp(0, 1)], dim=1)
         return result.clamp(0, 1)
 
@@ -181,25 +437,104 @@ class D3SRPipeline:
         return tensor_to_pil(result, sixteen_bit=sixteen_bit)
 
 
+class _upcast:  # noqa: N801 - used as a context manager
+    """Temporarily run a module in fp32 (fp16/bf16 -> fp32 -> back is exact for the weights)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.dtype = next(module.parameters()).dtype
+
+    def __enter__(self):
+        self.module.float()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.to(self.dtype)
+        return False
+
+
+def _shrink_tile(tile: int, shrink: float) -> int:
+    """A retry's tile: the area scales with ``shrink``, the side stays a multiple of 8."""
+    if shrink >= 1.0:
+        return tile
+    return max(LATENT_FACTOR * 2, int(tile * math.sqrt(shrink)) // LATENT_FACTOR * LATENT_FACTOR)
+
+
+def validate_options(options: UpscaleOptions) -> None:
+    """Check the options' types and ranges (before any work); raises :class:`InvalidImageError`."""
+    scale = options.scale
+    if isinstance(scale, bool) or not (
+        isinstance(scale, int | float) and math.isfinite(scale) and scale > 1
+    ):
+        raise InvalidImageError(f"scale must be a number > 1, got {scale!r}")
+    for name, minimum in (("tile_size", MIN_TILE_SIZE), ("vae_tile_size", MIN_VAE_TILE_SIZE)):
+        value = getattr(options, name)
+        if value is None or value == "auto" or (value == 0 and not isinstance(value, bool)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise InvalidImageError(
+                f"{name} must be 'auto', None/0 (no tiling) or an int >= {minimum}, got {value!r}"
+            )
+        if name == "tile_size" and value % LATENT_FACTOR:
+            raise InvalidImageError(
+                f"tile_size must be a multiple of {LATENT_FACTOR} output pixels, got {value}"
+            )
+    overlap = options.tile_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise InvalidImageError(
+            f"tile_overlap must be an int >= 0 (output pixels), got {overlap!r}"
+        )
+    if options.color_fix not in COLOR_FIXES:
+        raise InvalidImageError(
+            f"color_fix must be one of {COLOR_FIXES}, got {options.color_fix!r}"
+        )
+    budget = options.memory_budget_bytes
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+    ):
+        raise InvalidImageError(
+            f"memory_budget_bytes must be a positive int or None, got {budget!r}"
+        )
+    if (
+        isinstance(options.max_output_pixels, bool)
+        or not isinstance(options.max_output_pixels, int)
+        or options.max_output_pixels < 1
+    ):
+        raise InvalidImageError(
+            f"max_output_pixels must be a positive int, got {options.max_output_pixels!r}"
+        )
+
+
 def validate_images(images: Tensor, options: UpscaleOptions) -> Tensor:
-    """Check shape, values and options before any work; returns ``[B, C, H, W]`` float."""
+    """Check shape, values and options before any work; returns ``[B, C, H, W]`` float.
+
+    Errors (:class:`InvalidImageError`, before any model call): not a tensor, wrong shape or
+    channel count, an empty image, a scale <= 1, an output above ``max_output_pixels``, NaN or
+    infinite pixels, or an invalid option. A 1x1 image is valid (it is padded to one latent
+    pixel and comes out ``scale`` x ``scale``).
+    """
     if not isinstance(images, Tensor):
-        raise InvalidImageError(f"expected a torch.Tensor [B, C, H, W], got {type(images).__name__}")
+        raise InvalidImageError(
+            f"expected a torch.Tensor [B, C, H, W], got {type(images).__name__}"
+        )
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-        raise InvalidImageError(f"expected an image tensor [B, C, H, W] with C in (1, 3, 4), got shape {tuple(images.shape)}")
+        raise InvalidImageError(
+            f"expected an image tensor [B, C, H, W] with C in (1, 3, 4), got shape {tuple(images.shape)}"
+        )
     b, _, h, w = images.shape
     if b == 0 or h == 0 or w == 0:
         raise InvalidImageError(f"empty image (shape {tuple(images.shape)})")
-    if not (isinstance(options.scale, int | float) and math.isfinite(options.scale) and options.scale > 1):
-        raise InvalidImageError(f"scale must be a number > 1, got {options.scale!r}")
+    validate_options(options)
     out_w, out_h = output_size(w, h, options.scale)
     if out_w * out_h > options.max_output_pixels:
         raise InvalidImageError(
             f"output would be {out_w}x{out_h} = {out_w * out_h / 1e6:.1f} MP, above the limit of "
             f"{options.max_output_pixels / 1e6:.1f} MP (raise max_output_pixels to allow it)"
         )
+    if images.is_complex() or images.dtype == torch.bool:
+        raise InvalidImageError(f"expected real-valued pixels, got dtype {images.dtype}")
     images = images.float()
     if not torch.isfinite(images).all():
         raise InvalidImageError("image contains NaN or infinite pixel values")

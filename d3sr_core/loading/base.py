@@ -13,7 +13,6 @@ from ..models.configs import bundled_config
 from .files import WeightsFileError
 
 DEFAULT_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
-HUB_PATTERNS = ["model_index.json", "unet/*", "vae/*", "scheduler/*", "text_encoder/*"]
 
 
 @dataclass
@@ -123,7 +122,9 @@ def load_base(
             )
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(str(source), allow_patterns=HUB_PATTERNS)
+        from .fetch import BASE_HUB_PATTERNS  # only the files D3SR reads, not every variant
+
+        folder = snapshot_download(str(source), allow_patterns=BASE_HUB_PATTERNS)
         base = load_diffusers_folder(folder, device, dtype)
     else:
         raise WeightsFileError(

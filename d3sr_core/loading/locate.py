@@ -331,19 +331,26 @@ def missing_message(
     """What to put where (and the ``--download`` alternative) when weights or base are missing."""
     lines = []
 
-    def places(folders: list[Path], limit: int = 8) -> list[str]:
-        shown = [f"      {p}" for p in folders[:limit]]
-        if len(folders) > limit:
-            shown.append(f"      ... and {len(folders) - limit} more host folders")
-        return shown
+    def places(folders: list[Path], host_hint: str, limit: int = 6) -> list[str]:
+        # D3SR's own folder first, then host folders that exist here, then the rest in words
+        own = [found.download_dir] if found.download_dir else []
+        existing = [p for p in folders if p.is_dir() and p not in own][:limit]
+        return [
+            "  into one of these folders:",
+            *(f"      {p}" for p in own + existing),
+            f"  (also searched: ./models, and {host_hint}",
+            "   under $COMFYUI_PATH, $A1111_PATH, $WEBUI_PATH and the usual install folders)",
+        ]
 
     if found.weights is None:
         lines += [
             "D3SR weights not found. Put ONE of these files:",
             "  - a D3SR checkpoint (*.safetensors, any name; `d3sr info FILE` tells what a file is), or",
             f"  - OSEDiff's published osediff.pkl ({OSEDIFF_URL})",
-            "  into one of these folders (searched in this order):",
-            *places(found.searched_weights),
+            *places(
+                found.searched_weights,
+                "ComfyUI's models/d3sr, models/upscale_models or A1111's models/D3SR",
+            ),
             f"  or pass --weights FILE, or set ${ENV_WEIGHTS}=FILE.",
         ]
     if found.base is None:
@@ -352,8 +359,10 @@ def missing_message(
             "  - the single file v2-1_512-ema-pruned.safetensors (or .ckpt; the file ComfyUI and",
             "    A1111 use; v2-1_512-nonema-pruned also works), or",
             f"  - a diffusers folder named {BASE_FOLDER_NAME}/ (with unet/, vae/, text_encoder/)",
-            "  into one of these folders (searched in this order):",
-            *places(found.searched_base),
+            *places(
+                found.searched_base,
+                "ComfyUI's models/checkpoints or A1111's models/Stable-diffusion",
+            ),
             f"  or pass --base PATH, or set ${ENV_BASE}=PATH.",
         ]
     if lines and download_hint:

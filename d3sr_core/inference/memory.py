@@ -1,0 +1,160 @@
+"""Memory budgets and out-of-memory handling shared by the tiled stages.
+
+A *budget* is the number of bytes a stage's activations may use on its device, on top of the
+weights and of the input/output images. Tile sizes are chosen from it, so peak memory is
+bounded by the tile, not by the image; when the device still runs out of memory, the stage
+is retried with smaller tiles (:func:`run_with_oom_retry`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+logger = logging.getLogger("d3sr")
+
+T = TypeVar("T")
+
+# Share of the free memory a stage may use by default. A GPU is dedicated to the job; system
+# RAM is shared with the OS and the host application (ComfyUI / A1111 keep other models there).
+GPU_BUDGET_FRACTION = 0.8
+RAM_BUDGET_FRACTION = 0.25
+MIN_BUDGET_BYTES = 256 * 2**20
+FALLBACK_RAM_BYTES = 4 * 2**30
+
+
+def system_available_memory() -> int:
+    """Available system RAM in bytes (psutil, else ``/proc/meminfo``, else a 4 GiB guess)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # macOS / BSD without psutil: total physical memory, halved as a guess at "free"
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_RAM_BYTES
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes free for new activations on ``device``.
+
+    CUDA: free device memory plus what PyTorch's caching allocator holds but does not use.
+    MPS: the recommended working-set size minus what is allocated (falls back to RAM).
+    CPU: available system RAM.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free + max(cached, 0))
+    if device.type == "mps":
+        try:
+            limit = torch.mps.recommended_max_memory()
+            return int(max(limit - torch.mps.current_allocated_memory(), 0))
+        except (AttributeError, RuntimeError):
+            return system_available_memory()
+    return system_available_memory()
+
+
+def default_budget(device: torch.device | str) -> int:
+    """The default activation budget: a fraction of :func:`available_memory`."""
+    device = torch.device(device)
+    fraction = RAM_BUDGET_FRACTION if device.type == "cpu" else GPU_BUDGET_FRACTION
+    return max(int(available_memory(device) * fraction), MIN_BUDGET_BYTES)
+
+
+def resolve_budget(budget: int | None, device: torch.device | str) -> int:
+    """``budget`` if given (validated), else :func:`default_budget`."""
+    if budget is None:
+        return default_budget(device)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise ValueError(f"memory_budget_bytes must be a positive int or None, got {budget!r}")
+    return budget
+
+
+def is_oom_error(err: BaseException) -> bool:
+    """True for the out-of-memory errors of every backend (CUDA, MPS, CPU allocator)."""
+    if isinstance(err, MemoryError):
+        return True
+    for name in ("OutOfMemoryError",):
+        for owner in (torch, getattr(torch, "cuda", None)):
+            cls = getattr(owner, name, None)
+            if isinstance(cls, type) and isinstance(err, cls):
+                return True
+    if isinstance(err, RuntimeError):
+        text = str(err).lower()
+        return (
+            "out of memory" in text
+            or "can't allocate memory" in text
+            or ("mps backend out of memory" in text)
+        )
+    return False
+
+
+def free_cached_memory(device: torch.device | str) -> None:
+    """Return cached blocks to the device after an out-of-memory error."""
+    gc.collect()
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        try:
+            torch.mps.empty_cache()
+        except (AttributeError, RuntimeError):
+            pass
+
+
+class OutOfMemoryAfterRetries(RuntimeError):
+    """A stage ran out of memory even with its smallest tiles."""
+
+
+def run_with_oom_retry(
+    attempt: Callable[[float], T],
+    *,
+    what: str,
+    device: torch.device | str,
+    max_retries: int = 5,
+) -> T:
+    """Call ``attempt(shrink)`` with ``shrink = 1``; on out-of-memory, free the device's cache
+    and retry with ``shrink`` halved.
+
+    ``attempt`` scales its memory budget (and any explicit tile area) by ``shrink``, so each
+    retry runs with smaller tiles. Every retry is logged as a warning (logger ``"d3sr"``).
+    After ``max_retries`` the error is re-raised as :class:`OutOfMemoryAfterRetries`.
+    """
+    shrink = 1.0
+    for tries in range(max_retries + 1):
+        try:
+            return attempt(shrink)
+        except Exception as err:  # noqa: BLE001 - filtered by is_oom_error
+            if not is_oom_error(err):
+                raise
+            free_cached_memory(device)
+            if tries == max_retries:
+                raise OutOfMemoryAfterRetries(
+                    f"{what}: out of memory even with tiles {1 / shrink:.0f}x smaller than planned; "
+                    "free memory on the device, lower memory_budget_bytes or use a lower precision"
+                ) from err
+            logger.warning(
+                "%s ran out of memory (%s); retrying with smaller tiles (budget x%.3g)",
+                what,
+                str(err).splitlines()[0][:120] if str(err) else type(err).__name__,
+                shrink / 2,
+            )
+            shrink /= 2
+    raise AssertionError("unreachable")

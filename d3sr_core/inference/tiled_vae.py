@@ -1,0 +1,880 @@
+"""Tiled VAE encode/decode whose GroupNorm statistics are those of the whole image.
+
+Why
+---
+An SD VAE run on independent tiles normalises every tile with its own GroupNorm statistics:
+tiles then differ in brightness and colour and leave seams. The "Tiled VAE" of
+multidiffusion-upscaler (reference/peers.md 1.7) fixes this by running all tiles in lock-step
+and combining the per-tile GroupNorm statistics; it parks every tile's activations between
+GroupNorms, i.e. it holds the whole image's activations of every layer (tens of GB at 16 MP).
+
+How
+---
+The VAE is flattened into a short program of ops on a small stack of feature maps (a residual
+block pushes its input, runs its branch, then adds the two). All ops are local (convolutions,
+nearest upsampling, pointwise maps) except at two kinds of *sync points*:
+
+* a GroupNorm needs the mean/variance of its input over the whole image;
+* the mid-block self-attention attends over every position of the image.
+
+The program runs in *passes*, one per sync point. A pass computes the stack just before its
+sync point tile by tile, starting from the latest *checkpoint* (a whole-image state kept in
+memory; initially the input), and accumulates per-group counts, means and squared deviations
+over each tile's core, which are merged (Chan's parallel formula, float64) into exact
+whole-image statistics. Every tile is computed *region-exactly*: it is cropped from the
+checkpoint with exactly the halo the convolutions between checkpoint and sync point need,
+convolutions run unpadded, and zeros are padded only where a region touches the image border.
+Each tile's values are therefore those of the untiled network (up to float summation order),
+so tiled output matches untiled output and carries no seam.
+
+A pass may also keep its result as the next checkpoint. That costs one whole-image tensor at
+that resolution; not keeping it means the next pass recomputes from the older checkpoint.
+A greedy policy keeps whatever fits the memory budget: low-resolution states (small) are
+always kept, and with a tight budget the full-resolution ones are recomputed, so peak memory
+is bounded by the tile and the budget, not by the image. With a generous budget nothing is
+recomputed and the cost equals the untiled network's plus thin halos.
+
+Attention is computed exactly: its input is always checkpointed (it has latent resolution),
+keys and values are computed for the whole image in chunks, and queries are processed one
+tile at a time with ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
+efficient kernels on CUDA and CPU, chunked queries bound the math kernel's score matrix on
+MPS). Memory for this is a few latent-resolution feature maps (8 floats per output pixel
+each for SD's 512-channel mid block), the one whole-image state this design keeps.
+
+Only long-stable diffusers attributes are used (``Encoder``/``Decoder``: ``conv_in``,
+``down_blocks``/``up_blocks``, ``mid_block``, ``conv_norm_out``, ``conv_out``; blocks:
+``resnets``, ``attentions``, ``downsamplers``/``upsamplers``; ``ResnetBlock2D``: ``norm1``,
+``conv1``, ``norm2``, ``conv2``, ``conv_shortcut``, ``output_scale_factor``; ``Attention``:
+``group_norm``, ``to_q/k/v``, ``to_out``, ``heads``, ``scale``, ``residual_connection``,
+``rescale_output_factor``), identical from diffusers 0.31 to 0.42. A VAE with another
+structure raises :class:`UnsupportedVAEError` (callers fall back to the untiled VAE).
+
+Everything runs under ``torch.inference_mode`` semantics (no autograd graph); it is an
+inference path, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Tick = Callable[[float], None]
+
+
+class UnsupportedVAEError(RuntimeError):
+    """The VAE's structure is not one the tiled path knows (use the untiled VAE)."""
+
+
+# ---- regions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """Half-open rectangle ``[y0, y1) x [x0, x1)`` at one resolution."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def h(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def w(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def area(self) -> int:
+        return max(self.h, 0) * max(self.w, 0)
+
+    def clip(self, h: int, w: int) -> Region:
+        return Region(max(self.y0, 0), min(self.y1, h), max(self.x0, 0), min(self.x1, w))
+
+    def union(self, other: Region | None) -> Region:
+        if other is None:
+            return self
+        return Region(
+            min(self.y0, other.y0),
+            max(self.y1, other.y1),
+            min(self.x0, other.x0),
+            max(self.x1, other.x1),
+        )
+
+    def grow(self, n: int) -> Region:
+        return Region(self.y0 - n, self.y1 + n, self.x0 - n, self.x1 + n)
+
+
+def _union(a: Region | None, b: Region | None) -> Region | None:
+    return b if a is None else a.union(b)
+
+
+def _crop(t: Tensor, have: Region, want: Region) -> Tensor:
+    """``t`` covers ``have``; return the view covering ``want`` (must be inside ``have``)."""
+    if want == have:
+        return t
+    if not (
+        have.y0 <= want.y0 and want.y1 <= have.y1 and have.x0 <= want.x0 and want.x1 <= have.x1
+    ):
+        raise AssertionError(f"region {want} is not inside {have}")
+    return t[:, :, want.y0 - have.y0 : want.y1 - have.y0, want.x0 - have.x0 : want.x1 - have.x0]
+
+
+@dataclass
+class Piece:
+    """A stack element during a pass: a tensor covering ``region`` (clipped to the image)."""
+
+    tensor: Tensor
+    region: Region
+
+
+# ---- ops -----------------------------------------------------------------------------------
+
+
+class Op:
+    """One step of a VAE program, acting on the top of a stack of same-size feature maps."""
+
+    sync = False  # needs whole-image statistics of its input (GroupNorm) or is global
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return h, w
+
+    def depth_change(self) -> int:
+        return 0
+
+    def out_channels(self, channels: list[int]) -> list[int]:
+        return channels
+
+    def needed(self, out_needs: list[Region | None]) -> list[Region | None]:
+        """Regions of the input stack needed for ``out_needs`` of the output stack (unclipped)."""
+        return out_needs
+
+    def run(
+        self, pieces: list[Piece | None], needs: list[Region | None], size: tuple[int, int], ctx
+    ) -> list[Piece | None]:
+        """Produce the output stack covering exactly ``needs`` (clipped) from ``pieces``."""
+        raise NotImplementedError
+
+
+@dataclass
+class Conv(Op):
+    """A conv on the top element. ``pad`` = (top, bottom, left, right) zero padding."""
+
+    module: nn.Conv2d
+    pad: tuple[int, int, int, int]
+
+    def __post_init__(self):
+        m = self.module
+        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros" or m.groups != 1:
+            raise UnsupportedVAEError(f"unsupported conv {m}")
+        self.k = (
+            m.dilation[0] * (m.kernel_size[0] - 1) + 1,
+            m.dilation[1] * (m.kernel_size[1] - 1) + 1,
+        )
+        self.s = m.stride
+
+    def out_size(self, h, w):
+        pt, pb, pl, pr = self.pad
+        return (h + pt + pb - self.k[0]) // self.s[0] + 1, (w + pl + pr - self.k[1]) // self.s[
+            1
+        ] + 1
+
+    def out_channels(self, channels):
+        return [*channels[:-1], self.module.out_channels]
+
+    def _in_region(self, r: Region) -> Region:
+        pt, _, pl, _ = self.pad
+        return Region(
+            r.y0 * self.s[0] - pt,
+            (r.y1 - 1) * self.s[0] - pt + self.k[0],
+            r.x0 * self.s[1] - pl,
+            (r.x1 - 1) * self.s[1] - pl + self.k[1],
+        )
+
+    def needed(self, out_needs):
+        top = out_needs[-1]
+        return [*out_needs[:-1], None if top is None else self._in_region(top)]
+
+    def run(self, pieces, needs, size, ctx):
+        top, want = pieces[-1], needs[-1]
+        if want is None:
+            return [*pieces[:-1], None]
+        h, w = size
+        req = self._in_region(want)
+        have = req.clip(h, w)
+        x = _crop(top.tensor, top.region, have)
+        left, right = have.x0 - req.x0, req.x1 - have.x1
+        top_, bottom = have.y0 - req.y0, req.y1 - have.y1
+        m = self.module
+        if top_ == bottom and left == right:
+            # Symmetric (whole-axis or interior) padding: let the conv pad, no copy.
+            y = F.conv2d(x, m.weight, m.bias, m.stride, (top_, left), m.dilation, 1)
+        else:
+            x = F.pad(x, (left, right, top_, bottom))
+            y = F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, 1)
+        return [*pieces[:-1], Piece(y, want)]
+
+
+@dataclass
+class Norm(Op):
+    """GroupNorm (whole-image statistics) on the top element, optionally followed by SiLU."""
+
+    module: nn.GroupNorm
+    act: bool
+    sync = True
+
+    def __post_init__(self):
+        if not isinstance(self.module, nn.GroupNorm) or not self.module.affine:
+            raise UnsupportedVAEError(f"unsupported norm {self.module}")
+
+    def run(self, pieces, needs, size, ctx):
+        top = pieces[-1]
+        if top is None:
+            return pieces
+        y = ctx.normalize(self, top.tensor)
+        return [*pieces[:-1], Piece(y, top.region)]
+
+
+class Push(Op):
+    """Duplicate the top element (the residual branch's input)."""
+
+    def depth_change(self):
+        return 1
+
+    def out_channels(self, channels):
+        return [*channels, channels[-1]]
+
+    def needed(self, out_needs):
+        return [*out_needs[:-2], _union(out_needs[-2], out_needs[-1])]
+
+    def run(self, pieces, needs, size, ctx):
+        top = pieces[-1]
+        out = list(pieces[:-1])
+        for want in needs[-2:]:
+            out.append(None if want is None else Piece(_crop(top.tensor, top.region, want), want))
+        return out
+
+
+@dataclass
+class Residual(Op):
+    """``(shortcut(x) + h) / scale``: pops the branch ``h`` and its input ``x``."""
+
+    shortcut: nn.Conv2d | None
+    scale: float
+
+    def depth_change(self):
+        return -1
+
+    def out_channels(self, channels):
+        return [*channels[:-2], channels[-1]]
+
+    def needed(self, out_needs):
+        top = out_needs[-1]
+        return [*out_needs[:-1], top, top]
+
+    def run(self, pieces, needs, size, ctx):
+        x, h = pieces[-2], pieces[-1]
+        if h is None:
+            return [*pieces[:-2], None]
+        skip = x.tensor
+        if self.shortcut is not None:
+            m = self.shortcut
+            skip = F.conv2d(skip, m.weight, m.bias)
+        y = skip + h.tensor
+        if self.scale != 1.0:
+            y = y / self.scale
+        return [*pieces[:-2], Piece(y, h.region)]
+
+
+class Upsample(Op):
+    """Nearest-neighbour 2x upsampling of the top element."""
+
+    def out_size(self, h, w):
+        return 2 * h, 2 * w
+
+    def needed(self, out_needs):
+        top = out_needs[-1]
+        if top is None:
+            return out_needs
+        return [*out_needs[:-1], Region(top.y0 // 2, -(-top.y1 // 2), top.x0 // 2, -(-top.x1 // 2))]
+
+    def run(self, pieces, needs, size, ctx):
+        top, want = pieces[-1], needs[-1]
+        if want is None:
+            return [*pieces[:-1], None]
+        y = F.interpolate(top.tensor, scale_factor=2.0, mode="nearest")
+        r = top.region
+        have = Region(2 * r.y0, 2 * r.y1, 2 * r.x0, 2 * r.x1)
+        return [*pieces[:-1], Piece(_crop(y, have, want), want)]
+
+
+@dataclass
+class Attend(Op):
+    """A diffusers ``Attention`` block (GroupNorm, single-head or multi-head self-attention,
+    residual): global, run by :func:`_run_attention` on a whole-image checkpoint."""
+
+    module: nn.Module
+    sync = True
+
+    def __post_init__(self):
+        a = self.module
+        norm = getattr(a, "group_norm", None)
+        if norm is None or getattr(a, "spatial_norm", None) is not None:
+            raise UnsupportedVAEError("VAE attention without a plain GroupNorm")
+        if getattr(a, "norm_q", None) is not None or getattr(a, "norm_k", None) is not None:
+            raise UnsupportedVAEError("VAE attention with q/k norms")
+        self.norm = Norm(norm, act=False)
+
+
+# ---- building programs from a diffusers AutoencoderKL -----------------------------------------
+
+
+def _conv(m: nn.Module, pad: tuple[int, int, int, int] | None = None) -> Conv:
+    if not isinstance(m, nn.Conv2d):
+        raise UnsupportedVAEError(f"expected a Conv2d, got {type(m).__name__}")
+    if pad is None:
+        p = m.padding
+        if isinstance(p, str):
+            raise UnsupportedVAEError(f"string padding {p!r}")
+        pad = (p[0], p[0], p[1], p[1])
+    return Conv(m, pad)
+
+
+def _is_silu(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.SiLU)
+
+
+def _resnet(block: nn.Module) -> list[Op]:
+    for name in ("norm1", "conv1", "norm2", "conv2"):
+        if not hasattr(block, name):
+            raise UnsupportedVAEError(f"{type(block).__name__} is not a ResnetBlock2D")
+    if (
+        getattr(block, "upsample", None) is not None
+        or getattr(block, "downsample", None) is not None
+    ):
+        raise UnsupportedVAEError("resnet with built-in up/downsampling")
+    if getattr(block, "time_emb_proj", None) is not None:
+        raise UnsupportedVAEError("resnet with a time embedding")
+    if not _is_silu(getattr(block, "nonlinearity", None)):
+        raise UnsupportedVAEError("resnet nonlinearity is not SiLU")
+    return [
+        Push(),
+        Norm(block.norm1, act=True),
+        _conv(block.conv1),
+        Norm(block.norm2, act=True),
+        _conv(block.conv2),
+        Residual(
+            getattr(block, "conv_shortcut", None), float(getattr(block, "output_scale_factor", 1.0))
+        ),
+    ]
+
+
+def _mid_block(mid: nn.Module) -> list[Op]:
+    ops = _resnet(mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
+        if attn is not None:
+            ops.append(Attend(attn))
+        ops += _resnet(resnet)
+    return ops
+
+
+def _downsampler(d: nn.Module) -> list[Op]:
+    if getattr(d, "norm", None) is not None or not getattr(d, "use_conv", False):
+        raise UnsupportedVAEError("downsampler without a plain conv")
+    conv = d.conv
+    if getattr(d, "padding", 1) == 0:  # diffusers pads (0, 1, 0, 1) itself before a padding-0 conv
+        return [_conv(conv, (0, 1, 0, 1))]
+    return [_conv(conv)]
+
+
+def _upsampler(u: nn.Module) -> list[Op]:
+    if getattr(u, "norm", None) is not None or getattr(u, "use_conv_transpose", False):
+        raise UnsupportedVAEError("upsampler with a norm or transposed conv")
+    if not getattr(u, "interpolate", True):
+        raise UnsupportedVAEError("upsampler without interpolation")
+    ops: list[Op] = [Upsample()]
+    if getattr(u, "use_conv", False):
+        ops.append(_conv(u.conv if getattr(u, "name", "conv") == "conv" else u.Conv2d_0))
+    return ops
+
+
+def _head(encoder_or_decoder: nn.Module) -> list[Op]:
+    if not _is_silu(getattr(encoder_or_decoder, "conv_act", None)):
+        raise UnsupportedVAEError("conv_act is not SiLU")
+    return [Norm(encoder_or_decoder.conv_norm_out, act=True), _conv(encoder_or_decoder.conv_out)]
+
+
+def encoder_program(vae: nn.Module) -> list[Op]:
+    """Ops of ``vae.encoder`` followed by ``vae.quant_conv`` (image -> moments)."""
+    enc = vae.encoder
+    ops: list[Op] = [_conv(enc.conv_in)]
+    for block in enc.down_blocks:
+        for resnet in block.resnets:
+            ops += _resnet(resnet)
+        for d in getattr(block, "downsamplers", None) or []:
+            ops += _downsampler(d)
+    ops += _mid_block(enc.mid_block)
+    ops += _head(enc)
+    if getattr(vae, "quant_conv", None) is not None:
+        ops.append(_conv(vae.quant_conv))
+    return ops
+
+
+def decoder_program(vae: nn.Module) -> list[Op]:
+    """Ops of ``vae.post_quant_conv`` followed by ``vae.decoder`` (latent -> image)."""
+    dec = vae.decoder
+    ops: list[Op] = []
+    if getattr(vae, "post_quant_conv", None) is not None:
+        ops.append(_conv(vae.post_quant_conv))
+    ops.append(_conv(dec.conv_in))
+    ops += _mid_block(dec.mid_block)
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            ops += _resnet(resnet)
+        for u in getattr(block, "upsamplers", None) or []:
+            ops += _upsampler(u)
+    ops += _head(dec)
+    return ops
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupStats:
+    """Running per-(sample, group) count, mean and sum of squared deviations (float64, CPU)."""
+
+    groups: int
+    n: Tensor | None = None
+    mean: Tensor | None = None
+    m2: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate a tile ``[B, C, h, w]`` (its core region only)."""
+        mean_g, var_g = group_moments(x, self.groups)
+        n_g = torch.full_like(mean_g, x[0, : x.shape[1] // self.groups].numel())
+        m2_g = var_g * n_g
+        if self.n is None:
+            self.n, self.mean, self.m2 = n_g, mean_g, m2_g
+            return
+        # Chan et al.'s pairwise update: exact merging of (count, mean, M2) without the
+        # cancellation of raw sums of squares.
+        n = self.n + n_g
+        delta = mean_g - self.mean
+        self.mean = self.mean + delta * n_g / n
+        self.m2 = self.m2 + m2_g + delta**2 * self.n * n_g / n
+        self.n = n
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance, as ``nn.GroupNorm`` uses."""
+        return self.m2 / self.n
+
+
+def group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-(sample, group) mean and biased variance of ``x`` ``[B, C, h, w]`` (float64, CPU).
+
+    Uses the GroupNorm kernel itself (one fused Welford reduction that also handles
+    channels_last) on an fp32 view, so the statistics are as accurate as ``nn.GroupNorm``'s.
+    """
+    b, c = x.shape[:2]
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if not (xf.is_contiguous() or xf.is_contiguous(memory_format=torch.channels_last)):
+        xf = xf.contiguous()  # a crop of a checkpoint
+    eps = 1e-12
+    _, mean, rstd = torch.native_group_norm(
+        xf, None, None, b, c, x.shape[2] * x.shape[3], groups, eps
+    )
+    mean = mean.double().cpu().view(b, groups)
+    var = (1.0 / rstd.double().cpu().view(b, groups) ** 2 - eps).clamp_min(0.0)
+    return mean, var
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+@dataclass
+class TiledVAEConfig:
+    """How a tiled VAE run may use memory.
+
+    Attributes:
+        budget: activation bytes the run may use (checkpoints + one tile's working set).
+        tile: tile side in image pixels (``None`` = derived from the budget).
+        work_fraction: share of the budget reserved for one tile's working set when ``tile``
+            is None; the rest may hold checkpoints.
+    """
+
+    budget: int
+    tile: int | None = None
+    work_fraction: float = 0.3
+
+
+@dataclass
+class RunReport:
+    """What a run did (for logs, tests and benchmarks)."""
+
+    passes: int = 0
+    tiles: int = 0
+    kept: list[int] = field(default_factory=list)
+    recomputed: list[int] = field(default_factory=list)
+    tile_sizes: list[int] = field(default_factory=list)
+    # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
+    # resolution and the output - are not counted; they are O(latent) and O(output)).
+    peak_estimate: int = 0
+
+
+class _Context:
+    def __init__(self, stats: dict[int, GroupStats], ops: list[Op]):
+        self.stats = stats
+        self.index = {id(op): i for i, op in enumerate(ops)}
+
+    def normalize(self, op: Norm, x: Tensor) -> Tensor:
+        st = self.stats[self.index[id(op)]]
+        return _apply_norm(op, st, x)
+
+
+def _apply_norm(op: Norm, st: GroupStats, x: Tensor) -> Tensor:
+    m = op.module
+    b, c = x.shape[:2]
+    rep = c // m.num_groups
+    mean = st.mean.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
+    var = st.var.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
+    weight = m.weight.float()
+    bias = m.bias.float()
+    outs = []
+    for i in range(b):
+        # Eval-mode batch_norm = (x - mean) / sqrt(var + eps) * w + b per channel, one fused
+        # kernel that computes in fp32 for half inputs and keeps channels_last.
+        outs.append(F.batch_norm(x[i : i + 1], mean[i], var[i], weight, bias, False, 0.0, m.eps))
+    y = outs[0] if b == 1 else torch.cat(outs)
+    return F.silu(y, inplace=True) if op.act else y
+
+
+def _shapes(ops: list[Op], h: int, w: int, c: int):
+    """Per boundary ``i`` (before op ``i``): spatial size and per-element channels."""
+    sizes, chans = [(h, w)], [[c]]
+    for op in ops:
+        h, w = op.out_size(h, w)
+        sizes.append((h, w))
+        chans.append(op.out_channels(chans[-1]))
+    return sizes, chans
+
+
+def _ids(ops: list[Op], start: int, stop: int, ids: list[int], counter: list[int]) -> list[int]:
+    """Symbolic identity of stack elements: Push duplicates an id, other ops make new ids."""
+    ids = list(ids)
+    for op in ops[start:stop]:
+        if isinstance(op, Push):
+            ids.append(ids[-1])
+        elif isinstance(op, Residual):
+            ids = ids[:-2]
+            counter[0] += 1
+            ids.append(counter[0])
+        else:
+            counter[0] += 1
+            ids[-1] = counter[0]
+    return ids
+
+
+def _backward(ops, start, stop, final_needs, sizes):
+    """Needed (clipped) regions per boundary from ``start`` to ``stop``."""
+    needs = [None] * (stop - start + 1)
+    h, w = sizes[stop]
+    needs[-1] = [None if r is None else r.clip(h, w) for r in final_needs]
+    for i in range(stop - 1, start - 1, -1):
+        h, w = sizes[i]
+        needs[i - start] = [
+            None if r is None else r.clip(h, w) for r in ops[i].needed(needs[i - start + 1])
+        ]
+    return needs
+
+
+def _work_bytes(needs, chans, start, itemsize) -> int:
+    """A tile's working set: the largest adjacent pair of boundaries, plus fp32 temporaries."""
+    sizes = []
+    for j, regions in enumerate(needs):
+        cs = chans[start + j]
+        sizes.append(sum(r.area * c for r, c in zip(regions, cs, strict=True) if r is not None))
+    pair = max((sizes[j] + sizes[j + 1] for j in range(len(sizes) - 1)), default=sizes[0])
+    return int(pair * itemsize + max(sizes) * 4 * 1.5)
+
+
+def _spans(length: int, tile: int) -> list[tuple[int, int]]:
+    n = max(1, math.ceil(length / max(tile, 1)))
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def _grid(h: int, w: int, tile: int) -> list[Region]:
+    return [Region(y0, y1, x0, x1) for y0, y1 in _spans(h, tile) for x0, x1 in _spans(w, tile)]
+
+
+class TiledVAERunner:
+    """Runs one VAE program (encoder or decoder) tile by tile; see the module docstring.
+
+    Args:
+        ops: from :func:`encoder_program` / :func:`decoder_program`.
+        config: memory budget and tile size.
+        tick: called with the fraction done (0..1) after every tile (progress/cancel).
+    """
+
+    def __init__(self, ops: list[Op], config: TiledVAEConfig, tick: Tick | None = None):
+        self.ops = ops
+        self.config = config
+        self.tick = tick
+        self.report = RunReport()
+        # GroupNorm module -> the whole-image statistics its input had (filled by run()).
+        self.group_stats: dict[nn.Module, GroupStats] = {}
+
+    def _dtype(self) -> torch.dtype:
+        for op in self.ops:
+            if isinstance(op, Conv):
+                return op.module.weight.dtype
+        return torch.float32
+
+    def _tile_for(self, start, stop, sizes, chans, keep, itemsize, limit) -> int:
+        """The largest tile side (at boundary ``stop``'s resolution) whose working set fits."""
+        h, w = sizes[stop]
+        lo, hi = 8, max(h, w)
+        if self._probe(start, stop, sizes, chans, keep, itemsize, hi) <= limit:
+            return hi
+        while hi - lo > 2:
+            mid = (lo + hi) // 2
+            if self._probe(start, stop, sizes, chans, keep, itemsize, mid) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _work_limit(self, sizes, chans, syncs, itemsize) -> float:
+        """Bytes one tile may use: from the budget ("auto"), or what a ``tile`` x ``tile``
+        tile of the full-resolution stage needs (so lower resolutions get larger tiles)."""
+        if self.config.tile is None:
+            return self.config.budget * self.config.work_fraction
+        full = max(sizes, key=lambda hw: hw[0] * hw[1])
+        limit, prev = 0, 0
+        for s in syncs:
+            if sizes[s] == full:
+                limit = max(
+                    limit, self._probe(prev, s, sizes, chans, True, itemsize, self.config.tile)
+                )
+            prev = s
+        return limit
+
+    def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile) -> int:
+        h, w = sizes[stop]
+        th, tw = min(tile, h), min(tile, w)
+        # an interior tile has the largest halos
+        y0, x0 = (h - th) // 2, (w - tw) // 2
+        core = Region(y0, y0 + th, x0, x0 + tw)
+        depth = len(chans[stop])
+        final = [core] * depth if keep_all else [None] * (depth - 1) + [core]
+        needs = _backward(self.ops, start, stop, final, sizes)
+        return _work_bytes(needs, chans, start, itemsize)
+
+    def run(self, x: Tensor) -> Tensor:
+        """``x`` ``[B, C, H, W]`` (image or latent) -> the program's output, in the VAE dtype."""
+        ops = self.ops
+        dtype = self._dtype()
+        x = x.to(dtype)
+        itemsize = x.element_size()
+        batch = x.shape[0]
+        sizes, chans = _shapes(ops, x.shape[2], x.shape[3], x.shape[1])
+        syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+        limit = self._work_limit(sizes, chans, syncs, itemsize * batch)
+        stats: dict[int, GroupStats] = {}
+        ctx = _Context(stats, ops)
+        counter = [0]
+        fmt = self._memory_format()
+        # The checkpoint: boundary index, element ids and id -> whole-image tensor.
+        ck_index, ck_ids, ck_store = 0, [0], {0: x}
+        for p, s in enumerate(syncs):
+            op = ops[s] if s < len(ops) else None
+            ids = _ids(ops, ck_index, s, ck_ids, counter)
+            h, w = sizes[s]
+            new_ids = list(dict.fromkeys(i for i in ids if i not in ck_store))
+            new_chans = {i: chans[s][ids.index(i)] for i in new_ids}
+            new_bytes = sum(c * h * w * itemsize * batch for c in new_chans.values())
+            ck_bytes = sum(t.numel() * t.element_size() for t in ck_store.values())
+            must_keep = op is None or isinstance(op, Attend)
+            keep = must_keep or ck_bytes + new_bytes + limit <= self.config.budget
+            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, limit)
+            grid = _grid(h, w, tile)
+            norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
+            acc = GroupStats(norm.module.num_groups) if norm is not None else None
+            store = {}
+            if keep:
+                for i, c in new_chans.items():
+                    store[i] = torch.empty(
+                        batch, c, h, w, dtype=dtype, device=x.device, memory_format=fmt
+                    )
+            full = Region(0, sizes[ck_index][0], 0, sizes[ck_index][1])
+            for t, core in enumerate(grid):
+                # Ask for each element to be stored once (Push duplicates ids) and for the
+                # top whenever its statistics are needed.
+                final: list[Region | None] = []
+                asked = set()
+                for i in ids:
+                    final.append(core if i in store and i not in asked else None)
+                    asked.add(i)
+                if acc is not None and final[-1] is None:
+                    final[-1] = core
+                needs = _backward(ops, ck_index, s, final, sizes)
+                pieces = [
+                    None if r is None else Piece(_crop(ck_store[i], full, r), r)
+                    for i, r in zip(ck_ids, needs[0], strict=True)
+                ]
+                for j in range(ck_index, s):
+                    pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
+                if acc is not None:
+                    acc.add(pieces[-1].tensor)
+                for i, r, piece in zip(ids, final, pieces, strict=True):
+                    if r is not None and i in store:
+                        store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
+                del pieces
+                self.report.tiles += 1
+                if self.tick is not None:
+                    self.tick((p + (t + 1) / len(grid)) / len(syncs))
+            self.report.passes += 1
+            self.report.tile_sizes.append(tile)
+            if acc is not None:
+                stats[s] = acc
+                self.group_stats[norm.module] = acc
+            if keep:
+                self.report.kept.append(s)
+                if not must_keep:
+                    self.report.peak_estimate = max(self.report.peak_estimate, ck_bytes + new_bytes)
+                ck_store = {i: store[i] if i in store else ck_store[i] for i in ids}
+                ck_index, ck_ids = s, ids
+            else:
+                self.report.recomputed.append(s)
+            if isinstance(op, Attend):
+                out = _run_attention(op, stats[s], ck_store[ck_ids[-1]], self.config.budget)
+                counter[0] += 1
+                ck_ids = [*ck_ids[:-1], counter[0]]
+                ck_store = {i: ck_store[i] for i in ck_ids[:-1]} | {counter[0]: out}
+                ck_index = s + 1
+        return ck_store[ck_ids[-1]]
+
+    def _memory_format(self) -> torch.memory_format:
+        for op in self.ops:
+            if isinstance(op, Conv) and op.module.weight.shape[1] > 1:
+                wgt = op.module.weight
+                if wgt.is_contiguous(memory_format=torch.channels_last) and not wgt.is_contiguous():
+                    return torch.channels_last
+                return torch.contiguous_format
+        return torch.contiguous_format
+
+
+def _run_attention(op: Attend, stats: GroupStats, x: Tensor, budget: int) -> Tensor:
+    """Exact whole-image self-attention of a diffusers ``Attention`` block, queries chunked.
+
+    Args:
+        x: ``[B, C, H, W]`` the block's whole input (a latent-resolution checkpoint).
+
+    Returns:
+        ``[B, C, H, W]``: ``(to_out(SDPA(q, K, V)) + x) / rescale_output_factor``.
+    """
+    a = op.module
+    b, c, h, w = x.shape
+    n = h * w
+    heads = int(a.heads)
+    d = c // heads
+    itemsize = x.element_size()
+    # Rows per chunk: bound a chunk's projections and (for math SDPA backends) its scores.
+    row_bytes = w * (c * itemsize * 6 + n * heads * 4)
+    rows = int(max(1, min(h, (budget * 0.3) // max(row_bytes, 1))))
+
+    def normed(r0: int, r1: int) -> Tensor:
+        t = _apply_norm(op.norm, stats, x[:, :, r0:r1])
+        return t.flatten(2).transpose(1, 2)  # [B, L, C]
+
+    keys = torch.empty(b, heads, n, d, dtype=x.dtype, device=x.device)
+    values = torch.empty_like(keys)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        t = normed(r0, r1)
+        sl = slice(r0 * w, r1 * w)
+        keys[:, :, sl] = a.to_k(t).view(b, -1, heads, d).transpose(1, 2)
+        values[:, :, sl] = a.to_v(t).view(b, -1, heads, d).transpose(1, 2)
+    out = torch.empty_like(x)
+    scale = float(getattr(a, "scale", d**-0.5))
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        q = a.to_q(normed(r0, r1)).view(b, -1, heads, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, keys, values, scale=scale)
+        o = o.transpose(1, 2).reshape(b, -1, c)
+        o = a.to_out[0](o)
+        o = o.transpose(1, 2).reshape(b, c, r1 - r0, w)
+        if getattr(a, "residual_connection", True):
+            o = o + x[:, :, r0:r1]
+        out[:, :, r0:r1] = o / float(getattr(a, "rescale_output_factor", 1.0))
+    return out
+
+
+# ---- entry points ----------------------------------------------------------------------------
+
+
+def _program(vae: nn.Module, kind: str) -> list[Op]:
+    if kind == "encode":
+        return encoder_program(vae)
+    if kind == "decode":
+        return decoder_program(vae)
+    raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
+
+
+def tiled_encode(
+    vae: nn.Module, image: Tensor, budget: int, tile: int | None = None, tick: Tick | None = None
+) -> Tensor:
+    """``vae.encoder`` + ``quant_conv`` in tiles: image ``[B, 3, H, W]`` in [-1, 1] -> moments
+    ``[B, 2 * latent_channels, H/8, W/8]`` (mean, logvar) in the VAE's dtype.
+
+    Args:
+        budget: activation bytes (checkpoints + one tile); ``tile``: tile side in image pixels
+            (None = the largest that fits the budget).
+    """
+    runner = TiledVAERunner(_program(vae, "encode"), TiledVAEConfig(budget=budget, tile=tile), tick)
+    return runner.run(image)
+
+
+def tiled_decode(
+    vae: nn.Module, latent: Tensor, budget: int, tile: int | None = None, tick: Tick | None = None
+) -> Tensor:
+    """``post_quant_conv`` + ``vae.decoder`` in tiles: unscaled latent ``[B, 4, h, w]`` ->
+    image ``[B, 3, 8h, 8w]`` (unclamped, VAE dtype). ``tile`` is in output pixels."""
+    runner = TiledVAERunner(_program(vae, "decode"), TiledVAEConfig(budget=budget, tile=tile), tick)
+    return runner.run(latent)
+
+
+def estimate_untiled_bytes(
+    vae: nn.Module, kind: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> int:
+    """Rough peak activation bytes of the plain (untiled) diffusers VAE call on ``shape``.
+
+    The largest pair of consecutive feature maps (an op's input and output) plus the residual
+    input held alongside and an fp32-sized temporary, which is what eager PyTorch holds at a
+    convolution of the widest full-resolution block.
+    """
+    ops = _program(vae, kind)
+    b, c, h, w = shape
+    sizes, chans = _shapes(ops, h, w, c)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per = [sum(cs) * hw[0] * hw[1] for hw, cs in zip(sizes, chans, strict=True)]
+    pair = max(per[i] + per[i + 1] for i in range(len(per) - 1))
+    return int(b * (pair + max(per)) * itemsize + b * max(per) * 4)
+
+
+def is_supported(vae: nn.Module) -> bool:
+    """True when the tiled path understands ``vae``'s structure (else use the plain VAE)."""
+    try:
+        encoder_program(vae)
+        decoder_program(vae)
+    except (UnsupportedVAEError, AttributeError, TypeError):
+        return False
+    return True

@@ -1,0 +1,94 @@
+"""Colour fix: AdaIN statistics, wavelet band split, banded processing, dispatch."""
+
+import pytest
+import torch
+
+from d3sr_core.inference.color import (
+    adain_color_fix,
+    apply_color_fix,
+    wavelet_color_fix,
+    wavelet_decomposition,
+)
+
+
+def _images(seed=0, shape=(2, 3, 48, 40)):
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(shape[0], shape[1], 6, 5, generator=g), size=shape[2:], mode="bilinear"
+    )
+    detail = 0.05 * torch.randn(*shape, generator=g)
+    return (0.2 + 0.6 * smooth + detail).clamp(0, 1)
+
+
+def test_adain_gives_the_reference_mean_and_std():
+    # Values well inside [0, 1] (no clamping) and stds >> sqrt(eps) (eps = 1e-5 on the variance).
+    out = 0.3 + 0.4 * _images(0)
+    ref = 0.2 + 0.5 * _images(1)
+    fixed = adain_color_fix(out, ref)
+    for stat in (lambda t: t.mean(dim=(2, 3)), lambda t: t.flatten(2).std(dim=-1)):
+        torch.testing.assert_close(stat(fixed), stat(ref), atol=5e-4, rtol=2e-3)
+    assert fixed.shape == out.shape and fixed.dtype == out.dtype
+
+
+def test_adain_of_a_flat_image_is_finite():
+    flat = torch.full((1, 3, 4, 4), 0.5)
+    fixed = adain_color_fix(flat, _images(2, (1, 3, 4, 4)))
+    assert torch.isfinite(fixed).all() and fixed.min() >= 0 and fixed.max() <= 1
+
+
+def test_wavelet_is_output_high_band_plus_reference_low_band():
+    out, ref = _images(3), _images(4)
+    fixed = wavelet_color_fix(out, ref)
+    high_out, _ = wavelet_decomposition(out)
+    _, low_ref = wavelet_decomposition(ref)
+    torch.testing.assert_close(fixed, (high_out + low_ref).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_wavelet_keeps_input_low_band_and_output_high_band():
+    ref = _images(5)
+    # The output = the reference with a colour cast (a low-frequency change) and new fine
+    # detail (a high-frequency change): the fix must undo the first and keep the second.
+    g = torch.Generator().manual_seed(6)
+    texture = 0.03 * torch.randn(ref.shape, generator=g)
+    cast = torch.tensor([0.08, -0.05, 0.04]).view(1, 3, 1, 1)
+    out = (ref + texture + cast).clamp(0, 1)
+    fixed = wavelet_color_fix(out, ref)
+    high_fixed, low_fixed = wavelet_decomposition(fixed)
+    high_out, _ = wavelet_decomposition(out)
+    _, low_ref = wavelet_decomposition(ref)
+    # Colour cast removed: the per-channel means are the reference's again.
+    assert (fixed.mean(dim=(2, 3)) - ref.mean(dim=(2, 3))).abs().max() < 5e-3
+    assert (out.mean(dim=(2, 3)) - ref.mean(dim=(2, 3))).abs().max() > 0.04
+    # Bands: low band ~ the input's, high band ~ the output's (blurring twice is not exact).
+    assert (low_fixed - low_ref).abs().mean() < 0.1 * (low_fixed - low_ref.mean()).abs().mean()
+    assert (
+        torch.nn.functional.cosine_similarity(high_fixed.flatten(), high_out.flatten(), dim=0)
+        > 0.95
+    )
+
+
+def test_wavelet_in_bands_equals_whole_image():
+    out, ref = _images(7, (1, 3, 150, 37)), _images(8, (1, 3, 150, 37))
+    whole = wavelet_color_fix(out, ref, band_rows=10_000)
+    for rows in (1, 16, 33, 64):
+        torch.testing.assert_close(
+            wavelet_color_fix(out, ref, band_rows=rows), whole, atol=1e-6, rtol=0
+        )
+
+
+def test_tiny_images_work():
+    for size in ((1, 1), (1, 7), (5, 2)):
+        out, ref = torch.rand(1, 3, *size), torch.rand(1, 3, *size)
+        for method in ("adain", "wavelet"):
+            fixed = apply_color_fix(out, ref, method)
+            assert fixed.shape == out.shape and torch.isfinite(fixed).all()
+
+
+def test_dispatch_and_errors():
+    out, ref = _images(9), _images(10)
+    assert apply_color_fix(out, ref, "none") is out
+    torch.testing.assert_close(apply_color_fix(out, ref, "adain"), adain_color_fix(out, ref))
+    with pytest.raises(ValueError, match="color_fix"):
+        apply_color_fix(out, ref, "histogram")
+    with pytest.raises(ValueError, match="shape"):
+        wavelet_color_fix(out, ref[:, :, :10])

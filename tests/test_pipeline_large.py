@@ -1,0 +1,199 @@
+"""The pipeline on "large" images (tiny models, tiny budgets): tiling is invisible, the memory
+budget drives it, out-of-memory retries with smaller tiles, progress/cancel per tile, bad input."""
+
+import logging
+import math
+
+import pytest
+import torch
+from test_tiling import LocalDenoiser
+from tiny_models import tiny_generator
+
+from d3sr_core.inference import memory, tiled_vae
+from d3sr_core.inference.memory import is_oom_error, resolve_budget, run_with_oom_retry
+from d3sr_core.inference.pipeline import (
+    D3SRPipeline,
+    InvalidImageError,
+    UpscaleCancelled,
+    UpscaleOptions,
+)
+
+
+def psnr(a, b):
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return D3SRPipeline(tiny_generator())
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, h, w, generator=g)
+
+
+def test_small_budget_tiles_the_vae_and_changes_nothing(pipe, monkeypatch):
+    x = _image(27, 41)
+    base = dict(scale=3, tile_size=None, color_fix="none")
+    whole = pipe.upscale_tensor(x, UpscaleOptions(vae_tile_size=None, **base))
+    calls = []
+    real = tiled_vae.TiledVAERunner.run
+
+    def spy(self, t):
+        out = real(self, t)
+        calls.append(self.report)
+        return out
+
+    monkeypatch.setattr(tiled_vae.TiledVAERunner, "run", spy)
+    tiled = pipe.upscale_tensor(x, UpscaleOptions(memory_budget_bytes=300_000, **base))
+    assert len(calls) == 2, "auto: encoder and decoder both tiled under a small budget"
+    assert all(r.tiles > r.passes for r in calls)
+    assert psnr(tiled, whole) >= 40.0
+    roomy = pipe.upscale_tensor(x, UpscaleOptions(memory_budget_bytes=2**34, **base))
+    assert len(calls) == 2, "auto with room: the plain VAE"
+    assert torch.equal(roomy, whole)
+
+
+def test_everything_tiled_matches_untiled_with_a_local_unet():
+    g = tiny_generator()
+    g.unet = LocalDenoiser(seed=1).eval()
+    pipe = D3SRPipeline(g)
+    x = _image(33, 50, 1)
+    whole = pipe.upscale_tensor(x, UpscaleOptions(scale=4, tile_size=None, vae_tile_size=None))
+    tiled = pipe.upscale_tensor(
+        x, UpscaleOptions(scale=4, tile_size=96, tile_overlap=32, vae_tile_size=48)
+    )
+    assert psnr(tiled, whole) >= 40.0
+
+
+def test_out_of_memory_retries_with_smaller_tiles(pipe, monkeypatch, caplog):
+    x = _image(20, 26)
+    seen = []
+    real_predict = pipe.generator.predict
+
+    def flaky_predict(latent):
+        seen.append(tuple(latent.shape[-2:]))
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_predict(latent)
+
+    real_decode = tiled_vae.tiled_decode
+    budgets = []
+
+    def flaky_decode(vae, latent, budget, tile=None, tick=None):
+        budgets.append((budget, tile))
+        if len(budgets) == 1:
+            raise RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")
+        return real_decode(vae, latent, budget, tile, tick)
+
+    monkeypatch.setattr(pipe.generator, "predict", flaky_predict)
+    monkeypatch.setattr(tiled_vae, "tiled_decode", flaky_decode)
+    opts = UpscaleOptions(
+        scale=4, tile_size=128, tile_overlap=32, vae_tile_size=64, color_fix="none"
+    )
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = pipe.upscale_tensor(x, opts)
+    assert out.shape == (1, 3, 80, 104) and torch.isfinite(out).all()
+    assert "UNet ran out of memory" in caplog.text and "retrying with smaller tiles" in caplog.text
+    assert "VAE decode ran out of memory" in caplog.text
+    first, retry = seen[0], seen[1]
+    assert retry[0] * retry[1] < first[0] * first[1], "the UNet retry used smaller tiles"
+    assert budgets[1][0] < budgets[0][0] and budgets[1][1] < budgets[0][1]
+
+
+def test_oom_gives_up_with_a_clear_error():
+    def always(_shrink):
+        raise MemoryError("cannot allocate")
+
+    with pytest.raises(memory.OutOfMemoryAfterRetries, match="out of memory even with tiles"):
+        run_with_oom_retry(always, what="VAE decode", device="cpu", max_retries=2)
+
+    def other(_shrink):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):
+        run_with_oom_retry(other, what="x", device="cpu")
+
+
+def test_oom_detection():
+    assert is_oom_error(torch.OutOfMemoryError("x"))
+    assert is_oom_error(MemoryError())
+    assert is_oom_error(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert is_oom_error(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        )
+    )
+    assert not is_oom_error(RuntimeError("shape mismatch"))
+
+
+def test_budget_defaults_and_validation():
+    assert resolve_budget(None, "cpu") >= memory.MIN_BUDGET_BYTES
+    assert resolve_budget(12345, "cpu") == 12345
+    with pytest.raises(ValueError):
+        resolve_budget(-1, "cpu")
+
+
+def test_progress_advances_per_tile_and_cancel_stops_between_tiles(pipe):
+    x = _image(24, 30)
+    opts = UpscaleOptions(
+        scale=4, tile_size=64, tile_overlap=16, vae_tile_size=32, color_fix="none"
+    )
+    seen = []
+    pipe.upscale_tensor(x, opts, progress=lambda d, t: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert len(seen) > 20, "many updates, not one per stage"
+    assert done == sorted(done) and seen[-1][0] == seen[-1][1]
+    calls = [0]
+
+    def cancel_later():
+        calls[0] += 1
+        return calls[0] > 10
+
+    with pytest.raises(UpscaleCancelled):
+        pipe.upscale_tensor(x, opts, cancel=cancel_later)
+    assert calls[0] == 11, "checked between tiles, raised at the first True"
+
+
+def test_one_pixel_image_works(pipe):
+    out = pipe.upscale_tensor(torch.rand(1, 3, 1, 1), UpscaleOptions(scale=4))
+    assert out.shape == (1, 3, 4, 4) and torch.isfinite(out).all()
+    out = pipe.upscale_tensor(torch.rand(1, 1, 1, 1), UpscaleOptions(scale=1.2))
+    assert out.shape == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "images,opts,match",
+    [
+        (torch.rand(1, 3, 5, 0), {}, "empty"),
+        (torch.tensor([[[[0.5, math.inf]]] * 3]), {}, "NaN or infinite"),
+        (torch.rand(1, 3, 4, 4), {"scale": 1}, "scale"),
+        (torch.rand(1, 3, 4, 4), {"scale": float("nan")}, "scale"),
+        (torch.rand(1, 3, 4, 4), {"scale": 4, "max_output_pixels": 100}, "above the limit"),
+        (torch.rand(1, 3, 4, 4), {"tile_size": 100}, "multiple of 8"),
+        (torch.rand(1, 3, 4, 4), {"tile_size": 32}, "tile_size"),
+        (torch.rand(1, 3, 4, 4), {"vae_tile_size": "big"}, "vae_tile_size"),
+        (torch.rand(1, 3, 4, 4), {"tile_overlap": -8}, "tile_overlap"),
+        (torch.rand(1, 3, 4, 4), {"color_fix": "lab"}, "color_fix"),
+        (torch.rand(1, 3, 4, 4), {"memory_budget_bytes": 0}, "memory_budget_bytes"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(pipe, monkeypatch, images, opts, match):
+    def boom(*a, **k):
+        raise AssertionError("model called")
+
+    monkeypatch.setattr(pipe, "encode", boom)
+    with pytest.raises(InvalidImageError, match=match):
+        pipe.upscale_tensor(images, UpscaleOptions(**opts))
+
+
+def test_odd_non_square_sizes_through_all_tiling(pipe):
+    for h, w in [(13, 29), (31, 9)]:
+        out = pipe.upscale_tensor(
+            _image(h, w, 3),
+            UpscaleOptions(scale=3.5, tile_size=64, tile_overlap=24, vae_tile_size=32),
+        )
+        assert out.shape == (1, 3, math.floor(h * 3.5 + 0.5), math.floor(w * 3.5 + 0.5))
+        assert out.min() >= 0 and out.max() <= 1
