@@ -8,9 +8,11 @@ is retried with smaller tiles (:func:`run_with_oom_retry`).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -117,6 +119,30 @@ def free_cached_memory(device: torch.device | str) -> None:
             torch.mps.empty_cache()
         except (AttributeError, RuntimeError):
             pass
+
+
+_LIBC = None
+
+
+def release_host_memory(device: torch.device | str = "cpu") -> None:
+    """Give freed CPU heap memory back to the OS (glibc ``malloc_trim``).
+
+    Tiles of varying shapes make glibc keep freed blocks that the next, slightly larger tile
+    cannot reuse, so the resident size creeps far above what is live. Trimming after tiles
+    keeps the process's RSS close to the memory budget. A no-op off Linux/glibc or for
+    accelerator devices (their caching allocators reuse blocks).
+    """
+    global _LIBC
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 class OutOfMemoryAfterRetries(RuntimeError):

@@ -56,6 +56,7 @@ inference path, not for training.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory import release_host_memory
+
 Tick = Callable[[float], None]
+
+# The smallest working set a tile is given so that a checkpoint can still be kept.
+MIN_WORK_FRACTION = 0.04
+MIN_WORK_BYTES = 8 * 2**20
+# How often (seconds) a CPU run hands freed heap memory back to the OS between tiles.
+TRIM_INTERVAL_S = 0.1
 
 
 class UnsupportedVAEError(RuntimeError):
@@ -694,6 +703,7 @@ class TiledVAERunner:
         fmt = self._memory_format()
         # The checkpoint: boundary index, element ids and id -> whole-image tensor.
         ck_index, ck_ids, ck_store = 0, [0], {0: x}
+        last_trim = time.monotonic()
         for p, s in enumerate(syncs):
             op = ops[s] if s < len(ops) else None
             ids = _ids(ops, ck_index, s, ck_ids, counter)
@@ -703,8 +713,15 @@ class TiledVAERunner:
             new_bytes = sum(c * h * w * itemsize * batch for c in new_chans.values())
             ck_bytes = sum(t.numel() * t.element_size() for t in ck_store.values())
             must_keep = op is None or isinstance(op, Attend)
-            keep = must_keep or ck_bytes + new_bytes + limit <= self.config.budget
-            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, limit)
+            # Keeping a checkpoint saves recomputing everything since the last one in every
+            # later pass, which costs far more than smaller tiles: keep whenever it fits with
+            # the smallest useful working set, and give the tiles what is left.
+            budget = self.config.budget
+            floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+            keep = must_keep or ck_bytes + new_bytes + floor <= budget
+            held = ck_bytes + (new_bytes if keep else 0)
+            work = min(limit, max(budget - held, floor))
+            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work)
             grid = _grid(h, w, tile)
             norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
             acc = GroupStats(norm.module.num_groups) if norm is not None else None
@@ -739,6 +756,10 @@ class TiledVAERunner:
                         store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
                 del pieces
                 self.report.tiles += 1
+                now = time.monotonic()
+                if now - last_trim > TRIM_INTERVAL_S:
+                    release_host_memory(x.device)
+                    last_trim = now
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(syncs))
             self.report.passes += 1
