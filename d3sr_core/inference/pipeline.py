@@ -205,19 +205,19 @@ class D3SRPipeline:
     def encode(self, image: Tensor, rng: torch.Generator | None = None) -> Tensor:
         """``[1, 3, H, W]`` in [-1, 1] (H, W multiples of 8) -> scaled latent, float32."""
         run = self._current()
-        tile = run.options.vae_tile_size
         tick = run.tick("encode")
+        vae = self.generator.vae
 
         def attempt(shrink: float) -> Tensor:
-            plan = self._vae_plan("encode", image.shape, tile, run.budget * shrink, shrink)
-            if plan is None:
+            mode, plan = self._vae_plan("encode", image.shape, run, shrink)
+            if mode == "diffusers":
                 latent = self._vae_guard(lambda: self.generator.encode(image, rng), "encode")
             else:
-                moments = self._vae_guard(
-                    lambda: tiled_vae.tiled_encode(self.generator.vae, image, *plan, tick=tick),
-                    "encode",
-                )
-                latent = self._latent_from_moments(moments, rng)
+                if mode == "whole":
+                    fn = lambda: tiled_vae.whole_encode(vae, image)  # noqa: E731
+                else:
+                    fn = lambda: tiled_vae.tiled_encode(vae, image, *plan, tick=tick)  # noqa: E731
+                latent = self._latent_from_moments(self._vae_guard(fn, "encode"), rng)
             if tick is not None:
                 tick(1.0)
             return latent
@@ -273,21 +273,21 @@ class D3SRPipeline:
     def decode(self, latent: Tensor) -> Tensor:
         """Scaled latent ``[1, 4, h, w]`` -> image ``[1, 3, 8h, 8w]`` in [-1, 1], float32."""
         run = self._current()
-        tile = run.options.vae_tile_size
         tick = run.tick("decode")
-        shape = (latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3])
+        vae = self.generator.vae
+        shape = tuple(latent.shape)
 
         def attempt(shrink: float) -> Tensor:
-            plan = self._vae_plan("decode", shape, tile, run.budget * shrink, shrink)
-            if plan is None:
+            mode, plan = self._vae_plan("decode", shape, run, shrink)
+            if mode == "diffusers":
                 image = self._vae_guard(lambda: self.generator.decode(latent), "decode")
             else:
                 z = latent / self.generator.config.scaling_factor
-                image = self._vae_guard(
-                    lambda: tiled_vae.tiled_decode(self.generator.vae, z, *plan, tick=tick),
-                    "decode",
-                )
-                image = image.float().clamp(-1.0, 1.0)
+                if mode == "whole":
+                    fn = lambda: tiled_vae.whole_decode(vae, z)  # noqa: E731
+                else:
+                    fn = lambda: tiled_vae.tiled_decode(vae, z, *plan, tick=tick)  # noqa: E731
+                image = self._vae_guard(fn, "decode").float().clamp(-1.0, 1.0)
             if tick is not None:
                 tick(1.0)
             return image
@@ -298,26 +298,27 @@ class D3SRPipeline:
     def _retry(self, attempt: Callable[[float], Tensor], what: str, run: _Run) -> Tensor:
         return run_with_oom_retry(attempt, what=what, device=self.device)
 
-    def _vae_plan(self, kind: str, shape, tile, budget: float, shrink: float):
-        """None for the plain VAE call, else ``(budget, tile)`` for the tiled one."""
+    def _vae_plan(self, kind: str, shape, run: _Run, shrink: float):
+        """How to run a VAE stage: ``("whole", None)`` (untiled), ``("tiled", (budget, tile))``
+        or ``("diffusers", None)`` (the plain modules, for VAE structures the tiled path does
+        not know)."""
         vae = self.generator.vae
-        if tile is None or tile == 0:
-            return None
+        tile = run.options.vae_tile_size
         if not tiled_vae.is_supported(vae):
-            logger.warning(
-                "this VAE's structure is not supported by the tiled VAE; running it whole"
-            )
-            return None
-        budget = int(budget)
+            if tile not in (None, 0):
+                logger.warning(
+                    "this VAE's structure is not supported by the tiled VAE; running it whole"
+                )
+            return "diffusers", None
+        if tile is None or tile == 0:
+            return "whole", None
+        budget = int(run.budget * shrink)
         if tile == "auto":
             dtype = next(vae.parameters()).dtype
-            if (
-                shrink == 1.0
-                and tiled_vae.estimate_untiled_bytes(vae, kind, shape, dtype) <= budget
-            ):
-                return None
-            return budget, None
-        return budget, _shrink_tile(int(tile), shrink)
+            fits = tiled_vae.estimate_untiled_bytes(vae, kind, shape, dtype) <= budget
+            # after an out-of-memory error, never the whole image again
+            return ("whole", None) if fits and shrink == 1.0 else ("tiled", (budget, None))
+        return "tiled", (budget, _shrink_tile(int(tile), shrink))
 
     def _attention_cost(self) -> Callable[[int], int] | None:
         # Flash / memory-efficient SDPA kernels (CUDA, CPU) need no score matrix; MPS does.
