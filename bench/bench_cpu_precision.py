@@ -53,7 +53,9 @@ def psnr(a, b) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="256x256 output, one run")
     args = ap.parse_args()
 
@@ -71,7 +73,9 @@ def main() -> None:
     g32 = build_generator()
     gauto = prepare_generator(copy.deepcopy(g32), "cpu", "auto")
     plan = gauto.precision_plan
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU native bf16: {cpu_supports_bf16()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU native bf16: {cpu_supports_bf16()}"
+    )
     print(f"auto = {plan.describe()}")
 
     image = _image(out // 4)
@@ -99,7 +103,10 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = fn()
             times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-            print(f"  {name}: wall {times[name][-1][0]:.1f} s, CPU {times[name][-1][1]:.1f} s", flush=True)
+            print(
+                f"  {name}: wall {times[name][-1][0]:.1f} s, CPU {times[name][-1][1]:.1f} s",
+                flush=True,
+            )
 
     bf16_rate = gemm_rate(torch.bfloat16)
     fp32_rate = gemm_rate(torch.float32)
@@ -107,7 +114,9 @@ def main() -> None:
     quality = psnr(outputs["auto"], outputs["fp32"].clamp(0, 1))
 
     print(f"\n## {out}x{out} output, best of {reps}")
-    print("| run | wall (s) | CPU (s) | achieved GFLOP/s | vs bf16 GEMM | vs fp32 GEMM |\n|---|---|---|---|---|---|")
+    print(
+        "| run | wall (s) | CPU (s) | achieved GFLOP/s | vs bf16 GEMM | vs fp32 GEMM |\n|---|---|---|---|---|---|"
+    )
     for name in ("fp32", "auto"):
         wall, cpu = best[name]
         rate = flops / wall
@@ -118,7 +127,9 @@ def main() -> None:
     print(f"\nauto / fp32 time: {ratio:.2f} (goal <= 0.40)")
     print(f"PSNR auto vs fp32: {quality:.1f} dB (goal >= 35)")
     print(f"GEMM 2048^3: bf16 {bf16_rate / 1e9:.0f} GFLOP/s, fp32 {fp32_rate / 1e9:.0f} GFLOP/s")
-    print(f"(FLOPs: {flops / 1e12:.2f} T for this output{', scaled by area from 4.24 T at 512' if out != 512 else ''})")
+    print(
+        f"(FLOPs: {flops / 1e12:.2f} T for this output{', scaled by area from 4.24 T at 512' if out != 512 else ''})"
+    )
 
 
 if __name__ == "__main__":

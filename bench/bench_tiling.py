@@ -1,18 +1,17 @@
 """Benchmark: tiled inference of the full-size generator on CPU (random weights, fp32).
 
-Three measurements, printed as tables:
+Measurements, printed as tables:
 
-1. **Peak memory** - peak RSS above the loaded weights for a 2048x2048 output from a
-   512x512 input (goal: < 3 GB), once with the default memory budget and once with an
-   explicit 2 GiB budget. Each runs in its own process so the peak belongs to it alone.
-2. **Time per output megapixel** from 0.25 MP to 4 MP with the default options
-   (goal: flat within 20 %).
+1-2. **Time per output megapixel and peak memory** from 0.25 MP to 4 MP (x4 from 1/4 the
+   side) with the default options, each size in its own process so the peak RSS belongs to
+   it alone. Goals: time per MP flat within 20 %; at 2048x2048 the peak RSS stays below the
+   loaded weights + 3 GB. ``--budget`` runs the same with an explicit memory budget.
 3. **Tiled / untiled time** at 1024x1024 output: UNet tiles of 768 px (OSEDiff's default)
    and 512 px VAE tiles vs. one untiled pass (goal: <= 1.3).
 
-    python bench/bench_tiling.py            # everything (~40 min on 2 cores)
+    python bench/bench_tiling.py            # everything (~45 min on 2 cores)
     python bench/bench_tiling.py --quick    # small sizes only (~5 min)
-    python bench/bench_tiling.py --max-mp 2 # time per MP up to 2 MP only
+    python bench/bench_tiling.py --sizes 512,2048 --skip-ratio --budget 4
 
 The machine may be shared: wall time and this process's CPU time are both reported;
 CPU time is less disturbed by other processes.
@@ -116,31 +115,23 @@ def child_rss(out_size: int, budget_gib: float | None) -> dict:
         "weights_gib": weights / GIB,
         "rss_base_gib": base_kib / 2**20,
         "peak_above_base_gib": (peak_kib - base_kib) / 2**20,
+        "peak_minus_weights_gb": (peak_kib * 1024 - weights) / 1e9,
         "wall_s": wall,
         "cpu_s": cpu,
     }
 
 
-def run_rss(out_size: int, budgets: list[float | None]) -> list[dict]:
-    rows = []
-    for budget in budgets:
-        cmd = [sys.executable, __file__, "--child-rss", str(out_size)]
-        if budget is not None:
-            cmd += ["--child-budget", str(budget)]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-        if res.returncode != 0 or not line:
-            print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"child failed for budget {budget}")
-        rows.append(json.loads(line[-1]))
-        r = rows[-1]
-        print(
-            f"  {out_size}x{out_size} budget {r['budget_gib']:.1f} GiB"
-            f"{' (explicit)' if r['explicit'] else ' (default)'}: peak {r['peak_above_base_gib']:.2f} GiB"
-            f" above weights+runtime, {r['wall_s']:.0f} s",
-            flush=True,
-        )
-    return rows
+def run_child(out_size: int, budget: float | None) -> dict:
+    """One upscale in a fresh process, so the peak RSS belongs to it alone."""
+    cmd = [sys.executable, __file__, "--child-rss", str(out_size)]
+    if budget is not None:
+        cmd += ["--child-budget", str(budget)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    if res.returncode != 0 or not line:
+        print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"child failed for {out_size}x{out_size}, budget {budget}")
+    return json.loads(line[-1])
 
 
 def timed(pipe, image, options) -> tuple[float, float]:
@@ -155,61 +146,63 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="small sizes only (~5 min)")
     ap.add_argument("--max-mp", type=float, default=4.0, help="largest output for time per MP")
-    ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument(
+        "--sizes", help="comma-separated output sides for time per MP (default 512..2048)"
+    )
+    ap.add_argument("--budget", type=float, help="memory budget in GiB (default: the engine's)")
+    ap.add_argument("--skip-ratio", action="store_true", help="skip the tiled/untiled ratio")
+    ap.add_argument("--skip-time", action="store_true", help="skip time per MP and peak RSS")
     ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_rss:
         print(json.dumps(child_rss(args.child_rss, args.child_budget)))
         return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+
+    sizes = [512, 1024] if args.quick else [512, 1024, 1448, 2048]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = [x for x in sizes if x * x <= args.max_mp * 1.05e6]
+    if not args.skip_time:
+        budget = "default" if args.budget is None else f"{args.budget:g} GiB"
+        print(f"\n## 1-2. Time per output megapixel and peak RSS (x4, fp32, budget {budget})")
+        print(
+            "| output | MP | wall (s) | CPU (s) | wall s/MP | CPU s/MP | CPU s/MP vs smallest "
+            "| peak RSS above loaded model (GiB) | peak RSS - weights (GB) |"
+            "\n|---|---|---|---|---|---|---|---|---|"
+        )
+        first = None
+        for size in sizes:
+            r = run_child(size, args.budget)
+            mp = size * size / 1e6
+            per = r["cpu_s"] / mp
+            first = first or per
+            print(
+                f"| {size}x{size} | {mp:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} "
+                f"| {r['wall_s'] / mp:.1f} | {per:.1f} | {per / first:.2f} "
+                f"| {r['peak_above_base_gib']:.2f} | {r['peak_minus_weights_gb']:.2f} |",
+                flush=True,
+            )
+        print(
+            f"(budget {r['budget_gib']:.2f} GiB; weights {r['weights_gib']:.2f} GiB fp32; "
+            f"loaded model (weights + torch runtime) RSS {r['rss_base_gib']:.2f} GiB; goal: at "
+            f"2048x2048 the whole process's peak RSS < weights + 3 GB)"
+        )
 
     import torch
 
     from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
 
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    rss_size = 1024 if args.quick else 2048
-    if not args.skip_rss:
-        print(
-            f"\n## 1. Peak RSS, {rss_size}x{rss_size} output from {rss_size // 4}x{rss_size // 4}"
-        )
-        rows = run_rss(rss_size, [None, 2.0])
-        print("\n| budget | peak RSS above weights (GiB) | goal | wall (s) |\n|---|---|---|---|")
-        for r in rows:
-            kind = "explicit" if r["explicit"] else "default"
-            ok = "ok" if r["peak_above_base_gib"] < 3 else "over"
-            print(
-                f"| {r['budget_gib']:.1f} GiB ({kind}) | {r['peak_above_base_gib']:.2f} | < 3 ({ok}) | {r['wall_s']:.0f} |"
-            )
-        print(
-            f"(weights {rows[0]['weights_gib']:.2f} GiB fp32; runtime+weights RSS {rows[0]['rss_base_gib']:.2f} GiB)"
-        )
-    if args.skip_time:
-        return
-
     g = build_generator()
     pipe = D3SRPipeline(g)
     pipe.upscale_tensor(_image(16), UpscaleOptions(scale=4))  # warm-up
 
-    sizes = [512, 1024] if args.quick else [512, 1024, 1448, 2048]
-    sizes = [s for s in sizes if s * s <= args.max_mp * 1.05e6 * 1.0]
-    print("\n## 2. Time per output megapixel (default options, fp32)")
-    print(
-        "| output | MP | wall (s) | CPU (s) | wall s/MP | CPU s/MP | vs smallest |\n|---|---|---|---|---|---|---|"
-    )
-    first = None
-    for s in sizes:
-        wall, cpu = timed(pipe, _image(s // 4), UpscaleOptions(scale=4))
-        mp = s * s / 1e6
-        per = cpu / mp
-        first = first or per
-        print(
-            f"| {s}x{s} | {mp:.2f} | {wall:.1f} | {cpu:.1f} | {wall / mp:.1f} | {per:.1f} | {per / first:.2f} |",
-            flush=True,
-        )
-
+    if args.skip_ratio:
+        return
     ratio_size = 512 if args.quick else 1024
     print(f"\n## 3. Tiled vs untiled, {ratio_size}x{ratio_size} output (interleaved, min of 2)")
     untiled = UpscaleOptions(scale=4, tile_size=None, vae_tile_size=None)

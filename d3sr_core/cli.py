@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE tile size in pixels (0 = no tiling; default auto)",
     )
     perf.add_argument(
+        "--vae-attention-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VAE attention is global up to N pixels per side, windowed beyond "
+        "(linear cost; default 1024; 0 = always global)",
+    )
+    perf.add_argument(
         "--memory-budget",
         type=_positive_float,
         default=None,
@@ -454,6 +462,7 @@ OPTION_FLAGS = {
     "tile_size": "--tile",
     "tile_overlap": "--tile-overlap",
     "vae_tile_size": "--vae-tile",
+    "vae_attention_window": "--vae-attention-window",
     "color_fix": "--color-fix",
     "memory_budget_bytes": "--memory-budget",
 }
@@ -470,6 +479,7 @@ def build_options(args):
         "tile_size": args.tile,
         "tile_overlap": args.tile_overlap,
         "vae_tile_size": args.vae_tile,
+        "vae_attention_window": args.vae_attention_window,
         "color_fix": args.color_fix,
         "memory_budget_bytes": int(args.memory_budget * 2**30) if args.memory_budget else None,
     }

@@ -256,7 +256,7 @@ def test_recursive_folder_keeps_structure(tmp_path):
     assert sorted(rel for _, rel in deep) == [Path("deep/low.png"), Path("top.png")]
 
 
-def test_options_reach_the_engine_or_are_refused():
+def test_options_reach_the_engine():
     args = cli.build_parser().parse_args(
         [
             "upscale",
@@ -269,24 +269,29 @@ def test_options_reach_the_engine_or_are_refused():
             "32",
             "--vae-tile",
             "auto",
+            "--vae-attention-window",
+            "0",
             "--color-fix",
             "wavelet",
+            "--memory-budget",
+            "1.5",
             "--seed",
             "7",
         ]
     )
-    fields = UpscaleOptions.__dataclass_fields__
-    if all(f in fields for f in ("tile_size", "tile_overlap", "color_fix")):
-        options = cli.build_options(args)
-        assert (options.tile_size, options.tile_overlap, options.color_fix, options.seed) == (
-            256,
-            32,
-            "wavelet",
-            7,
-        )
-    else:
-        with pytest.raises(cli.CliError, match="--tile"):
-            cli.build_options(args)
+    options = cli.build_options(args)
+    assert options == UpscaleOptions(
+        scale=4.0,
+        seed=7,
+        tile_size=256,
+        tile_overlap=32,
+        vae_tile_size="auto",
+        vae_attention_window=0,
+        color_fix="wavelet",
+        memory_budget_bytes=int(1.5 * 2**30),
+    )
+    defaults = cli.build_options(cli.build_parser().parse_args(["upscale", "x.png", "-o", "o"]))
+    assert defaults.vae_attention_window == UpscaleOptions().vae_attention_window == 1024
 
 
 def test_missing_weights_says_what_to_put_where(tmp_path, clean_env, capsys):

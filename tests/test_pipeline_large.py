@@ -82,11 +82,11 @@ def test_out_of_memory_retries_with_smaller_tiles(pipe, monkeypatch, caplog):
     real_decode = tiled_vae.tiled_decode
     budgets = []
 
-    def flaky_decode(vae, latent, budget, tile=None, tick=None):
+    def flaky_decode(vae, latent, budget, tile=None, **kwargs):
         budgets.append((budget, tile))
         if len(budgets) == 1:
             raise RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")
-        return real_decode(vae, latent, budget, tile, tick)
+        return real_decode(vae, latent, budget, tile, **kwargs)
 
     monkeypatch.setattr(pipe.generator, "predict", flaky_predict)
     monkeypatch.setattr(tiled_vae, "tiled_decode", flaky_decode)
@@ -129,8 +129,13 @@ def test_oom_detection():
     assert not is_oom_error(RuntimeError("shape mismatch"))
 
 
-def test_budget_defaults_and_validation():
+def test_budget_defaults_and_validation(monkeypatch):
     assert resolve_budget(None, "cpu") >= memory.MIN_BUDGET_BYTES
+    # a quarter of the free RAM, but never more than the cap on CPU
+    monkeypatch.setattr(memory, "available_memory", lambda device: 64 * 2**30)
+    assert resolve_budget(None, "cpu") == memory.CPU_BUDGET_CAP_BYTES
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 2**30)
+    assert resolve_budget(None, "cpu") == 2**30
     assert resolve_budget(12345, "cpu") == 12345
     with pytest.raises(ValueError):
         resolve_budget(-1, "cpu")
@@ -177,6 +182,8 @@ def test_one_pixel_image_works(pipe):
         (torch.rand(1, 3, 4, 4), {"vae_tile_size": "big"}, "vae_tile_size"),
         (torch.rand(1, 3, 4, 4), {"tile_overlap": -8}, "tile_overlap"),
         (torch.rand(1, 3, 4, 4), {"color_fix": "lab"}, "color_fix"),
+        (torch.rand(1, 3, 4, 4), {"vae_attention_window": -8}, "vae_attention_window"),
+        (torch.rand(1, 3, 4, 4), {"vae_attention_window": 1.5}, "vae_attention_window"),
         (torch.rand(1, 3, 4, 4), {"memory_budget_bytes": 0}, "memory_budget_bytes"),
     ],
 )
@@ -197,3 +204,35 @@ def test_odd_non_square_sizes_through_all_tiling(pipe):
         )
         assert out.shape == (1, 3, math.floor(h * 3.5 + 0.5), math.floor(w * 3.5 + 0.5))
         assert out.min() >= 0 and out.max() <= 1
+
+
+def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
+    """The option (output pixels) arrives in latent positions at the whole and tiled VAE;
+    0 means global; the tiled result equals the whole one for the same window."""
+    seen = []
+    for name in ("whole_encode", "whole_decode", "tiled_encode", "tiled_decode"):
+        real = getattr(tiled_vae, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            window = k["attention_window"] if "attention_window" in k else a[2]
+            seen.append((_name, window))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tiled_vae, name, spy)
+    x = _image(20, 28)
+    base = dict(scale=4, tile_size=None, color_fix="none", vae_attention_window=64)
+    whole = pipe.upscale_tensor(x, UpscaleOptions(vae_tile_size=None, **base))
+    tiled = pipe.upscale_tensor(x, UpscaleOptions(vae_tile_size=32, **base))
+    assert seen == [
+        ("whole_encode", 8),
+        ("whole_decode", 8),
+        ("tiled_encode", 8),
+        ("tiled_decode", 8),
+    ]
+    assert psnr(tiled, whole) >= 40.0
+    seen.clear()
+    glob = pipe.upscale_tensor(
+        x, UpscaleOptions(vae_tile_size=None, **{**base, "vae_attention_window": 0})
+    )
+    assert seen == [("whole_encode", None), ("whole_decode", None)]
+    assert not torch.equal(glob, whole), "a window smaller than the 10x14 latent changes it"

@@ -197,3 +197,151 @@ def test_upsampling_folded_into_the_conv():
             conv.bias,
         )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_planner_under_a_tight_budget():
+    """A budget where some full-resolution states can be kept and others not. The plan
+    costs between keeping everything and keeping nothing, the runner follows it, and the
+    result is still exact."""
+    from d3sr_core.inference.tiled_vae import (
+        MIN_WORK_BYTES,
+        MIN_WORK_FRACTION,
+        _op_cost,
+        _shapes,
+        plan_checkpoints,
+    )
+
+    big = tiny_vae()
+    ops = decoder_program(big)
+    sizes, chans = _shapes(ops, 48, 48, 4)
+    full = sizes[-1][0] * sizes[-1][1] * 4
+    # Room for 20 one-channel full-resolution maps besides the tiles: the tiny decoder's
+    # full-resolution states are 8 (block output), 16 (input + branch) or 24 channels.
+    budget = 20 * full + MIN_WORK_BYTES
+    floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+    keep, cost = plan_checkpoints(ops, sizes, chans, 4, budget, floor)
+    prefix = [0.0]
+    for i, op in enumerate(ops):
+        prefix.append(
+            prefix[-1] + _op_cost(op, sizes[i], sizes[i + 1], chans[i][-1], chans[i + 1][-1])
+        )
+    syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+
+    def total_cost(kept):
+        ck, cost = 0, 0.0
+        for s in syncs:
+            cost += prefix[s] - prefix[ck]
+            if s in kept:
+                ck = s + 1 if s < len(ops) and isinstance(ops[s], Attend) else s
+        return cost
+
+    assert {i for i, op in enumerate(ops) if isinstance(op, Attend)} | {len(ops)} <= keep
+    everything = set(syncs)
+    nothing = {s for s in syncs if s == len(ops) or isinstance(ops[s], Attend)}
+    assert total_cost(everything) <= total_cost(keep) <= total_cost(nothing)
+    assert cost == pytest.approx(total_cost(keep))
+    assert keep != everything, "the budget is tight"
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        config = TiledVAEConfig(budget=int(budget), compact_checkpoints=False)
+        runner = TiledVAERunner(decoder_program(big), config)
+        out = runner.run(z)
+        torch.testing.assert_close(out, big.decode(z).sample, atol=1e-4, rtol=1e-4)
+    assert runner.report.recomputed and set(runner.report.kept) == keep
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 33, 100])
+@pytest.mark.parametrize("window", [None, 1, 4, 8, 12])
+def test_attention_spans_cover_every_query_once_inside_a_full_window(length, window):
+    spans = tiled_vae.attention_spans(length, window)
+    queries = [q for q0, q1, _, _ in spans for q in range(q0, q1)]
+    assert queries == list(range(length)), "every query in exactly one block, in order"
+    for q0, q1, k0, k1 in spans:
+        assert 0 <= k0 <= q0 < q1 <= k1 <= length
+        if window is None or length <= window:
+            assert (k0, k1) == (0, length)
+        else:
+            assert k1 - k0 == window
+            # the block sits in the middle of its window unless the border shifts it
+            if 0 < k0 and k1 < length:
+                assert abs((q0 - k0) - (k1 - q1)) <= 1
+
+
+def _masked_reference(attn, x, window):
+    """Brute force: full attention with a mask allowing exactly each query's key window."""
+    b, c, h, w = x.shape
+    heads = attn.heads
+    t = attn.group_norm(x).flatten(2).transpose(1, 2)
+    q, k, v = (
+        m(t).view(b, -1, heads, c // heads).transpose(1, 2)
+        for m in (attn.to_q, attn.to_k, attn.to_v)
+    )
+    allowed = torch.zeros(h, w, h, w, dtype=torch.bool)
+    for qy0, qy1, ky0, ky1 in tiled_vae.attention_spans(h, window):
+        for qx0, qx1, kx0, kx1 in tiled_vae.attention_spans(w, window):
+            allowed[qy0:qy1, qx0:qx1, ky0:ky1, kx0:kx1] = True
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed.view(h * w, h * w), scale=attn.scale
+    )
+    o = attn.to_out[0](o.transpose(1, 2).reshape(b, -1, c)).transpose(1, 2).view(b, c, h, w)
+    return (o + x) / attn.rescale_output_factor
+
+
+@pytest.mark.parametrize("shape,window", [((11, 19), 8), ((16, 16), 4), ((9, 30), 12)])
+def test_windowed_attention_equals_masked_full_attention(vae, shape, window):
+    attn = vae.decoder.mid_block.attentions[0]
+    op = Attend(attn)
+    x = torch.randn(1, attn.to_q.in_features, *shape, generator=torch.Generator().manual_seed(10))
+    stats = tiled_vae.GroupStats(attn.group_norm.num_groups)
+    stats.add(x)
+    with torch.inference_mode():
+        ref = _masked_reference(attn, x, window)
+        out = _run_attention(op, stats, x, 10**9, window)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out, attn(x), atol=1e-3), "a window smaller than the image"
+        # a window covering the image is plain global attention
+        torch.testing.assert_close(
+            _run_attention(op, stats, x, 10**9, max(shape)), attn(x), atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("budget", [BIG, TINY])
+def test_tiled_equals_whole_with_windowed_attention(vae, budget):
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 4, 13, 21, generator=g)
+    x = torch.rand(1, 3, 88, 136, generator=g) * 2 - 1  # latent 11 x 17
+    with torch.inference_mode():
+        ref_dec = tiled_vae.whole_decode(vae, z, attention_window=6)
+        ref_enc = tiled_vae.whole_encode(vae, x, attention_window=6)
+        assert not torch.allclose(ref_dec, vae.decode(z).sample, atol=1e-3)
+        out_dec = tiled_decode(vae, z, budget, 40, attention_window=6)
+        out_enc = tiled_encode(vae, x, budget, 32, attention_window=6)
+    torch.testing.assert_close(out_dec, ref_dec, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_enc, ref_enc, atol=1e-4, rtol=1e-4)
+
+
+def test_compact_checkpoints_trade_recomputation_for_bf16_rounding():
+    """fp32 states of the full resolution do not all fit; in bfloat16 they do: the compact
+    plan recomputes less, and the output stays within bf16 rounding of the exact one."""
+    from d3sr_core.inference.tiled_vae import MIN_WORK_BYTES, _shapes
+
+    big = tiny_vae()
+    ops = decoder_program(big)
+    sizes, _ = _shapes(ops, 48, 48, 4)
+    full = sizes[-1][0] * sizes[-1][1] * 4
+    budget = int(20 * full + MIN_WORK_BYTES)
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(12))
+    runs = {}
+    with torch.inference_mode():
+        ref = big.decode(z).sample
+        for compact in (False, True):
+            config = TiledVAEConfig(budget=budget, compact_checkpoints=compact)
+            runner = TiledVAERunner(decoder_program(big), config)
+            runs[compact] = (runner.run(z), runner.report)
+    (exact, exact_report), (out, report) = runs[False], runs[True]
+    torch.testing.assert_close(exact, ref, atol=1e-4, rtol=1e-4)
+    assert exact_report.compact == [] and report.compact == [sizes[-1]]
+    assert len(report.recomputed) < len(exact_report.recomputed)
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, exact), "bf16 checkpoints round the stored states"
+    assert psnr(out, ref) >= 45.0

@@ -26,6 +26,12 @@ T = TypeVar("T")
 # RAM is shared with the OS and the host application (ComfyUI / A1111 keep other models there).
 GPU_BUDGET_FRACTION = 0.8
 RAM_BUDGET_FRACTION = 0.25
+# ...and at most this much on CPU, whatever the RAM: the whole process then peaks below the
+# weights + 3 GB for a 2048x2048 output (bench/bench_tiling.py; the budget covers the
+# activations, ~0.5 GB go to the torch runtime and ~0.25 GB to buffers outside the budget).
+# More only saves recomputation in the tiled VAE: memory_budget_bytes (--memory-budget)
+# trades memory for speed.
+CPU_BUDGET_CAP_BYTES = int(1.75 * 2**30)
 MIN_BUDGET_BYTES = 256 * 2**20
 FALLBACK_RAM_BYTES = 4 * 2**30
 
@@ -74,10 +80,14 @@ def available_memory(device: torch.device | str) -> int:
 
 
 def default_budget(device: torch.device | str) -> int:
-    """The default activation budget: a fraction of :func:`available_memory`."""
+    """The default activation budget: a fraction of :func:`available_memory` (on CPU capped
+    at ``CPU_BUDGET_CAP_BYTES``)."""
     device = torch.device(device)
-    fraction = RAM_BUDGET_FRACTION if device.type == "cpu" else GPU_BUDGET_FRACTION
-    return max(int(available_memory(device) * fraction), MIN_BUDGET_BYTES)
+    if device.type == "cpu":
+        budget = min(int(available_memory(device) * RAM_BUDGET_FRACTION), CPU_BUDGET_CAP_BYTES)
+    else:
+        budget = int(available_memory(device) * GPU_BUDGET_FRACTION)
+    return max(budget, MIN_BUDGET_BYTES)
 
 
 def resolve_budget(budget: int | None, device: torch.device | str) -> int:
