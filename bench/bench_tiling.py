@@ -102,10 +102,26 @@ def child_rss(out_size: int, budget_gib: float | None) -> dict:
     base_kib = _status_kib("VmRSS")
     reset = _reset_peak_rss()
     budget = None if budget_gib is None else int(budget_gib * GIB)
+    stages, stage_peaks, peaks = {}, {}, []
+    for name in ("encode", "denoise", "decode"):
+        stage = getattr(pipe, name)
+
+        def timed_stage(*a, _stage=stage, _name=name, **k):
+            t = time.perf_counter()
+            out = _stage(*a, **k)
+            stages[_name] = stages.get(_name, 0.0) + time.perf_counter() - t
+            # the peak since the last stage ended (VmHWM is reset below the whole run's max)
+            stage_peaks[_name] = (_status_kib("VmHWM") - base_kib) / 2**20
+            peaks.append(_status_kib("VmHWM"))
+            _reset_peak_rss()
+            return out
+
+        setattr(pipe, name, timed_stage)
     t0, c0 = time.perf_counter(), time.process_time()
     pipe.upscale_tensor(_image(out_size // 4), UpscaleOptions(scale=4, memory_budget_bytes=budget))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks.append(_status_kib("VmHWM"))
+    peak_kib = max(peaks) if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     from d3sr_core.inference.memory import resolve_budget
 
     return {
@@ -118,6 +134,8 @@ def child_rss(out_size: int, budget_gib: float | None) -> dict:
         "peak_minus_weights_gb": (peak_kib * 1024 - weights) / 1e9,
         "wall_s": wall,
         "cpu_s": cpu,
+        "stages_s": stages,
+        "stage_peak_above_base_gib": stage_peaks,
     }
 
 
@@ -171,19 +189,28 @@ def main() -> None:
         print(f"\n## 1-2. Time per output megapixel and peak RSS (x4, fp32, budget {budget})")
         print(
             "| output | MP | wall (s) | CPU (s) | wall s/MP | CPU s/MP | CPU s/MP vs smallest "
-            "| peak RSS above loaded model (GiB) | peak RSS - weights (GB) |"
-            "\n|---|---|---|---|---|---|---|---|---|"
+            "| encode / UNet / decode (s) | peak RSS above loaded model (GiB) "
+            "| peak RSS - weights (GB) |\n|---|---|---|---|---|---|---|---|---|---|"
         )
         first = None
         for size in sizes:
             r = run_child(size, args.budget)
             mp = size * size / 1e6
             per = r["cpu_s"] / mp
+            stages = " / ".join(f"{r['stages_s'][k]:.0f}" for k in ("encode", "denoise", "decode"))
             first = first or per
             print(
                 f"| {size}x{size} | {mp:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} "
                 f"| {r['wall_s'] / mp:.1f} | {per:.1f} | {per / first:.2f} "
+                f"| {stages} "
                 f"| {r['peak_above_base_gib']:.2f} | {r['peak_minus_weights_gb']:.2f} |",
+                flush=True,
+            )
+            peaks = r["stage_peak_above_base_gib"]
+            print(
+                "  peak RSS above the loaded model per stage (GiB): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()),
+                file=sys.stderr,
                 flush=True,
             )
         print(

@@ -219,17 +219,22 @@ def test_checkpoint_planner_under_a_tight_budget():
     # full-resolution states are 8 (block output), 16 (input + branch) or 24 channels.
     budget = 20 * full + MIN_WORK_BYTES
     floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
-    keep, cost = plan_checkpoints(ops, sizes, chans, 4, budget, floor)
+    syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+    # the states before upsamplings may be kept too (a pass that only stores them)
+    optional = frozenset(
+        i for i, op in enumerate(ops) if isinstance(op, tiled_vae.UpConv | tiled_vae.Upsample)
+    )
+    assert optional and not optional & set(syncs)
+    keep, cost = plan_checkpoints(ops, sizes, chans, 4, budget, floor, optional)
     prefix = [0.0]
     for i, op in enumerate(ops):
         prefix.append(
             prefix[-1] + _op_cost(op, sizes[i], sizes[i + 1], chans[i][-1], chans[i + 1][-1])
         )
-    syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
 
     def total_cost(kept):
         ck, cost = 0, 0.0
-        for s in syncs:
+        for s in sorted({*syncs, *(kept & optional)}):
             cost += prefix[s] - prefix[ck]
             if s in kept:
                 ck = s + 1 if s < len(ops) and isinstance(ops[s], Attend) else s
@@ -345,3 +350,30 @@ def test_compact_checkpoints_trade_recomputation_for_bf16_rounding():
     assert out.dtype == torch.float32
     assert not torch.equal(out, exact), "bf16 checkpoints round the stored states"
     assert psnr(out, ref) >= 45.0
+
+
+def test_in_place_checkpoints_are_exact(monkeypatch):
+    """Room for one full-resolution state but not two: the planner keeps states by
+    overwriting the previous checkpoint band by band, and the output is still exact."""
+    from d3sr_core.inference.tiled_vae import _shapes
+
+    monkeypatch.setattr(tiled_vae, "MIN_WORK_BYTES", 64 * 1024)
+    big = tiny_vae()
+    ops = decoder_program(big)
+    sizes, chans = _shapes(ops, 48, 48, 4)
+    full = sizes[-1][0] * sizes[-1][1] * 4
+    # full-resolution block outputs have 8 channels: 8 maps + the bands fit, 8 + 8 do not
+    assert {c[0] for c, hw in zip(chans, sizes, strict=True) if hw == sizes[-1]} >= {8}
+    budget = 12 * full + 3 * 64 * 1024
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(13))
+    with torch.inference_mode():
+        ref = big.decode(z).sample
+        config = TiledVAEConfig(budget=budget, compact_checkpoints=False)
+        runner = TiledVAERunner(decoder_program(big), config)
+        out = runner.run(z)
+    assert runner.report.in_place, "some full-resolution state replaced its checkpoint"
+    assert set(runner.report.in_place) <= set(runner.report.kept)
+    assert runner.report.peak_estimate <= budget
+    assert len(runner.report.tile_sizes) == runner.report.passes
+    assert runner.report.tiles > 2 * runner.report.passes, "several bands per pass"
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -650,6 +650,8 @@ class RunReport:
     kept: list[int] = field(default_factory=list)
     recomputed: list[int] = field(default_factory=list)
     tile_sizes: list[int] = field(default_factory=list)
+    # Kept states written over the previous checkpoint, band by band.
+    in_place: list[int] = field(default_factory=list)
     # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
     compact: list[tuple[int, int]] = field(default_factory=list)
     # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
@@ -765,23 +767,48 @@ def _op_cost(
     return 0.0
 
 
+def _in_place(c: int, ids_c: list[int], s: int, ids_s: list[int], sizes, chans) -> bool:
+    """Whether the state kept at ``s`` can overwrite the checkpoint at ``c`` band by band: both
+    are one tensor of the same shape and the old one is not part of the new state (the input
+    ``c == 0`` belongs to the caller and is never overwritten)."""
+    return (
+        c > 0
+        and len(set(ids_c)) == 1
+        and len(set(ids_s)) == 1
+        and sizes[c] == sizes[s]
+        and chans[c][0] == chans[s][0]
+        and ids_c[0] not in ids_s
+    )
+
+
 def plan_checkpoints(
-    ops: list[Op], sizes, chans, itemsize: int | list[int], budget: float, floor: float
+    ops: list[Op],
+    sizes,
+    chans,
+    itemsize: int | list[int],
+    budget: float,
+    floor: float,
+    optional: frozenset[int] = frozenset(),
 ) -> tuple[set[int], float]:
     """Which sync points to keep as checkpoints: the least total (re)computation such that
     every kept state fits the budget next to the checkpoint it is computed from.
 
     ``itemsize``: bytes per stored element (times the batch), one value or one per boundary.
-    Returns the kept sync points and the plan's relative cost (:func:`_op_cost` units).
+    ``optional``: boundaries that are not sync points but may be kept (a pass that only
+    stores them, skipped unless kept), e.g. the state before an upsampling, a quarter the
+    size of the next sync point's.
+    Returns the kept boundaries and the plan's relative cost (:func:`_op_cost` units).
 
     A small dynamic programme over the sync points (each pass costs the ops from the current
-    checkpoint to its sync point; keeping moves the checkpoint). Greedy keeping is not enough:
+    checkpoint to its sync point; keeping moves the checkpoint). A state that can replace its
+    checkpoint in place (:func:`_in_place`) needs room for two bands of tiles, not a second
+    whole-image tensor. Greedy keeping is not enough:
     keeping a two-tensor state (a residual block's input and branch) can leave no room to
     advance past it, while skipping it lets the next one-tensor state be kept. Attention
     inputs and the output are always kept.
     """
     n = len(ops)
-    syncs = [i for i, op in enumerate(ops) if op.sync] + [n]
+    syncs = sorted({i for i, op in enumerate(ops) if op.sync} | {n} | set(optional))
     # Structural ids: an element of two states is the same tensor iff its id is equal.
     counter = [0]
     ids_at = {0: [0]}
@@ -829,11 +856,18 @@ def plan_checkpoints(
 
         for c, (cost, kept) in dp.items():
             total = cost + prefix[s] - prefix[c]
+            if s in optional:
+                if state_bytes(c) + state_bytes(s, c) + floor <= budget:
+                    offer(s, total, (*kept, s))
+                offer(c, cost, kept)  # no pass at all
+                continue
             if forced:
                 offer(s + 1 if s < n else s, total, (*kept, s))
                 continue
             # keep first: on a tie the later checkpoint is never worse
-            if state_bytes(c) + state_bytes(s, c) + floor <= budget:
+            in_place = _in_place(c, ids_at[c], s, ids_at[s], sizes, chans)
+            extra = 2 * floor if in_place else state_bytes(s, c)
+            if state_bytes(c) + extra + floor <= budget:
                 offer(s, total, (*kept, s))
             offer(c, total, kept)
         dp = nxt
@@ -845,6 +879,11 @@ def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     n = max(1, math.ceil(length / max(tile, 1)))
     edges = [round(i * length / n) for i in range(n + 1)]
     return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def _write_band(target: Tensor, band: list[tuple[Region, Tensor]]) -> None:
+    for core, tensor in band:
+        target[:, :, core.y0 : core.y1, core.x0 : core.x1] = tensor
 
 
 def _grid(h: int, w: int, tile: int) -> list[Region]:
@@ -924,6 +963,11 @@ class TiledVAERunner:
         sizes, chans = _shapes(ops, x.shape[2], x.shape[3], x.shape[1])
         syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
         limit = self._work_limit(sizes, chans, syncs, itemsize * batch)
+        # Before an upsampling the state is a quarter of the size after it: a cheap place to
+        # keep a checkpoint that the sync points after it can restart from.
+        optional = frozenset(
+            i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)) and i not in syncs
+        )
         stats: dict[int, GroupStats] = {}
         ctx = _Context(stats, ops)
         counter = [0]
@@ -936,8 +980,11 @@ class TiledVAERunner:
         # Keeping a checkpoint saves recomputing everything since the last one in every
         # later pass, which costs far more than smaller tiles: keep what the planner chose
         # (with the smallest useful working set) and give the tiles what is left.
-        planned, store_dtype = self._plan(sizes, chans, syncs, dtype, batch, budget, floor)
-        for p, s in enumerate(syncs):
+        planned, store_dtype = self._plan(
+            sizes, chans, syncs, optional, dtype, batch, budget, floor
+        )
+        points = sorted({*syncs, *(planned & optional)})
+        for p, s in enumerate(points):
             op = ops[s] if s < len(ops) else None
             ids = _ids(ops, ck_index, s, ck_ids, counter)
             h, w = sizes[s]
@@ -948,14 +995,31 @@ class TiledVAERunner:
             ck_bytes = sum(t.numel() * t.element_size() for t in ck_store.values())
             must_keep = op is None or isinstance(op, Attend)
             keep = must_keep or s in planned
-            held = ck_bytes + (new_bytes if keep else 0)
+            in_place = (
+                keep
+                and _in_place(ck_index, ck_ids, s, ids, sizes, chans)
+                and ck_store[ck_ids[0]].dtype == store_dtype[s]
+            )
+            held = ck_bytes + (new_bytes if keep and not in_place else 0)
             work = min(limit, max(budget - held, floor))
+            if in_place:
+                work /= 2  # the other half holds two bands of finished tiles
             tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work)
+            if in_place:
+                row_bytes = w * new_bytes / max(h * w, 1)
+                tile = max(8, min(tile, int(work / (2 * max(row_bytes, 1)))))
+                in_place = self._halo(ck_index, s, sizes, chans, tile) <= min(
+                    b - a for a, b in _spans(h, tile)
+                )
             grid = _grid(h, w, tile)
             norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
             acc = GroupStats(norm.module.num_groups) if norm is not None else None
             store = {}
-            if keep:
+            bands: list[list[tuple[Region, Tensor]]] = []  # finished tiles not yet written
+            if in_place:
+                (new_id,) = new_chans
+                store[new_id] = ck_store[ck_ids[0]]
+            elif keep:
                 for i, c in new_chans.items():
                     store[i] = torch.empty(
                         batch, c, h, w, dtype=store_dtype[s], device=x.device, memory_format=fmt
@@ -981,8 +1045,18 @@ class TiledVAERunner:
                 if acc is not None:
                     acc.add(pieces[-1].tensor)
                 for i, r, piece in zip(ids, final, pieces, strict=True):
-                    if r is not None and i in store:
+                    if r is None or i not in store:
+                        continue
+                    if not in_place:
                         store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
+                        continue
+                    # Overwriting the checkpoint: a band's rows may be replaced once the
+                    # next band is finished (no later tile reads them; halo < band height).
+                    if not bands or bands[-1][0][0].y0 != core.y0:
+                        for done in bands[:-1]:
+                            _write_band(store[i], done)
+                        bands = bands[-1:] + [[]]
+                    bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
                 self.report.tiles += 1
                 now = time.monotonic()
@@ -990,16 +1064,22 @@ class TiledVAERunner:
                     release_host_memory(x.device)
                     last_trim = now
                 if self.tick is not None:
-                    self.tick((p + (t + 1) / len(grid)) / len(syncs))
+                    self.tick((p + (t + 1) / len(grid)) / len(points))
+            for done in bands:
+                _write_band(store[new_id], done)
+            del bands
             self.report.passes += 1
             self.report.tile_sizes.append(tile)
+            if in_place:
+                self.report.in_place.append(s)
             if acc is not None:
                 stats[s] = acc
                 self.group_stats[norm.module] = acc
             if keep:
                 self.report.kept.append(s)
                 if not must_keep:
-                    self.report.peak_estimate = max(self.report.peak_estimate, ck_bytes + new_bytes)
+                    peak = ck_bytes + (0 if in_place else new_bytes)
+                    self.report.peak_estimate = max(self.report.peak_estimate, peak)
                 ck_store = {i: store[i] if i in store else ck_store[i] for i in ids}
                 ck_index, ck_ids = s, ids
             else:
@@ -1018,7 +1098,16 @@ class TiledVAERunner:
                 ck_index = s + 1
         return ck_store[ck_ids[-1]].to(dtype)
 
-    def _plan(self, sizes, chans, syncs, dtype, batch, budget, floor):
+    def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
+        """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
+        h, w = sizes[stop]
+        th, tw = min(tile, h), min(tile, w)
+        y0, x0 = (h - th) // 2, (w - tw) // 2
+        core = Region(y0, y0 + th, x0, x0 + tw)
+        needs = _backward(self.ops, start, stop, [core] * len(chans[stop]), sizes)
+        return max(core.y0 - r.y0 for r in needs[0] if r is not None)
+
+    def _plan(self, sizes, chans, syncs, optional, dtype, batch, budget, floor):
         """The sync points to keep and the dtype each boundary's checkpoint is stored in.
 
         Keeping a checkpoint saves recomputing everything since the last one in every later
@@ -1031,7 +1120,7 @@ class TiledVAERunner:
         ops = self.ops
         itemsize = torch.empty((), dtype=dtype).element_size()
         exact = [dtype] * len(sizes)
-        kept, cost = plan_checkpoints(ops, sizes, chans, itemsize * batch, budget, floor)
+        kept, cost = plan_checkpoints(ops, sizes, chans, itemsize * batch, budget, floor, optional)
         dropped = {sizes[s] for s in syncs if s not in kept}
         if not (self.config.compact_checkpoints and dtype == torch.float32 and dropped):
             return kept, exact
@@ -1042,7 +1131,7 @@ class TiledVAERunner:
             for i in range(len(sizes))
         ]
         items = [torch.empty((), dtype=d).element_size() * batch for d in compact]
-        kept_c, cost_c = plan_checkpoints(ops, sizes, chans, items, budget, floor)
+        kept_c, cost_c = plan_checkpoints(ops, sizes, chans, items, budget, floor, optional)
         if cost_c >= cost:
             return kept, exact
         self.report.compact = sorted(dropped)
