@@ -9,7 +9,7 @@ Measurements, printed as tables:
 3. **Tiled / untiled time** at 1024x1024 output: UNet tiles of 768 px (OSEDiff's default)
    and 512 px VAE tiles vs. one untiled pass (goal: <= 1.3).
 
-    python bench/bench_tiling.py            # everything (~45 min on 2 cores)
+    python bench/bench_tiling.py            # everything (~30 min on 2 cores)
     python bench/bench_tiling.py --quick    # small sizes only (~5 min)
     python bench/bench_tiling.py --sizes 512,2048 --skip-ratio --budget 4
 

@@ -81,6 +81,8 @@ Tick = Callable[[float], None]
 # The smallest working set a tile is given so that a checkpoint can still be kept.
 MIN_WORK_FRACTION = 0.04
 MIN_WORK_BYTES = 8 * 2**20
+# Measured peak / estimated working set of one tile (see _work_bytes).
+WORK_SET_FACTOR = 1.6
 # How often (seconds) a CPU run hands freed heap memory back to the OS between tiles.
 TRIM_INTERVAL_S = 0.1
 # VAE self-attention is global up to this many latent positions per side (1024 output pixels);
@@ -739,7 +741,9 @@ def _work_bytes(needs, chans, start, itemsize) -> int:
         cs = chans[start + j]
         sizes.append(sum(r.area * c for r, c in zip(regions, cs, strict=True) if r is not None))
     pair = max((sizes[j] + sizes[j + 1] for j in range(len(sizes) - 1)), default=sizes[0])
-    return int(pair * itemsize + max(sizes) * 4 * 1.5)
+    # x1.6: measured on SD2.1's VAE on CPU (oneDNN keeps blocked-layout copies of a conv's
+    # input and output next to the plain ones); without it tiles overshoot their share.
+    return int(WORK_SET_FACTOR * (pair * itemsize + max(sizes) * 4 * 1.5))
 
 
 def _op_cost(
