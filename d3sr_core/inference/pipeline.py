@@ -211,21 +211,14 @@ class D3SRPipeline:
         """``[1, 3, H, W]`` in [-1, 1] (H, W multiples of 8) -> scaled latent, float32."""
         run = self._current()
         tick = run.tick("encode")
-        vae = self.generator.vae
 
         def attempt(shrink: float) -> Tensor:
             mode, plan = self._vae_plan("encode", image.shape, run, shrink)
             if mode == "diffusers":
                 latent = self._vae_guard(lambda: self.generator.encode(image, rng), "encode")
             else:
-                window = _latent_window(run.options)
-                if mode == "whole":
-                    fn = lambda: tiled_vae.whole_encode(vae, image, window)  # noqa: E731
-                else:
-                    fn = lambda: tiled_vae.tiled_encode(  # noqa: E731
-                        vae, image, *plan, tick=tick, attention_window=window
-                    )
-                latent = self._latent_from_moments(self._vae_guard(fn, "encode"), rng)
+                moments = self._own_vae("encode", image, mode, plan, run, tick)
+                latent = self._latent_from_moments(moments, rng)
             if tick is not None:
                 tick(1.0)
             return latent
@@ -282,7 +275,6 @@ class D3SRPipeline:
         """Scaled latent ``[1, 4, h, w]`` -> image ``[1, 3, 8h, 8w]`` in [-1, 1], float32."""
         run = self._current()
         tick = run.tick("decode")
-        vae = self.generator.vae
         shape = tuple(latent.shape)
 
         def attempt(shrink: float) -> Tensor:
@@ -291,14 +283,8 @@ class D3SRPipeline:
                 image = self._vae_guard(lambda: self.generator.decode(latent), "decode")
             else:
                 z = latent / self.generator.config.scaling_factor
-                window = _latent_window(run.options)
-                if mode == "whole":
-                    fn = lambda: tiled_vae.whole_decode(vae, z, window)  # noqa: E731
-                else:
-                    fn = lambda: tiled_vae.tiled_decode(  # noqa: E731
-                        vae, z, *plan, tick=tick, attention_window=window
-                    )
-                image = self._vae_guard(fn, "decode").float().clamp(-1.0, 1.0)
+                image = self._own_vae("decode", z, mode, plan, run, tick)
+                image = image.float().clamp(-1.0, 1.0)
             if tick is not None:
                 tick(1.0)
             return image
@@ -330,6 +316,19 @@ class D3SRPipeline:
             # after an out-of-memory error, never the whole image again
             return ("whole", None) if fits and shrink == 1.0 else ("tiled", (budget, None))
         return "tiled", (budget, _shrink_tile(int(tile), shrink))
+
+    def _own_vae(self, kind: str, x: Tensor, mode: str, plan, run: _Run, tick) -> Tensor:
+        """``kind`` ("encode" / "decode") through :mod:`.tiled_vae`, whole or in tiles as
+        :meth:`_vae_plan` decided, with the options' attention window."""
+        vae = self.generator.vae
+        window = _latent_window(run.options)
+        if mode == "whole":
+            whole = getattr(tiled_vae, f"whole_{kind}")
+            return self._vae_guard(lambda: whole(vae, x, window), kind)
+        tiled = getattr(tiled_vae, f"tiled_{kind}")
+        return self._vae_guard(
+            lambda: tiled(vae, x, *plan, tick=tick, attention_window=window), kind
+        )
 
     def _attention_cost(self) -> Callable[[int], int] | None:
         # Flash / memory-efficient SDPA kernels (CUDA, CPU) need no score matrix; MPS does.

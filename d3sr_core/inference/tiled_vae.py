@@ -188,8 +188,33 @@ class Op:
         raise NotImplementedError
 
 
+class _WindowOp(Op):
+    """An op on the top element whose output pixel reads a window of input pixels
+    (:meth:`_in_region`), zero-padded where the window leaves the image."""
+
+    module: nn.Conv2d
+
+    def _in_region(self, r: Region) -> Region:
+        raise NotImplementedError
+
+    def out_channels(self, channels):
+        return [*channels[:-1], self.module.out_channels]
+
+    def needed(self, out_needs):
+        top = out_needs[-1]
+        return [*out_needs[:-1], None if top is None else self._in_region(top)]
+
+    def _input(self, top: Piece, want: Region, size: tuple[int, int]):
+        """The input window for output region ``want``: the part inside the image, the zero
+        padding ``(left, right, top, bottom)`` that completes it, and the whole window."""
+        req = self._in_region(want)
+        have = req.clip(*size)
+        pad = (have.x0 - req.x0, req.x1 - have.x1, have.y0 - req.y0, req.y1 - have.y1)
+        return _crop(top.tensor, top.region, have), pad, req
+
+
 @dataclass
-class Conv(Op):
+class Conv(_WindowOp):
     """A conv on the top element. ``pad`` = (top, bottom, left, right) zero padding."""
 
     module: nn.Conv2d
@@ -211,9 +236,6 @@ class Conv(Op):
             1
         ] + 1
 
-    def out_channels(self, channels):
-        return [*channels[:-1], self.module.out_channels]
-
     def _in_region(self, r: Region) -> Region:
         pt, _, pl, _ = self.pad
         return Region(
@@ -223,26 +245,18 @@ class Conv(Op):
             (r.x1 - 1) * self.s[1] - pl + self.k[1],
         )
 
-    def needed(self, out_needs):
-        top = out_needs[-1]
-        return [*out_needs[:-1], None if top is None else self._in_region(top)]
-
     def run(self, pieces, needs, size, ctx):
         top, want = pieces[-1], needs[-1]
         if want is None:
             return [*pieces[:-1], None]
-        h, w = size
-        req = self._in_region(want)
-        have = req.clip(h, w)
-        x = _crop(top.tensor, top.region, have)
-        left, right = have.x0 - req.x0, req.x1 - have.x1
-        top_, bottom = have.y0 - req.y0, req.y1 - have.y1
+        x, pad, _ = self._input(top, want, size)
+        left, right, top_, bottom = pad
         m = self.module
         if top_ == bottom and left == right:
             # Symmetric (whole-axis or interior) padding: let the conv pad, no copy.
             y = F.conv2d(x, m.weight, m.bias, m.stride, (top_, left), m.dilation, 1)
         else:
-            x = F.pad(x, (left, right, top_, bottom))
+            x = F.pad(x, pad)
             y = F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, 1)
         return [*pieces[:-1], Piece(y, want)]
 
@@ -376,7 +390,7 @@ def upsample_conv(xp: Tensor, phase_weight: Tensor, bias: Tensor | None) -> Tens
     return y
 
 
-class UpConv(Op):
+class UpConv(_WindowOp):
     """Nearest 2x upsampling followed by a 3x3 conv (diffusers ``Upsample2D``), computed at
     the low resolution by :func:`upsample_conv` (2.25x fewer FLOPs, the same values)."""
 
@@ -404,26 +418,15 @@ class UpConv(Op):
     def out_size(self, h, w):
         return 2 * h, 2 * w
 
-    def out_channels(self, channels):
-        return [*channels[:-1], self.module.out_channels]
-
     @staticmethod
     def _in_region(r: Region) -> Region:
         return Region(r.y0 // 2 - 1, (r.y1 - 1) // 2 + 2, r.x0 // 2 - 1, (r.x1 - 1) // 2 + 2)
-
-    def needed(self, out_needs):
-        top = out_needs[-1]
-        return [*out_needs[:-1], None if top is None else self._in_region(top)]
 
     def run(self, pieces, needs, size, ctx):
         top, want = pieces[-1], needs[-1]
         if want is None:
             return [*pieces[:-1], None]
-        h, w = size
-        req = self._in_region(want)
-        have = req.clip(h, w)
-        x = _crop(top.tensor, top.region, have)
-        pad = (have.x0 - req.x0, req.x1 - have.x1, have.y0 - req.y0, req.y1 - have.y1)
+        x, pad, req = self._input(top, want, size)
         if any(pad):
             x = F.pad(x, pad)
         y = upsample_conv(x, self.phase_weight(), self.module.bias)
@@ -890,6 +893,13 @@ def _write_band(target: Tensor, band: list[tuple[Region, Tensor]]) -> None:
         target[:, :, core.y0 : core.y1, core.x0 : core.x1] = tensor
 
 
+def _interior_tile(h: int, w: int, tile: int) -> Region:
+    """A ``tile`` x ``tile`` core in the middle of ``h x w``: the one with the largest halos."""
+    th, tw = min(tile, h), min(tile, w)
+    y0, x0 = (h - th) // 2, (w - tw) // 2
+    return Region(y0, y0 + th, x0, x0 + tw)
+
+
 def _grid(h: int, w: int, tile: int) -> list[Region]:
     return [Region(y0, y1, x0, x1) for y0, y1 in _spans(h, tile) for x0, x1 in _spans(w, tile)]
 
@@ -947,11 +957,7 @@ class TiledVAERunner:
         return limit
 
     def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile) -> int:
-        h, w = sizes[stop]
-        th, tw = min(tile, h), min(tile, w)
-        # an interior tile has the largest halos
-        y0, x0 = (h - th) // 2, (w - tw) // 2
-        core = Region(y0, y0 + th, x0, x0 + tw)
+        core = _interior_tile(*sizes[stop], tile)
         depth = len(chans[stop])
         final = [core] * depth if keep_all else [None] * (depth - 1) + [core]
         needs = _backward(self.ops, start, stop, final, sizes)
@@ -1069,8 +1075,9 @@ class TiledVAERunner:
                     last_trim = now
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
-            for done in bands:
-                _write_band(store[new_id], done)
+            if in_place:
+                for done in bands:
+                    _write_band(store[new_id], done)
             del bands
             self.report.passes += 1
             self.report.tile_sizes.append(tile)
@@ -1104,10 +1111,7 @@ class TiledVAERunner:
 
     def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
         """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
-        h, w = sizes[stop]
-        th, tw = min(tile, h), min(tile, w)
-        y0, x0 = (h - th) // 2, (w - tw) // 2
-        core = Region(y0, y0 + th, x0, x0 + tw)
+        core = _interior_tile(*sizes[stop], tile)
         needs = _backward(self.ops, start, stop, [core] * len(chans[stop]), sizes)
         return max(core.y0 - r.y0 for r in needs[0] if r is not None)
 
