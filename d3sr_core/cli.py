@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory the automatic tile sizes may use (default: from the device)",
     )
     _weights_arguments(up, with_download=True)
+    up.add_argument(
+        "--prompt-embeds",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a .safetensors holding 'prompt_embeds' [1, N, C] (e.g. another D3SR checkpoint, or a "
+        "saved text-encoder output) used instead of the weights' own condition; OSEDiff weights "
+        "then need no text encoder in the base",
+    )
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     up.set_defaults(func=cmd_upscale)
 
@@ -578,9 +587,15 @@ def load_pipeline(args):
             )
     start = time.perf_counter()
     try:
-        weights, converted = ensure_d3sr_weights(
-            models.weights, models.base, default_models_dir(_env(args))
-        )
+        prompt_embeds = getattr(args, "prompt_embeds", None)
+        if prompt_embeds is not None and not prompt_embeds.is_file():
+            raise CliError(f"--prompt-embeds {prompt_embeds}: no such file")
+        if prompt_embeds is None:
+            weights, converted = ensure_d3sr_weights(
+                models.weights, models.base, default_models_dir(_env(args))
+            )
+        else:  # the external embedding serves OSEDiff weights directly, no conversion
+            weights, converted = Path(models.weights), False
         if converted:
             _log(args, f"converted {models.weights} -> {weights} (used from now on)")
         _log(
@@ -589,7 +604,9 @@ def load_pipeline(args):
         )
         # LoRA merged in fp32 on the CPU; prepare_generator then casts and moves once
         # (keeping the VAE in fp32 where fp16 would overflow).
-        generator = load_generator(weights, models.base, vae=vae, strength=args.strength)
+        generator = load_generator(
+            weights, models.base, vae=vae, strength=args.strength, prompt_embeds=prompt_embeds
+        )
     except WeightsFileError as err:
         raise CliError(str(err)) from None
     generator = prepare_generator(generator, device, dtype)

@@ -77,6 +77,8 @@ class UpscaleOptions:
         color_fix: ``"none"`` | ``"adain"`` | ``"wavelet"`` - match colours to the input.
         memory_budget_bytes: activation memory the stages may use; None = a share of the free
             device memory (80 % of a GPU's, 25 % of the RAM's).
+        prompt_embeds: a condition ``[1, N, C]`` that replaces the checkpoint's stored prompt
+            embedding for this call (e.g. a host's text-encoder output); None = the stored one.
     """
 
     scale: float = 4.0
@@ -88,6 +90,7 @@ class UpscaleOptions:
     vae_attention_window: int | None = 1024
     color_fix: str = "wavelet"
     memory_budget_bytes: int | None = None
+    prompt_embeds: Tensor | None = None
 
 
 def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -141,8 +144,14 @@ def tensor_to_pil(image: Tensor, sixteen_bit: bool = False) -> Image.Image:
 class _Progress:
     """Monotonic ``progress(done, total)`` over images and weighted stages; checks ``cancel``."""
 
-    def __init__(self, images: int, progress: ProgressCallback | None, cancel: CancelCheck | None):
-        self.total = 100 * images
+    def __init__(
+        self,
+        images: int,
+        progress: ProgressCallback | None,
+        cancel: CancelCheck | None,
+        per_image: int = 100,
+    ):
+        self.total = per_image * images
         self.progress = progress
         self.cancel = cancel
         self.done = 0
@@ -403,6 +412,7 @@ class D3SRPipeline:
             else None
         )
         outputs = []
+        stored_embeds = self._use_prompt_embeds(options)
         previous, self._run = self._run, _Run(options, budget, tracker)
         try:
             for i in range(b):
@@ -423,6 +433,8 @@ class D3SRPipeline:
                 del reference, sr, latent
         finally:
             self._run = previous
+            if stored_embeds is not None:
+                self.generator.set_prompt_embeds(stored_embeds)
         result = torch.cat(outputs)
         if c == 1:
             result = result.mean(dim=1, keepdim=True)
@@ -432,6 +444,30 @@ class D3SRPipeline:
             )
             result = torch.cat([result, alpha.clamp(0, 1)], dim=1)
         return result.clamp(0, 1)
+
+    def _use_prompt_embeds(self, options: UpscaleOptions) -> Tensor | None:
+        """Install ``options.prompt_embeds`` for one call; returns the stored one to restore."""
+        if options.prompt_embeds is None:
+            return None
+        try:
+            return self.generator.set_prompt_embeds(options.prompt_embeds)
+        except ValueError as err:
+            raise InvalidImageError(str(err)) from None
+
+    def upscale_latent(
+        self,
+        latents: Tensor,
+        options: UpscaleOptions | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+        *,
+        decode_input: Callable[[Tensor], Tensor] | None = None,
+        encode_output: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Upscale *raw* (unscaled) VAE latents; see :func:`.latent.upscale_latent`."""
+        from .latent import upscale_latent
+
+        return upscale_latent(self, latents, options, progress, cancel, decode_input, encode_output)
 
     def upscale(
         self,
@@ -512,6 +548,16 @@ def validate_options(options: UpscaleOptions) -> None:
     if options.color_fix not in COLOR_FIXES:
         raise InvalidImageError(
             f"color_fix must be one of {COLOR_FIXES}, got {options.color_fix!r}"
+        )
+    embeds = options.prompt_embeds
+    if embeds is not None and (
+        not isinstance(embeds, Tensor)
+        or embeds.ndim not in (2, 3)
+        or not embeds.is_floating_point()
+    ):
+        raise InvalidImageError(
+            f"prompt_embeds must be a float tensor [1, N, C] or None, got "
+            f"{tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__}"
         )
     budget = options.memory_budget_bytes
     if budget is not None and (

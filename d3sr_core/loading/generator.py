@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..models.generator import D3SRGenerator
 from ..models.schedule import alphas_cumprod_from_config
@@ -14,25 +16,60 @@ from .files import WeightsFileError
 from .osediff import osediff_to_checkpoint, read_osediff
 
 
-def read_weights(path: str | Path, base_source: str | Path | None = None) -> D3SRCheckpoint:
+def read_weights(
+    path: str | Path,
+    base_source: str | Path | None = None,
+    prompt_embeds: Tensor | str | Path | None = None,
+) -> D3SRCheckpoint:
     """Read D3SR weights: a D3SR ``.safetensors`` or OSEDiff's ``osediff.pkl``.
 
     OSEDiff files carry no prompt embedding; it is computed once from the base model's
-    text encoder (``base_source``: the SD2.1 folder or single file).
+    text encoder (``base_source``: the SD2.1 folder or single file) unless ``prompt_embeds``
+    is given.
+
+    Args:
+        prompt_embeds: an external condition ``[1, N, C]`` (a tensor, or a file holding a
+            ``prompt_embeds`` tensor, e.g. another D3SR checkpoint) that replaces the stored
+            one (D3SR) or the computed one (OSEDiff, which then needs no text encoder).
     """
     path = Path(path)
-    if is_d3sr_checkpoint(path):
-        return load_checkpoint(path)
-    if path.suffix.lower() == ".safetensors":
-        return load_checkpoint(path)  # raises the "not a D3SR checkpoint" error
+    embeds = _external_prompt_embeds(prompt_embeds)
+    if is_d3sr_checkpoint(path) or path.suffix.lower() == ".safetensors":
+        ckpt = load_checkpoint(path)  # a non-D3SR .safetensors raises its "not a D3SR" error
+        if embeds is not None:
+            ckpt = replace(ckpt, prompt_embeds=embeds)
+        return ckpt
     state = read_osediff(path)
-    if base_source is None:
-        raise WeightsFileError(
-            path, "OSEDiff weights need the SD2.1 base model to compute the prompt embedding"
-        )
-    from .prompt import empty_prompt_embeds
+    if embeds is None:
+        if base_source is None:
+            raise WeightsFileError(
+                path,
+                "OSEDiff weights need the SD2.1 base model (or a prompt embedding) for the prompt embedding",
+            )
+        from .prompt import empty_prompt_embeds
 
-    return osediff_to_checkpoint(state, empty_prompt_embeds(base_source), path)
+        embeds = empty_prompt_embeds(base_source)
+    return osediff_to_checkpoint(state, embeds, path)
+
+
+def _external_prompt_embeds(prompt_embeds: Tensor | str | Path | None) -> Tensor | None:
+    """``prompt_embeds`` as a ``[1, N, C]`` float32 tensor (read from a file when a path)."""
+    if prompt_embeds is None:
+        return None
+    if isinstance(prompt_embeds, (str, Path)):
+        from .fetch import read_prompt_embeds
+
+        return read_prompt_embeds(prompt_embeds).float()
+    if not isinstance(prompt_embeds, Tensor):
+        raise TypeError(
+            f"prompt_embeds must be a tensor or a file path, got {type(prompt_embeds).__name__}"
+        )
+    embeds = prompt_embeds.unsqueeze(0) if prompt_embeds.ndim == 2 else prompt_embeds
+    if embeds.ndim != 3 or embeds.shape[0] != 1 or not embeds.is_floating_point():
+        raise ValueError(
+            f"prompt_embeds must be a float tensor [1, N, C], got {tuple(prompt_embeds.shape)} {prompt_embeds.dtype}"
+        )
+    return embeds.detach().float().cpu()
 
 
 def build_generator(
@@ -76,6 +113,7 @@ def load_generator(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_download: bool = False,
+    prompt_embeds: Tensor | str | Path | None = None,
 ) -> D3SRGenerator:
     """Load base + weights, merge the LoRA (fp32) and move to ``device``/``dtype``.
 
@@ -84,8 +122,9 @@ def load_generator(
         base: SD2.1-base diffusers folder, LDM single file, or hub id (with ``allow_download``).
         vae: optional replacement VAE.
         strength: LoRA strength (0 = base model, 1 = trained, >1 extrapolates).
+        prompt_embeds: replaces the checkpoint's condition (see :func:`read_weights`).
     """
-    ckpt = read_weights(weights, base)
+    ckpt = read_weights(weights, base, prompt_embeds)
     base_model = load_base(
         base,
         vae=vae,

@@ -112,6 +112,39 @@ class D3SRGenerator(nn.Module):
     def adapters(self) -> dict[str, LoraAdapter]:
         return {name: merged.adapter for name, merged in self._merged.items()}
 
+    def set_prompt_embeds(self, prompt_embeds: Tensor) -> Tensor:
+        """Replace the condition the UNet sees (e.g. for one run); returns the previous one.
+
+        Args:
+            prompt_embeds: ``[1, N, C]`` (or ``[N, C]``) finite floats, ``C`` = the UNet's
+                ``cross_attention_dim`` (1024 for SD2.x); any token count ``N`` (77 per CLIP
+                chunk). Stored on the device and in the dtype of the current one.
+
+        Raises:
+            ValueError: wrong type, shape, width or non-finite values (nothing is changed).
+        """
+        if not isinstance(prompt_embeds, Tensor):
+            raise ValueError(
+                f"prompt_embeds must be a torch.Tensor [1, N, C], got {type(prompt_embeds).__name__}"
+            )
+        embeds = prompt_embeds.unsqueeze(0) if prompt_embeds.ndim == 2 else prompt_embeds
+        width = getattr(getattr(self.unet, "config", None), "cross_attention_dim", None)
+        width = width if isinstance(width, int) else self.prompt_embeds.shape[-1]
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0:
+            raise ValueError(
+                f"prompt_embeds must have shape [1, N, {width}], got {tuple(prompt_embeds.shape)}"
+            )
+        if embeds.shape[-1] != width:
+            raise ValueError(
+                f"prompt_embeds width {embeds.shape[-1]} does not match the UNet's context {width} "
+                "(SD2.x text encoders give 1024)"
+            )
+        if not embeds.is_floating_point() or not torch.isfinite(embeds).all():
+            raise ValueError("prompt_embeds must hold finite floating-point values")
+        previous = self.prompt_embeds
+        self.prompt_embeds = embeds.detach().to(device=previous.device, dtype=previous.dtype)
+        return previous
+
     # ---- the three stages ---------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
