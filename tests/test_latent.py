@@ -154,3 +154,21 @@ def test_output_limit(pipeline):
         pipeline.upscale_latent(
             torch.zeros(1, 4, 64, 64), UpscaleOptions(scale=4, max_output_pixels=1_000_000)
         )
+
+
+def test_latent_space_matches(pipeline):
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.latent import latent_space_matches, probe_image
+
+    assert probe_image().shape == (1, 3, 64, 64)
+    g = pipeline.generator
+
+    def encoder(vae):
+        return lambda img: vae.encode(img * 2 - 1).latent_dist.mode()
+
+    assert latent_space_matches(pipeline, encoder(g.vae))
+    assert not latent_space_matches(pipeline, encoder(tiny_vae(seed=7)))  # other weights
+    assert not latent_space_matches(pipeline, lambda img: torch.zeros(1, 16, 8, 8))
+    # the scaled latent (x 0.18215) is not the raw space ComfyUI passes around
+    assert not latent_space_matches(pipeline, lambda img: encoder(g.vae)(img) * 0.18215)

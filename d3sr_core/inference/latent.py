@@ -189,3 +189,33 @@ def _checked_image(image: Tensor, what: str) -> Tensor:
             f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}"
         )
     return image.float()
+
+
+def probe_image(size: int = 64) -> Tensor:
+    """A fixed, smooth test image ``[1, 3, size, size]`` in [0, 1] (gradients and soft blobs)."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    blob = torch.exp(-((x - 0.35) ** 2 + (y - 0.6) ** 2) / 0.04)
+    rgb = torch.stack([x, y * (1 - x), 0.5 * blob + 0.25 * (1 + torch.sin(6.0 * x * y))])
+    return rgb.clamp(0, 1).unsqueeze(0)
+
+
+@torch.inference_mode()
+def latent_space_matches(
+    pipeline: D3SRPipeline, encode: Callable[[Tensor], Tensor], tolerance: float = 0.1
+) -> bool:
+    """Whether ``encode`` (a host VAE: image ``[1, 3, H, W]`` in [0, 1] -> raw latent) puts
+    images in the same latent space as D3SR's VAE.
+
+    Both encode :func:`probe_image`; the spaces match when the raw latents have the same shape
+    and ``||a - b|| <= tolerance * ||b||``. SD1.x and SD2.x VAEs share their encoder (they
+    match); SDXL, SD3 and Flux VAEs do not (other weights, channels or compression).
+    """
+    g = pipeline.generator
+    image = probe_image().to(pipeline.device)
+    vae_dtype = next(g.vae.parameters()).dtype
+    ours = g.vae.encode((image * 2 - 1).to(vae_dtype)).latent_dist.mode().float().cpu()
+    theirs = encode(image)
+    if not isinstance(theirs, Tensor) or tuple(theirs.shape) != tuple(ours.shape):
+        return False
+    theirs = theirs.float().cpu()
+    return bool((theirs - ours).norm() <= tolerance * ours.norm())
