@@ -172,3 +172,18 @@ def test_latent_space_matches(pipeline):
     assert not latent_space_matches(pipeline, lambda img: torch.zeros(1, 16, 8, 8))
     # the scaled latent (x 0.18215) is not the raw space ComfyUI passes around
     assert not latent_space_matches(pipeline, lambda img: encoder(g.vae)(img) * 0.18215)
+
+
+def test_generator_built_under_inference_mode():
+    """Hosts (ComfyUI runs every node under torch.inference_mode) load and move weights as
+    inference tensors, which have no version counter; the pipeline must still run."""
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    opts = UpscaleOptions(scale=2, color_fix="none", **UNTILED)
+    expected = D3SRPipeline(tiny_generator()).upscale_tensor(image, opts)
+    with torch.inference_mode():
+        g = tiny_generator()
+        assert next(g.vae.parameters()).is_inference()
+        out = D3SRPipeline(g).upscale_tensor(image, opts)
+        again = D3SRPipeline(g).upscale_latent(torch.zeros(1, 4, 2, 2), opts)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert again.shape == (1, 4, 4, 4)

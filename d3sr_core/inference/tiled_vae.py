@@ -410,6 +410,8 @@ class UpConv(_WindowOp):
 
     def phase_weight(self) -> Tensor:
         w = self.module.weight
+        if w.is_inference():  # made under inference_mode (e.g. by a host): no version counter,
+            return subpixel_weights(w.detach())  # so in-place changes are undetectable: no cache
         key = (w._version, w.dtype, w.device)
         if self._phase is None or self._phase[:3] != key:
             self._phase = (*key, subpixel_weights(w.detach()))
