@@ -5,9 +5,17 @@ Python already has this pack's requirements (ComfyUI-Manager's steps:
 ``pip install -r requirements.txt`` then ``python install.py``). The Python used is
 ``$D3SR_COMFYUI_PYTHON``, else ``$D3SR_COMFYUI_DIR/venv/bin/python``, else this one.
 
-The server runs from a temporary ``--base-directory``: the repository is linked into its
-``custom_nodes/`` under an arbitrary folder name (as a ``git clone`` would be), and the test
-writes tiny weights into its ``models/``. Nothing in the ComfyUI checkout is changed.
+The server runs from a temporary ``--base-directory`` whose ``models/`` get tiny weights.
+``$D3SR_COMFYUI_LAYOUT`` picks how the pack sits in its ``custom_nodes/`` (one install path each):
+
+* ``clone`` (default): the repository linked in under an arbitrary folder name, as a
+  ``git clone`` is (the engine as installed by ``install.py``);
+* ``copy``: the tracked files copied into ``custom_nodes/d3sr``, as a registry / zip install
+  puts them (works even when the engine is not pip-installed);
+* ``pip``: only ``custom_nodes/d3sr_nodes.py`` = ``from comfyui_d3sr import comfy_entrypoint``,
+  for a ``pip install`` of this repository into the server's Python.
+
+Nothing in the ComfyUI checkout is changed.
 
     D3SR_COMFYUI_DIR=~/ComfyUI python -m pytest tests/integration/test_comfyui.py -v -s
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +39,9 @@ COMFY = os.environ.get("D3SR_COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFY, reason="set D3SR_COMFYUI_DIR to a ComfyUI checkout")
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "D3SR-pack (any name)"  # ComfyUI must not depend on the folder name
+LAYOUT = os.environ.get("D3SR_COMFYUI_LAYOUT", "clone")
+# ComfyUI must not depend on the folder name
+PACK = {"clone": "D3SR-pack (any name)", "copy": "d3sr", "pip": "d3sr_nodes.py"}[LAYOUT]
 TINY_WEIGHTS = "tiny/d3sr-tiny.safetensors"
 TINY_BASE = "diffusers: tiny-sd21-base"
 SD_VAE = "sd-vae-random.safetensors"
@@ -146,7 +157,18 @@ def server(tmp_path_factory):
     _write_models(root)
     TIMINGS["write tiny weights + SD VAE"] = time.perf_counter() - start
     (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    target = root / "custom_nodes" / PACK
+    if LAYOUT == "clone":
+        target.symlink_to(REPO, target_is_directory=True)
+    elif LAYOUT == "copy":
+        files = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+        ).stdout.split(b"\0")
+        for name in filter(None, files):
+            (target / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name.decode(), target / name.decode())
+    else:
+        target.write_text("from comfyui_d3sr import comfy_entrypoint  # noqa: F401\n")
     (root / "launch.py").write_text(LAUNCHER)
     port = _free_port()
     log = root / "server.log"
@@ -187,7 +209,7 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         print(
-            "\nComfyUI integration timings (s): "
+            f"\nComfyUI integration timings, layout {LAYOUT!r} (s): "
             + json.dumps({k: round(v, 2) for k, v in TIMINGS.items()})
         )
 
@@ -246,8 +268,9 @@ def test_pack_registers_nodes_folders_and_examples(server):
     assert SD_VAE in required["vae"][1]["options"]
     for node in ("D3SRUpscaleImage", "D3SRUpscaleLatent"):
         assert node in server.get(f"/object_info/{node}")
-    templates = server.get("/api/workflow_templates")
-    assert sorted(templates[PACK]) == ["d3sr_txt2img_upscale_latent", "d3sr_upscale_image"]
+    if LAYOUT != "pip":  # a single-file entry has no example_workflows/ folder
+        templates = server.get("/api/workflow_templates")
+        assert sorted(templates[PACK]) == ["d3sr_txt2img_upscale_latent", "d3sr_upscale_image"]
     log = server.log.read_text()
     assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if PACK in line)
 
