@@ -25,6 +25,7 @@ def comfy(tmp_path_factory):
         (models / "d3sr" / "tiny").mkdir(parents=True) or models / "d3sr" / WEIGHTS
     )
     (models / "d3sr" / "README.txt").write_text("not weights")
+    (models / "d3sr" / "osediff.pkl").write_bytes(b"")
     write_tiny_base(models / "diffusers" / "tiny-sd21-base", text_encoder=False)
     (models / "checkpoints").mkdir()
     (models / "checkpoints" / "sd15.safetensors").write_bytes(b"")
@@ -94,7 +95,7 @@ def test_schema_ids_inputs_outputs_defaults(comfy):
         ("device", "COMBO"),
     ]
     opts = {i.id: i for i in loader.inputs}
-    assert opts["weights"].options == [WEIGHTS]  # README.txt is not listed
+    assert opts["weights"].options == ["osediff.pkl", WEIGHTS]  # README.txt is not listed
     assert opts["base"].options == ["sd15.safetensors", BASE]
     assert opts["vae"].options == ["from base"] and opts["vae"].default == "from base"
     assert opts["precision"].options == ["auto", "fp32", "fp16", "bf16"]
@@ -116,6 +117,18 @@ def test_schema_ids_inputs_outputs_defaults(comfy):
     assert d["color_fix"].default == "wavelet" and d["seed"].control_after_generate
     # models/d3sr was registered with ComfyUI's model extensions
     assert comfy.folder_paths.get_folder_paths("d3sr") == [str(comfy.models / "d3sr")]
+
+
+def test_extra_model_paths_entry_is_kept(comfy, tmp_path):
+    fp = comfy.folder_paths
+    saved = fp.folder_names_and_paths.pop("d3sr")
+    try:
+        # extra_model_paths.yaml is applied before custom nodes load and creates the key
+        fp.add_model_folder_path("d3sr", str(tmp_path / "shared"))
+        comfy.host.register_model_folder()
+        assert fp.get_folder_paths("d3sr") == [str(tmp_path / "shared"), str(comfy.models / "d3sr")]
+    finally:
+        fp.folder_names_and_paths["d3sr"] = saved
 
 
 def test_validation(comfy):
