@@ -12,6 +12,7 @@ from .base import BaseModel, load_base
 from .checkpoint import D3SRCheckpoint, is_d3sr_checkpoint, load_checkpoint
 from .files import WeightsFileError
 from .osediff import osediff_to_checkpoint, read_osediff
+from .validate import fit_problems
 
 
 def read_weights(path: str | Path, base_source: str | Path | None = None) -> D3SRCheckpoint:
@@ -50,6 +51,16 @@ def build_generator(
         raise WeightsFileError(
             weights_name,
             f"prompt_embeds width {ckpt.prompt_embeds.shape[-1]} does not match the UNet's context {context}",
+        )
+    problems = [
+        problem
+        for name, model in (("unet", base.unet), ("vae", base.vae))
+        if name in ckpt.adapters
+        for problem in fit_problems(model, ckpt.adapters[name], name.upper())
+    ]
+    if problems:  # checked in full before merging, so a bad file never half-changes the base
+        raise WeightsFileError(
+            weights_name, "does not fit this base model: " + "; ".join(problems[:4])
         )
     generator = D3SRGenerator(
         base.unet,
