@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -154,7 +155,9 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
             ) from None
     mmap = zipfile.is_zipfile(path) and str(device) != "meta"
     try:
-        return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's advice on odd pickle protocols is not ours
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise WeightsFileError(path, _code_execution_refusal(err)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as err:

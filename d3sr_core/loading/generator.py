@@ -56,7 +56,7 @@ def build_generator(
         problem
         for name, model in (("unet", base.unet), ("vae", base.vae))
         if name in ckpt.adapters
-        for problem in fit_problems(model, ckpt.adapters[name], name.upper())
+        for problem in fit_problems(model, ckpt.adapters[name], {"unet": "UNet"}.get(name, "VAE"))
     ]
     if problems:  # checked in full before merging, so a bad file never half-changes the base
         raise WeightsFileError(
