@@ -612,18 +612,16 @@ def run_jobs(args, pending: list[Job], options, summary: Summary, procs) -> None
 
 def load_pipeline(args, procs=None):
     """Resolve weights, load the generator on the chosen device/precision, wrap it."""
+    from .distributed import Processes, process_device
     from .inference.pipeline import D3SRPipeline
     from .inference.precision import prepare_generator, resolve_device, resolve_dtype
-    from .loading.fetch import ensure_d3sr_weights
+    from .loading.fetch import load_converting
     from .loading.files import WeightsFileError
-    from .loading.generator import load_generator
     from .loading.locate import default_models_dir, locate_models
 
     models = resolve_models(
         args, command="d3sr upscale " + " ".join(args.inputs) + f" -o {args.output}"
     )
-    from .distributed import Processes, process_device
-
     try:
         device = resolve_device(process_device(args.device, procs or Processes()))
         dtype = resolve_dtype(args.precision, device)
@@ -637,21 +635,25 @@ def load_pipeline(args, procs=None):
                 f"{models.base} has no VAE inside: pass --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors)"
             )
     start = time.perf_counter()
+    _log(
+        args,
+        f"weights: {models.weights}\nbase:    {models.base}" + (f"\nvae:     {vae}" if vae else ""),
+    )
     try:
-        weights, converted = ensure_d3sr_weights(
-            models.weights, models.base, default_models_dir(_env(args))
-        )
-        if converted:
-            _log(args, f"converted {models.weights} -> {weights} (used from now on)")
-        _log(
-            args,
-            f"weights: {weights}\nbase:    {models.base}" + (f"\nvae:     {vae}" if vae else ""),
-        )
         # LoRA merged in fp32 on the CPU; prepare_generator then casts and moves once
-        # (keeping the VAE in fp32 where fp16 would overflow).
-        generator = load_generator(weights, models.base, vae=vae, strength=args.strength)
+        # (keeping the VAE in fp32 where fp16 would overflow). An OSEDiff pickle is
+        # converted once; the conversion is cached only after it merged cleanly.
+        generator, converted = load_converting(
+            models.weights,
+            models.base,
+            vae=vae,
+            strength=args.strength,
+            cache_dir=default_models_dir(_env(args)),
+        )
     except WeightsFileError as err:
         raise CliError(str(err)) from None
+    if converted is not None:
+        _log(args, f"converted {models.weights} -> {converted} (reused while both are unchanged)")
     generator = prepare_generator(generator, device, dtype)
     plan = generator.precision_plan.describe()
     _log(args, f"loaded in {time.perf_counter() - start:.1f} s ({plan})")

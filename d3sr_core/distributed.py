@@ -64,17 +64,39 @@ class Processes:
             self._group = False
 
 
+# torchrun / accelerate (--multi_gpu), then MPI launchers (accelerate --cpu with a hostfile).
+WORLD_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_VARS = (
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+)
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise RuntimeError(f"{name}={value!r} is not an integer") from None
+    return default
+
+
 def launched_processes() -> Processes:
     """The group the launcher set up (from its environment), joined; single run otherwise.
 
     Raises:
         RuntimeError: ``WORLD_SIZE`` > 1 without the rendezvous variables a launcher sets.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = _env_int(WORLD_VARS, 1)
     if world <= 1:
         return Processes()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank = _env_int(RANK_VARS, 0)
+    local_rank = _env_int(LOCAL_RANK_VARS, rank)
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:
         raise RuntimeError(

@@ -16,6 +16,7 @@ Tensors are written as they are (dtype included), so save-then-load is bit-exact
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,13 @@ def checkpoint_state_dict(ckpt: D3SRCheckpoint) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def save_checkpoint(ckpt: D3SRCheckpoint, path: str | Path) -> Path:
-    """Write ``ckpt`` as a D3SR ``.safetensors`` file (written to a temp name, then renamed)."""
+def save_checkpoint(
+    ckpt: D3SRCheckpoint, path: str | Path, extra_metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``ckpt`` as a D3SR ``.safetensors`` file (written to a temp name, then renamed).
+
+    ``extra_metadata`` adds header entries (e.g. where a conversion came from).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -77,11 +83,16 @@ def save_checkpoint(ckpt: D3SRCheckpoint, path: str | Path) -> Path:
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(ckpt.config.to_dict()),
         "adapters": json.dumps({m: {"scale": a.scale} for m, a in ckpt.adapters.items()}),
+        **(extra_metadata or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(checkpoint_state_dict(ckpt), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(checkpoint_state_dict(ckpt), str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

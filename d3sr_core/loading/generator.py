@@ -97,11 +97,34 @@ def load_generator(
         strength: LoRA strength (0 = base model, 1 = trained, >1 extrapolates).
     """
     ckpt = read_weights(weights, base)
+    generator = generator_from_checkpoint(
+        ckpt,
+        base,
+        vae=vae,
+        strength=strength,
+        weights_name=str(weights),
+        allow_download=allow_download,
+    )
+    return generator.to(device=device, dtype=dtype).eval()
+
+
+def generator_from_checkpoint(
+    ckpt: D3SRCheckpoint,
+    base: str | Path,
+    *,
+    vae: str | Path | None = None,
+    strength: float = 1.0,
+    weights_name: str = "weights",
+    allow_download: bool = False,
+) -> D3SRGenerator:
+    """Load the base and merge an already-read checkpoint into it (fp32, CPU).
+
+    ``weights_name`` is the file the user gave, named in errors.
+    """
     base_model = load_base(
         base,
         vae=vae,
         prediction_type=ckpt.config.prediction_type if Path(base).is_file() else None,
         allow_download=allow_download,
     )
-    generator = build_generator(base_model, ckpt, strength, str(weights))
-    return generator.to(device=device, dtype=dtype).eval()
+    return build_generator(base_model, ckpt, strength, weights_name)
