@@ -719,7 +719,7 @@ def cmd_info(args) -> int:
                 _error(str(err))
     if args.json:
         print(json.dumps([i if isinstance(i, dict) else i.to_dict() for i in infos], indent=2))
-    else:
+    elif infos:
         print("\n\n".join(i.format() for i in infos))
     return EXIT_FAILED if failed else EXIT_OK
 

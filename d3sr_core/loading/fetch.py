@@ -185,8 +185,9 @@ def convert_osediff(
 
     The empty-prompt embedding comes from ``prompt_embeds`` or is computed from ``base``'s
     text encoder (an SD2.1 diffusers folder or single file). The pickle is fully checked
-    (:func:`.osediff.osediff_to_checkpoint`) before anything is written; the header records
-    the pickle's hash and where the embedding came from.
+    (:func:`.osediff.osediff_to_checkpoint`) and, with ``base``, merged into it once, before
+    anything is written; the header records the pickle's hash and where the embedding
+    came from.
     """
     if prompt_embeds is None:
         if base is None:
@@ -201,6 +202,10 @@ def convert_osediff(
     else:
         source = _embeds_id(prompt_embeds)
     ckpt = osediff_to_checkpoint(read_osediff(pickle_path), prompt_embeds, pickle_path)
+    if base is not None:  # merge once into the base: every module and shape must fit
+        from .generator import generator_from_checkpoint
+
+        generator_from_checkpoint(ckpt, base, weights_name=str(pickle_path))
     return save_checkpoint(ckpt, out, conversion_metadata(pickle_path, source))
 
 

@@ -172,15 +172,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def _code_execution_refusal(err: BaseException) -> str:
-    """One line instead of torch's multi-line weights_only advice."""
+    """One line instead of torch's multi-line weights_only advice: a refusal naming what the
+    pickle would import and run, or "damaged" when it is not a loadable pickle at all."""
     text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[: ]+'?([\w.]+)", text)
-    what = f"it references {found.group(1)}" if found else _first_line(err)
-    if "WeightsUnpickler error:" in text and not found:
-        what = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is None:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        return f"damaged file, or not a torch checkpoint ({detail[0] if detail else 'unreadable'})"
     return (
-        f"refused: loading this pickle would run code ({what}); only plain tensors, numbers, "
-        "strings, lists and dicts are read"
+        f"refused: loading this pickle would run code (it imports {found.group(1)}); only "
+        "plain tensors, numbers, strings, lists and dicts are read"
     )
 
 
