@@ -353,3 +353,40 @@ def test_pickle_needing_code_gets_a_one_line_refusal(tmp_path, base, capsys):
     legacy.write_bytes(pickle.dumps(CodeRunner()))
     assert "would run code" in str(pytest.raises(WeightsFileError, read_state_dict, legacy).value)
     assert "should-never-run" not in capsys.readouterr().out
+
+
+def test_damaged_base_folders_are_refused_clearly(tmp_path):
+    import shutil
+
+    from make_tiny_weights import write_tiny_base
+
+    from d3sr_core.loading.base import load_base
+
+    good = write_tiny_base(tmp_path / "good")
+
+    def broken_json(folder: Path) -> None:
+        (folder / "unet" / "config.json").write_text('{"_class_name": ')
+
+    def json_list(folder: Path) -> None:
+        (folder / "vae" / "config.json").write_text("[]")
+
+    def truncated_unet(folder: Path) -> None:
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:3000])
+
+    def bad_dtype(folder: Path) -> None:
+        weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+        header, body = split_file(weights.read_bytes())
+        next(v for k, v in header.items() if k != "__metadata__")["dtype"] = 5
+        text = json.dumps(header).encode()
+        weights.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+    for i, damage in enumerate((broken_json, json_list, truncated_unet, bad_dtype)):
+        folder = tmp_path / f"base{i}"
+        shutil.copytree(good, folder)
+        damage(folder)
+        with pytest.raises(WeightsFileError) as info:
+            load_base(folder)
+        message = str(info.value)
+        assert message.startswith(f"{folder}: ") and message.count(str(folder)) == 1, message
+        assert "\n" not in message

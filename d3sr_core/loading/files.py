@@ -76,11 +76,26 @@ def read_safetensors_header(path: str | Path) -> dict:
             f"not a readable .safetensors file (header is a JSON {type(header).__name__}, "
             "expected an object)",
         )
+    data_size = size - 8 - n
+    ends = [
+        e["data_offsets"][1]
+        for k, e in header.items()
+        if k != "__metadata__"
+        and isinstance(e, dict)
+        and isinstance(e.get("data_offsets"), list)
+        and len(e["data_offsets"]) == 2
+        and isinstance(e["data_offsets"][1], int)
+    ]
+    if ends and max(ends) > data_size:
+        raise WeightsFileError(
+            path,
+            f"truncated .safetensors file: its header describes {max(ends)} bytes of tensor data, "
+            f"the file holds {data_size}",
+        )
     problems = []
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         problems.append("__metadata__ must map names to strings")
-    data_size = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -159,7 +174,7 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise WeightsFileError(path, _code_execution_refusal(err)) from None
+        raise WeightsFileError(path, _code_execution_refusal(err, path)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as err:
         raise WeightsFileError(
             path, f"damaged or truncated checkpoint, or not a torch file ({_first_line(err)})"
@@ -171,18 +186,41 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _code_execution_refusal(err: BaseException) -> str:
+def _code_execution_refusal(err: BaseException, path: Path) -> str:
     """One line instead of torch's multi-line weights_only advice: a refusal naming what the
     pickle would import and run, or "damaged" when it is not a loadable pickle at all."""
     text = str(err)
     found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found is None:
+    imported = found.group(1) if found else _first_import(path)
+    if imported is None:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         return f"damaged file, or not a torch checkpoint ({detail[0] if detail else 'unreadable'})"
     return (
-        f"refused: loading this pickle would run code (it imports {found.group(1)}); only "
+        f"refused: loading this pickle would run code (it imports {imported}); only "
         "plain tensors, numbers, strings, lists and dicts are read"
     )
+
+
+def _first_import(path: Path) -> str | None:
+    """The first ``module.name`` a plain pickle imports, read with :mod:`pickletools` (which
+    only decodes opcodes, never executes them); None when it imports nothing or is not one."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with path.open("rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    return arg.replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "STOP":
+                    return None
+    except Exception:  # noqa: BLE001 - not decodable as a pickle: "damaged" is the answer
+        return None
+    return None
 
 
 def only_tensors(state: dict, path: str | Path) -> dict[str, Tensor]:
