@@ -57,7 +57,16 @@ def collect_inputs(specs: list[str], recursive: bool) -> tuple[list[tuple[Path, 
 
     def images_in(folder: Path) -> list[Path]:
         pattern = "**/*" if recursive else "*"
-        return sorted(p for p in folder.glob(pattern) if wanted(p) and p.is_file())
+        files = []
+        for p in sorted(folder.glob(pattern)):
+            if not wanted(p) or p.is_dir():
+                continue
+            problem = regular_file_problem(p)
+            if problem:  # e.g. a FIFO named x.png: reported, never opened
+                errors.append(f"{p}: {problem}")
+            else:
+                files.append(p)
+        return files
 
     found: list[tuple[Path, Path]] = []
     errors: list[str] = []
@@ -80,7 +89,7 @@ def collect_inputs(specs: list[str], recursive: bool) -> tuple[list[tuple[Path, 
             pattern = os.path.expanduser(spec)
             root = _glob_root(pattern)
             matches = sorted(Path(m) for m in glob.glob(pattern, recursive=recursive))
-            files = []
+            files, before = [], len(errors)
             for m in matches:
                 if m.is_dir() or not wanted(m):
                     continue
@@ -89,7 +98,7 @@ def collect_inputs(specs: list[str], recursive: bool) -> tuple[list[tuple[Path, 
                     errors.append(f"{m}: {problem}")
                 else:
                     files.append(m)
-            if not files and not errors:
+            if not files and len(errors) == before:
                 errors.append(f"{spec}: no image files match")
             found += [(f, _relative(f, root)) for f in files]
         else:

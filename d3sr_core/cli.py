@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output format (default png, or the -o file's format; 'same' keeps each input's)",
     )
-    io.add_argument("--suffix", default="", help="appended to each output name, e.g. _x4")
+    io.add_argument(
+        "--suffix", default="", help="appended to each output name, e.g. _x4 (default none)"
+    )
     io.add_argument(
         "--quality", type=int, default=95, help="JPEG/WebP quality, 0..100 (default 95)"
     )
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
-        help="compute precision (auto: bf16 on CPUs that support it, else fp32; fp16/bf16 on GPUs)",
+        help="compute precision (default auto: bf16 on CPUs that support it, else fp32; "
+        "fp16/bf16 on GPUs)",
     )
     perf.add_argument(
         "--tile",

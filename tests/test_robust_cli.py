@@ -209,6 +209,15 @@ def test_special_files_refused_without_opening(tmp_path, special_files, capsys):
         err = capsys.readouterr().err
         assert outcome.get("value") == 2, (kind, outcome)
         assert f"{path}: not a regular file" in err and "no such file" not in err, err
+    # inside a folder, a FIFO with an image name is reported, not opened
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "queue.png")
+    found, errors = finishes_quickly(lambda: collect_inputs([str(folder)], False))["value"]
+    assert (
+        found == []
+        and errors[0] == f"{folder / 'queue.png'}: not a regular file (it is a FIFO (named pipe))"
+    )
     from d3sr_core.loading.files import WeightsFileError, read_state_dict
 
     outcome = finishes_quickly(lambda: read_state_dict(special_files["fifo"]))
