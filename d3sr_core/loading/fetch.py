@@ -287,26 +287,16 @@ def load_converting(
     Returns:
         ``(generator, path of a conversion written now or None)``.
     """
-    from .generator import generator_from_checkpoint, load_generator, read_weights
+    from .generator import generator_from_checkpoint, read_weights
 
     weights = Path(weights)
+    cached = None
     if weights.suffix.lower() == ".safetensors":
-        return load_generator(
-            weights, base, vae=vae, strength=strength, allow_download=allow_download
-        ), None
-    cached = find_conversion(weights, base, cache_dir)
-    if cached is not None:
+        ckpt = read_weights(weights)
+    elif (cached := find_conversion(weights, base, cache_dir)) is not None:
         ckpt = load_checkpoint(cached)
-        generator = generator_from_checkpoint(
-            ckpt,
-            base,
-            vae=vae,
-            strength=strength,
-            weights_name=str(weights),
-            allow_download=allow_download,
-        )
-        return generator.eval(), None
-    ckpt = read_weights(weights, base)
+    else:
+        ckpt = read_weights(weights, base)
     generator = generator_from_checkpoint(
         ckpt,
         base,
@@ -314,8 +304,10 @@ def load_converting(
         strength=strength,
         weights_name=str(weights),
         allow_download=allow_download,
-    )
-    return generator.eval(), save_conversion(ckpt, weights, base, cache_dir)
+    ).eval()
+    if weights.suffix.lower() == ".safetensors" or cached is not None:
+        return generator, None
+    return generator, save_conversion(ckpt, weights, base, cache_dir)
 
 
 def _writable_folder(folder: Path) -> bool:
