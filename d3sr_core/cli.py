@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
+import math
 import os
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from .batch import Job, check_output_target, collect_inputs, plan_outputs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OUTPUT_FORMATS = ("png", "jpg", "webp", "same")
@@ -46,9 +47,21 @@ def _error(message: str) -> None:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+# The engine's defaults (UpscaleOptions), spelled out so `--help` needs no torch import;
+# tests/test_cli.py checks they agree with UpscaleOptions().
+ENGINE_DEFAULTS = {
+    "tile_size": "auto",
+    "tile_overlap": 256,
+    "vae_tile_size": "auto",
+    "vae_attention_window": 1024,
+    "color_fix": "wavelet",
+    "max_output_pixels": 256 * 1024 * 1024,
+}
 
 
 def _tile(text: str) -> int | str:
@@ -94,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--format",
         choices=OUTPUT_FORMATS,
-        default="png",
-        help="output format (default png; 'same' keeps each input's format)",
+        default=None,
+        help="output format (default png, or the -o file's format; 'same' keeps each input's)",
     )
-    io.add_argument("--suffix", default="", help="appended to each output name, e.g. _x4")
-    io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    io.add_argument(
+        "--suffix", default="", help="appended to each output name, e.g. _x4 (default none)"
+    )
+    io.add_argument(
+        "--quality", type=int, default=95, help="JPEG/WebP quality, 0..100 (default 95)"
+    )
     io.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
     opts = up.add_argument_group("upscaling")
     opts.add_argument(
@@ -108,22 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=1.0,
-        help="LoRA strength: 0 = base model, 1 = as trained (default), >1 extrapolates",
+        help="LoRA strength >= 0: 0 = base model, 1 = as trained (default), >1 extrapolates",
     )
     opts.add_argument(
-        "--seed", type=int, default=None, help="seed (for checkpoints that sample the latent)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed, 0..2^64-1 (for checkpoints that sample the latent; default none)",
     )
     opts.add_argument(
         "--color-fix",
         choices=("none", "adain", "wavelet"),
         default=None,
-        help="match the output's colours to the input (default: the engine's)",
+        help=f"match the output's colours to the input (default {ENGINE_DEFAULTS['color_fix']})",
     )
     opts.add_argument(
         "--max-output-mp",
         type=_positive_float,
         default=None,
-        help="refuse images whose output would exceed this many megapixels",
+        help="refuse images whose output would exceed this many megapixels "
+        f"(default {ENGINE_DEFAULTS['max_output_pixels'] / 1e6:.0f})",
     )
     perf = up.add_argument_group("device and memory")
     perf.add_argument(
@@ -133,28 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
-        help="compute precision (auto: bf16 on CPUs that support it, else fp32; fp16/bf16 on GPUs)",
+        help="compute precision (default auto: bf16 on CPUs that support it, else fp32; "
+        "fp16/bf16 on GPUs)",
     )
     perf.add_argument(
         "--tile",
         type=_tile,
         default=None,
         metavar="N|auto",
-        help="UNet tile size in pixels (0 = no tiling; default auto)",
+        help="UNet tile size in output pixels, a multiple of 8 >= 64 "
+        f"(0 = no tiling; default {ENGINE_DEFAULTS['tile_size']})",
     )
     perf.add_argument(
         "--tile-overlap",
         type=int,
         default=None,
         metavar="N",
-        help="overlap between UNet tiles, pixels",
+        help=f"overlap between UNet tiles, output pixels >= 0 (default {ENGINE_DEFAULTS['tile_overlap']})",
     )
     perf.add_argument(
         "--vae-tile",
         type=_tile,
         default=None,
         metavar="N|auto",
-        help="VAE tile size in pixels (0 = no tiling; default auto)",
+        help="VAE tile size in pixels, >= 32 "
+        f"(0 = no tiling; default {ENGINE_DEFAULTS['vae_tile_size']})",
     )
     perf.add_argument(
         "--vae-attention-window",
@@ -162,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="VAE attention is global up to N pixels per side, windowed beyond "
-        "(linear cost; default 1024; 0 = always global)",
+        f"(linear cost; default {ENGINE_DEFAULTS['vae_attention_window']}; 0 = always global)",
     )
     perf.add_argument(
         "--memory-budget",
@@ -291,85 +315,7 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------- inputs and outputs
 
-
-@dataclass
-class Job:
-    source: Path
-    target: Path
-
-
-def collect_inputs(specs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """``(file, relative output path)`` pairs for files, folders and globs; plus error messages."""
-    from .image_files import IMAGE_SUFFIXES
-
-    def images_in(folder: Path) -> list[Path]:
-        pattern = "**/*" if recursive else "*"
-        return sorted(
-            p
-            for p in folder.glob(pattern)
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
-
-    found: list[tuple[Path, Path]] = []
-    errors: list[str] = []
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            files = images_in(path)
-            if not files:
-                errors.append(
-                    f"{spec}: no images in this folder{'' if recursive else ' (use --recursive for sub-folders)'}"
-                )
-            found += [(f, f.relative_to(path)) for f in files]
-        elif path.is_file():
-            found.append((path, Path(path.name)))
-        elif glob.has_magic(spec):
-            matches = sorted(
-                Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=recursive)
-            )
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
-            if not files:
-                errors.append(f"{spec}: no image files match")
-            found += [(f, Path(f.name)) for f in files]
-        else:
-            errors.append(f"{spec}: no such file or folder")
-    unique, seen = [], set()
-    for source, rel in found:
-        key = source.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append((source, rel))
-    return unique, errors
-
-
-def plan_outputs(
-    inputs: list[tuple[Path, Path]], output: Path, fmt: str, suffix: str, single_file: bool
-) -> list[Job]:
-    """Output path for every input; names that would collide get the input's extension added."""
-    from .image_files import IMAGE_SUFFIXES
-
-    if single_file:
-        return [Job(inputs[0][0], output)]
-
-    def extension(rel: Path) -> str:
-        if fmt != "same":
-            return "." + fmt
-        return rel.suffix.lower() if rel.suffix.lower() in IMAGE_SUFFIXES else ".png"
-
-    targets = [output / rel.parent / f"{rel.stem}{suffix}{extension(rel)}" for _, rel in inputs]
-    groups: dict[Path, list[int]] = defaultdict(list)
-    for i, target in enumerate(targets):
-        groups[target].append(i)
-    for indices in groups.values():
-        if len(indices) > 1:
-            for i in indices:
-                rel = inputs[i][1]
-                targets[i] = (
-                    output
-                    / rel.parent
-                    / f"{rel.stem}_{rel.suffix.lstrip('.').lower()}{suffix}{extension(rel)}"
-                )
-    return [Job(source, target) for (source, _), target in zip(inputs, targets, strict=True)]
+# The planning rules (collect_inputs, plan_outputs, check_output_target) live in batch.py.
 
 
 # --------------------------------------------------------------------------- weights
@@ -468,6 +414,9 @@ def _base_without_vae(base: str) -> bool:
 # --------------------------------------------------------------------------- engine options
 
 OPTION_FLAGS = {
+    "scale": "--scale",
+    "seed": "--seed",
+    "max_output_pixels": "--max-output-mp",
     "tile_size": "--tile",
     "tile_overlap": "--tile-overlap",
     "vae_tile_size": "--vae-tile",
@@ -477,20 +426,35 @@ OPTION_FLAGS = {
 }
 
 
-def build_options(args):
-    """:class:`UpscaleOptions` from the command line; a flag the engine lacks is a clear error."""
-    from .inference.pipeline import UpscaleOptions
+def _check_cli_only_options(args) -> None:
+    """Options the engine does not see (file output, LoRA strength), checked up front."""
+    if not math.isfinite(args.scale) or not args.scale > 1:
+        raise CliError(f"--scale must be a finite number > 1, got {args.scale}")
+    if not math.isfinite(args.strength) or args.strength < 0:
+        raise CliError(f"--strength must be a finite number >= 0, got {args.strength}")
+    if not 0 <= args.quality <= 100:
+        raise CliError(f"--quality must be 0..100, got {args.quality}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise CliError(f"--seed must be 0..2^64-1, got {args.seed}")
 
+
+def build_options(args):
+    """:class:`UpscaleOptions` from the command line, validated by the engine's rules; errors
+    name the CLI flag (exit 2). Runs before any model is looked for or loaded."""
+    from .inference.pipeline import InvalidImageError, UpscaleOptions, validate_options
+
+    _check_cli_only_options(args)
     values = {"scale": args.scale, "seed": args.seed}
     if args.max_output_mp is not None:
-        values["max_output_pixels"] = int(args.max_output_mp * 1_000_000)
+        values["max_output_pixels"] = max(1, int(args.max_output_mp * 1_000_000))
+    budget = args.memory_budget
     wanted = {
         "tile_size": args.tile,
         "tile_overlap": args.tile_overlap,
         "vae_tile_size": args.vae_tile,
         "vae_attention_window": args.vae_attention_window,
         "color_fix": args.color_fix,
-        "memory_budget_bytes": int(args.memory_budget * 2**30) if args.memory_budget else None,
+        "memory_budget_bytes": max(1, int(budget * 2**30)) if budget else None,
     }
     known = {f.name for f in dataclasses.fields(UpscaleOptions)}
     for name, value in wanted.items():
@@ -501,31 +465,63 @@ def build_options(args):
                 f"{OPTION_FLAGS[name]} is not supported by this d3sr_core (UpscaleOptions has no {name!r})"
             )
         values[name] = value
-    return UpscaleOptions(**values)
+    options = UpscaleOptions(**values)
+    try:
+        validate_options(options)
+    except InvalidImageError as err:
+        raise CliError(_flag_message(str(err), args)) from None
+    return options
+
+
+def _flag_message(message: str, args) -> str:
+    """An engine message about an option field, rewritten to name the CLI flag and value."""
+    given = {
+        "--tile": args.tile,
+        "--tile-overlap": args.tile_overlap,
+        "--vae-tile": args.vae_tile,
+        "--vae-attention-window": args.vae_attention_window,
+    }
+    for field_name, flag in OPTION_FLAGS.items():
+        if message.startswith(field_name + " "):
+            rule = message[len(field_name) + 1 :].split(", got ")[0]
+            rule = rule.replace("'auto', None/0", "'auto', 0").replace(" or None", "")
+            value = given.get(flag)
+            return f"{flag} {rule}" + (f", got {value}" if value is not None else "")
+    return message
 
 
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_upscale(args) -> int:
-    from tqdm.auto import tqdm
+@dataclass
+class Summary:
+    """One process's outcome; rank 0 adds them up."""
 
-    from .image_files import IMAGE_SUFFIXES
+    written: int = 0
+    skipped: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
 
-    if not args.scale > 1:
-        raise CliError(f"--scale must be > 1, got {args.scale}")
-    options = build_options(args)
+    def add(self, other: Summary) -> None:
+        self.written += other.written
+        self.skipped += other.skipped
+        self.failures += other.failures
+
+
+def plan_batch(args) -> tuple[list[Job], list[str], int]:
+    """``(jobs to run, failures so far, skipped)`` for the command line; no model involved.
+
+    Raises:
+        CliError: no inputs, or an ``-o`` that cannot work (exit 2, nothing written).
+    """
     inputs, failures = collect_inputs(args.inputs, args.recursive)
     for message in failures:
         _error(message)
     if not inputs:
         raise CliError("no input images" + (" (see the errors above)" if failures else ""))
-    single = (
-        len(args.inputs) == 1
-        and len(inputs) == 1
-        and Path(args.inputs[0]).expanduser().is_file()
-        and args.output.suffix.lower() in IMAGE_SUFFIXES
-    )
+    try:
+        single = check_output_target(args.output, inputs, args.format, args.suffix)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     jobs = plan_outputs(inputs, args.output, args.format, args.suffix, single)
     clashes = [j for j in jobs if j.target.resolve() == j.source.resolve()]
     for job in clashes:
@@ -535,46 +531,111 @@ def cmd_upscale(args) -> int:
         _error(failures[-1])
     jobs = [j for j in jobs if j not in clashes]
     pending = [j for j in jobs if not (args.skip_existing and j.target.exists())]
-    skipped = len(jobs) - len(pending)
-    if skipped:
-        _log(args, f"skipping {skipped} image(s) whose output exists")
-
-    written = 0
-    if pending:
-        pipeline = load_pipeline(args)
-        with tqdm(
-            total=len(pending), unit="img", desc="upscale", disable=args.quiet, position=0
-        ) as bar:
-            for job in pending:
-                bar.set_postfix_str(job.source.name, refresh=True)
-                try:
-                    for note in upscale_file(pipeline, job, options, args):
-                        _log(args, f"note: {note}")
-                    written += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as err:  # one bad file must not stop the batch
-                    failures.append(f"{job.source}: {err}")
-                    _error(failures[-1])
-                bar.update(1)
-    _log(args, f"{written} written, {skipped} skipped, {len(failures)} failed -> {args.output}")
-    return EXIT_FAILED if failures else EXIT_OK
+    return pending, failures, len(jobs) - len(pending)
 
 
-def load_pipeline(args):
+def cmd_upscale(args) -> int:
+    from .batch import image_pixels, split_by_pixels
+    from .distributed import launched_processes
+
+    options = build_options(args)
+    try:
+        procs = launched_processes()
+    except RuntimeError as err:
+        raise CliError(str(err)) from None
+    try:
+        plan: object = None
+        if procs.main:
+            try:
+                pending, failures, skipped = plan_batch(args)
+                weights = [image_pixels(j.source) for j in pending] if procs.world > 1 else []
+                plan = (pending, failures, skipped, weights)
+            except CliError as err:
+                plan = err
+        plan = procs.broadcast(plan)  # every rank works from rank 0's one plan
+        if isinstance(plan, CliError):
+            raise plan
+        pending, failures, skipped, weights = plan
+        if procs.world > 1:
+            pending = [pending[i] for i in split_by_pixels(weights, procs.world)[procs.rank]]
+        if not procs.main:
+            args.quiet = True  # one progress bar and one set of status lines: rank 0's
+        elif skipped:
+            _log(args, f"skipping {skipped} image(s) whose output exists")
+        mine = Summary(skipped=skipped, failures=failures) if procs.main else Summary()
+        crashed: CliError | None = None
+        try:
+            run_jobs(args, pending, options, mine, procs)
+        except CliError as err:  # e.g. weights not found: gathered first so no rank hangs
+            crashed = err
+        total = Summary()
+        for part in procs.gather(mine):
+            total.add(part)
+        if crashed is not None:
+            raise crashed
+    finally:
+        procs.close()
+    if procs.main:
+        where = f" ({procs.world} processes)" if procs.world > 1 else ""
+        _log(
+            args,
+            f"{total.written} written, {total.skipped} skipped, {len(total.failures)} failed "
+            f"-> {args.output}{where}",
+        )
+    return EXIT_FAILED if total.failures else EXIT_OK
+
+
+def run_jobs(args, pending: list[Job], options, summary: Summary, procs) -> None:
+    """Upscale ``pending`` (this process's share) into ``summary``. One bad file never stops
+    the batch; a file this run wrote is never written again; only files found on disk
+    afterwards count as written."""
+    from tqdm.auto import tqdm
+
+    if not pending:
+        return
+    pipeline = load_pipeline(args, procs)
+    written_now: set[Path] = set()
+    label = f"upscale (rank 0 of {procs.world})" if procs.world > 1 else "upscale"
+    with tqdm(total=len(pending), unit="img", desc=label, disable=args.quiet, position=0) as bar:
+        for job in pending:
+            bar.set_postfix_str(job.source.name, refresh=True)
+            try:
+                target = job.target.resolve()
+                if target in written_now:  # planning makes targets distinct; this guards it
+                    raise RuntimeError(
+                        f"{job.target} was already written by this run; not overwritten"
+                    )
+                for note in upscale_file(pipeline, job, options, args):
+                    _log(args, f"note: {note}")
+                if not job.target.is_file():
+                    raise RuntimeError(f"{job.target} is missing after writing it")
+                written_now.add(target)
+                summary.written += 1
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one bad file must not stop the batch
+                text = str(err)
+                summary.failures.append(
+                    text if text.startswith(str(job.source)) else f"{job.source}: {text}"
+                )
+                _error(summary.failures[-1])
+            bar.update(1)
+
+
+def load_pipeline(args, procs=None):
     """Resolve weights, load the generator on the chosen device/precision, wrap it."""
+    from .distributed import Processes, process_device
     from .inference.pipeline import D3SRPipeline
     from .inference.precision import prepare_generator, resolve_device, resolve_dtype
-    from .loading.fetch import ensure_d3sr_weights
+    from .loading.fetch import load_converting
     from .loading.files import WeightsFileError
-    from .loading.generator import load_generator
     from .loading.locate import default_models_dir, locate_models
 
     models = resolve_models(
         args, command="d3sr upscale " + " ".join(args.inputs) + f" -o {args.output}"
     )
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(process_device(args.device, procs or Processes()))
         dtype = resolve_dtype(args.precision, device)
     except ValueError as err:
         raise CliError(f"--device {args.device} / --precision {args.precision}: {err}") from None
@@ -586,29 +647,29 @@ def load_pipeline(args):
                 f"{models.base} has no VAE inside: pass --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors)"
             )
     start = time.perf_counter()
+    _log(
+        args,
+        f"weights: {models.weights}\nbase:    {models.base}" + (f"\nvae:     {vae}" if vae else ""),
+    )
     try:
         prompt_embeds = getattr(args, "prompt_embeds", None)
         if prompt_embeds is not None and not prompt_embeds.is_file():
             raise CliError(f"--prompt-embeds {prompt_embeds}: no such file")
-        if prompt_embeds is None:
-            weights, converted = ensure_d3sr_weights(
-                models.weights, models.base, default_models_dir(_env(args))
-            )
-        else:  # the external embedding serves OSEDiff weights directly, no conversion
-            weights, converted = Path(models.weights), False
-        if converted:
-            _log(args, f"converted {models.weights} -> {weights} (used from now on)")
-        _log(
-            args,
-            f"weights: {weights}\nbase:    {models.base}" + (f"\nvae:     {vae}" if vae else ""),
-        )
         # LoRA merged in fp32 on the CPU; prepare_generator then casts and moves once
-        # (keeping the VAE in fp32 where fp16 would overflow).
-        generator = load_generator(
-            weights, models.base, vae=vae, strength=args.strength, prompt_embeds=prompt_embeds
+        # (keeping the VAE in fp32 where fp16 would overflow). An OSEDiff pickle is
+        # converted once; the conversion is cached only after it merged cleanly.
+        generator, converted = load_converting(
+            models.weights,
+            models.base,
+            vae=vae,
+            strength=args.strength,
+            cache_dir=default_models_dir(_env(args)),
+            prompt_embeds=prompt_embeds,
         )
     except WeightsFileError as err:
         raise CliError(str(err)) from None
+    if converted is not None:
+        _log(args, f"converted {models.weights} -> {converted} (reused while both are unchanged)")
     generator = prepare_generator(generator, device, dtype)
     plan = generator.precision_plan.describe()
     _log(args, f"loaded in {time.perf_counter() - start:.1f} s ({plan})")
@@ -674,7 +735,7 @@ def cmd_info(args) -> int:
                 _error(str(err))
     if args.json:
         print(json.dumps([i if isinstance(i, dict) else i.to_dict() for i in infos], indent=2))
-    else:
+    elif infos:
         print("\n\n".join(i.format() for i in infos))
     return EXIT_FAILED if failed else EXIT_OK
 

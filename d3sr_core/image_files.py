@@ -16,6 +16,7 @@ Images are handled as float32 ``[H, W, C]`` arrays in ``[0, 1]`` with C = 1 (gra
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -63,9 +64,40 @@ class ImageData:
 # --------------------------------------------------------------------------- reading
 
 
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a file (``None`` when it is a regular file).
+
+    Uses ``stat`` only, never ``open``: opening a FIFO blocks until a writer appears and a
+    device such as ``/dev/zero`` never ends, so they are refused before any read.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot access it ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = (
+        "a folder" if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a special file"
+    )  # fmt: skip
+    return f"not a regular file (it is {kind})"
+
+
 def read_image(path: str | Path) -> ImageData:
-    """Read an image file (see module docstring). Raises :class:`ImageFileError`."""
+    """Read an image file (see module docstring). Raises :class:`ImageFileError`.
+
+    Folders, FIFOs, devices and sockets are refused as "not a regular file" without being
+    opened (opening a FIFO would block forever).
+    """
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem:
+        raise ImageFileError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
             image.load()
@@ -74,8 +106,12 @@ def read_image(path: str | Path) -> ImageData:
             wide = _read_wide(path, image)
             if wide is not None:
                 return ImageData(_orient(wide, orientation), 16, icc)
+            # exif_transpose returns a new image without the file's format and TIFF tags
+            notes = _narrowed_notes(path, image)
             image = ImageOps.exif_transpose(image)
-            return _from_pil(image, path, icc)
+            data = _from_pil(image, path, icc)
+            data.warnings[:0] = notes
+            return data
     except FileNotFoundError:
         raise ImageFileError(f"{path}: no such file") from None
     except (
@@ -110,15 +146,19 @@ def _from_pil(image: Image.Image, path: Path, icc: bytes | None) -> ImageData:
         image = image.convert("RGBA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    if image.format == "TIFF" or path.suffix.lower() in (".tif", ".tiff"):
-        if _tiff_bits(image) > 8:
-            notes.append(
-                f"{path.name}: 16-bit colour TIFF read as 8-bit (install opencv-python to keep 16 bits)"
-            )
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
     return ImageData(array, 8, icc, notes)
+
+
+def _narrowed_notes(path: Path, image: Image.Image) -> list[str]:
+    """The note promised when a 16-bit colour file is read at 8 bits (no decoder for it)."""
+    if image.format == "TIFF" and _tiff_bits(image) > 8 and not image.mode.startswith(("I", "F")):
+        return [
+            f"{path.name}: 16-bit colour TIFF read as 8-bit (install opencv-python to keep 16 bits)"
+        ]
+    return []
 
 
 def _tiff_bits(image: Image.Image) -> int:

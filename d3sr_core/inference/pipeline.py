@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..models.generator import D3SRGenerator
 from . import tiled_vae
+from .alpha import fill_transparent
 from .color import COLOR_FIXES, apply_color_fix
 from .memory import resolve_budget, run_with_oom_retry
 from .tiling import (
@@ -396,11 +397,14 @@ class D3SRPipeline:
 
         Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` in [0, 1] on the input's
         device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
-        bicubically and carried over. ``progress(done, total)`` advances per tile;
+        bicubically and carried over, and the colour under fully transparent pixels is
+        first filled from visible neighbours (:func:`.alpha.fill_transparent`). ``progress(done, total)`` advances per tile;
         ``cancel()`` is checked between tiles and raises :class:`UpscaleCancelled`.
         """
         options = options or UpscaleOptions()
         images = validate_images(images, options)
+        if images.shape[1] == 4:  # hidden colour under alpha = 0 must not bleed into edges
+            images = torch.cat([fill_transparent(images[:, :3], images[:, 3:]), images[:, 3:]], 1)
         budget = resolve_budget(options.memory_budget_bytes, self.device)
         b, c, h, w = images.shape
         out_w, out_h = output_size(w, h, options.scale)

@@ -194,8 +194,8 @@ def prepare_generator(
     device = generator.device if device is None else resolve_device(device)
     force_upcast = bool(getattr(getattr(generator.vae, "config", None), "force_upcast", True))
     plan = plan_precision(dtype or "auto", device, force_upcast, channels_last)
-    generator.unet.to(device=device, dtype=plan.unet_dtype)
-    generator.vae.to(device=device, dtype=plan.vae_dtype)
+    _cast(generator.unet, device, plan.unet_dtype)
+    _cast(generator.vae, device, plan.vae_dtype)
     generator.to(device=device)  # buffers (the prompt embedding) follow
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     generator.unet.to(memory_format=fmt)
@@ -203,3 +203,12 @@ def prepare_generator(
     generator.precision_plan = plan
     logger.info("precision: %s", plan.describe())
     return generator.eval()
+
+
+def _cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype)`` without diffusers' "modules that should be kept in float32:
+    []" warning, which its ``to()`` logs on every dtype cast even when that list is empty."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(device=device, dtype=dtype)  # real fp32 modules: diffusers' own handling
+    else:
+        torch.nn.Module.to(model, device=device, dtype=dtype)

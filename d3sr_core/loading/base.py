@@ -67,19 +67,48 @@ def load_diffusers_folder(
             raise WeightsFileError(
                 path, f"not a diffusers model folder: {sub}/config.json is missing"
             )
-    check_sd21_unet_config(json.loads((path / "unet" / "config.json").read_text()), path / "unet")
+    check_sd21_unet_config(_folder_json(path, "unet/config.json"), path / "unet")
+    _folder_json(path, "vae/config.json")
+    _check_folder_weights(path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsFileError(path, f"could not load the diffusers UNet/VAE ({err})") from None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError) as err:
+        detail = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise WeightsFileError(path, f"could not load the diffusers UNet/VAE ({detail})") from None
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = (
-        json.loads(sched_file.read_text())
+        _folder_json(path, "scheduler/scheduler_config.json")
         if sched_file.is_file()
         else bundled_config("sd21-base", "scheduler")
     )
     return BaseModel(unet.to(device).eval(), vae.to(device).eval(), scheduler_config, str(path))
+
+
+def _folder_json(folder: Path, name: str) -> dict:
+    """A JSON object from a file in a model folder; errors name the folder and the file."""
+    try:
+        data = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise WeightsFileError(folder, f"{name} is not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsFileError(
+            folder, f"{name} is a JSON {type(data).__name__}, expected an object"
+        )
+    return data
+
+
+def _check_folder_weights(folder: Path) -> None:
+    """Check the UNet/VAE ``.safetensors`` headers of a diffusers folder before diffusers reads
+    them, so a damaged file is reported in words (naming the folder, then the file)."""
+    from .files import read_safetensors_header
+
+    for sub in ("unet", "vae"):
+        for weights in sorted((folder / sub).glob("*.safetensors")):
+            try:
+                read_safetensors_header(weights)
+            except WeightsFileError as err:
+                raise WeightsFileError(folder, f"{sub}/{weights.name}: {err.problem}") from None
 
 
 def load_base(

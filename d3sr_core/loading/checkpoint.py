@@ -16,6 +16,7 @@ Tensors are written as they are (dtype included), so save-then-load is bit-exact
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import Tensor
 from ..models.generator import GeneratorConfig
 from ..models.lora import LoraAdapter, split_peft_state_dict
 from .files import WeightsFileError, read_safetensors_metadata, read_state_dict
+from .validate import check_config_types, check_factors, check_scale, check_tensors
 
 FORMAT_NAME = "d3sr"
 FORMAT_VERSION = 1
@@ -64,8 +66,13 @@ def checkpoint_state_dict(ckpt: D3SRCheckpoint) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def save_checkpoint(ckpt: D3SRCheckpoint, path: str | Path) -> Path:
-    """Write ``ckpt`` as a D3SR ``.safetensors`` file (written to a temp name, then renamed)."""
+def save_checkpoint(
+    ckpt: D3SRCheckpoint, path: str | Path, extra_metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``ckpt`` as a D3SR ``.safetensors`` file (written to a temp name, then renamed).
+
+    ``extra_metadata`` adds header entries (e.g. where a conversion came from).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -76,11 +83,16 @@ def save_checkpoint(ckpt: D3SRCheckpoint, path: str | Path) -> Path:
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(ckpt.config.to_dict()),
         "adapters": json.dumps({m: {"scale": a.scale} for m, a in ckpt.adapters.items()}),
+        **(extra_metadata or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(checkpoint_state_dict(ckpt), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(checkpoint_state_dict(ckpt), str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -111,11 +123,22 @@ def load_checkpoint(path: str | Path) -> D3SRCheckpoint:
         )
     try:
         version = int(meta.get("format_version", "0"))
-        config = GeneratorConfig.from_dict(json.loads(meta["config"]))
-        scales = {m: float(v["scale"]) for m, v in json.loads(meta.get("adapters", "{}")).items()}
-    except (KeyError, ValueError, TypeError) as err:
+        config_dict = json.loads(meta["config"])
+        adapters_dict = json.loads(meta.get("adapters", "{}"))
+        if not isinstance(config_dict, dict) or not isinstance(adapters_dict, dict):
+            raise TypeError("'config' and 'adapters' must be JSON objects")
+        check_config_types(config_dict, path)
+        config = GeneratorConfig.from_dict(config_dict)
+        scales = {
+            m: check_scale(v.get("scale") if isinstance(v, dict) else v, path, f"{m} LoRA scale")
+            for m, v in adapters_dict.items()
+        }
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        if isinstance(err, WeightsFileError):
+            raise
+        detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
         raise WeightsFileError(
-            path, f"D3SR header metadata is incomplete or invalid ({err})"
+            path, f"D3SR header metadata is incomplete or invalid ({detail})"
         ) from None
     if version < 1 or version > FORMAT_VERSION:
         raise WeightsFileError(
@@ -126,6 +149,7 @@ def load_checkpoint(path: str | Path) -> D3SRCheckpoint:
     if "prompt_embeds" not in tensors:
         raise WeightsFileError(path, "D3SR checkpoint lacks the 'prompt_embeds' tensor [1, 77, C]")
     prompt_embeds = tensors.pop("prompt_embeds")
+    check_tensors({"prompt_embeds": prompt_embeds}, path, "D3SR checkpoint")
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
         raise WeightsFileError(
             path, f"'prompt_embeds' has shape {tuple(prompt_embeds.shape)}, expected [1, 77, C]"
@@ -155,6 +179,8 @@ def load_checkpoint(path: str | Path) -> D3SRCheckpoint:
             raise WeightsFileError(path, f"{model} LoRA: {err.args[0]}") from None
         if model not in scales:
             raise WeightsFileError(path, f"header gives no LoRA scale for the {model} adapter")
+        check_factors(factors, path, model)
+        check_tensors(replaced[model], path, f"{model} replacement tensors")
         adapters[model] = LoraAdapter(
             factors=factors, scale=scales[model], replaced=replaced[model]
         )

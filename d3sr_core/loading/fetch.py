@@ -7,15 +7,17 @@ so an interrupted download never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.request
 from pathlib import Path
 
 from torch import Tensor
 
+from ..models.generator import D3SRGenerator
 from .base import DEFAULT_HUB_ID
-from .checkpoint import is_d3sr_checkpoint, save_checkpoint
-from .files import WeightsFileError, read_state_dict
+from .checkpoint import D3SRCheckpoint, load_checkpoint, save_checkpoint
+from .files import WeightsFileError, read_safetensors_metadata, read_state_dict
 from .locate import BASE_FOLDER_NAME, converted_path
 from .osediff import osediff_to_checkpoint, read_osediff
 
@@ -32,12 +34,18 @@ BASE_HUB_PATTERNS = [
     "text_encoder/model.fp16.safetensors",
 ]
 
+# Header entries of a converted OSEDiff file: what it was made from.
+CONVERTED_FROM = "converted_from"
+SOURCE_SHA256 = "source_sha256"
+PROMPT_SOURCE = "prompt_embeds_from"
+
 __all__ = [
     "BASE_HUB_PATTERNS",
     "convert_osediff",
     "download_base",
     "download_file",
-    "ensure_d3sr_weights",
+    "find_conversion",
+    "load_converting",
     "read_prompt_embeds",
 ]
 
@@ -123,6 +131,49 @@ def read_prompt_embeds(path: str | Path) -> Tensor:
     return tensor.float()
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (osediff.pkl is ~18 MB: well under a second)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def text_encoder_id(base: str | Path) -> str:
+    """Identity of the text encoder a base provides: resolved path, size and modification
+    time of its files (a diffusers folder's ``text_encoder/``, or the single file), hashed.
+
+    Cheap (no weights read), and it changes whenever another base, or a changed file, is
+    used - which is when a cached conversion's prompt embedding may no longer be right.
+    """
+    src = Path(base).expanduser()
+    if src.is_dir():
+        folder = src / "text_encoder" if (src / "text_encoder").is_dir() else src
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    else:
+        files = [src]
+    parts = []
+    for f in files:
+        st = f.stat()
+        parts.append(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return "base:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _embeds_id(prompt_embeds: Tensor) -> str:
+    data = prompt_embeds.detach().float().cpu().contiguous().numpy().tobytes()
+    return "prompt_embeds:" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def conversion_metadata(pickle_path: str | Path, source: str) -> dict[str, str]:
+    """Header entries recording what a conversion was made from (see :func:`find_conversion`)."""
+    return {
+        CONVERTED_FROM: "osediff",
+        SOURCE_SHA256: file_sha256(pickle_path),
+        PROMPT_SOURCE: source,
+    }
+
+
 def convert_osediff(
     pickle_path: str | Path,
     out: str | Path,
@@ -133,7 +184,10 @@ def convert_osediff(
     """Convert OSEDiff's ``osediff.pkl`` to a D3SR ``.safetensors`` checkpoint.
 
     The empty-prompt embedding comes from ``prompt_embeds`` or is computed from ``base``'s
-    text encoder (an SD2.1 diffusers folder or single file).
+    text encoder (an SD2.1 diffusers folder or single file). The pickle is fully checked
+    (:func:`.osediff.osediff_to_checkpoint`) and, with ``base``, merged into it once, before
+    anything is written; the header records the pickle's hash and where the embedding
+    came from.
     """
     if prompt_embeds is None:
         if base is None:
@@ -143,36 +197,120 @@ def convert_osediff(
             )
         from .prompt import empty_prompt_embeds
 
+        source = text_encoder_id(base)
         prompt_embeds = empty_prompt_embeds(base)
+    else:
+        source = _embeds_id(prompt_embeds)
     ckpt = osediff_to_checkpoint(read_osediff(pickle_path), prompt_embeds, pickle_path)
-    return save_checkpoint(ckpt, out)
+    if base is not None:  # merge once into the base: every module and shape must fit
+        from .generator import generator_from_checkpoint
+
+        generator_from_checkpoint(ckpt, base, weights_name=str(pickle_path))
+    return save_checkpoint(ckpt, out, conversion_metadata(pickle_path, source))
 
 
-def ensure_d3sr_weights(
-    weights: str | Path, base: str | Path | None, cache_dir: str | Path | None = None
-) -> tuple[Path, bool]:
-    """The D3SR file to load for ``weights``: itself, or the (cached) conversion of an OSEDiff pickle.
-
-    The conversion is written beside the pickle (``osediff.safetensors``), or into
-    ``cache_dir`` when that folder is not writable, and reused while it is newer than the
-    pickle. Returns ``(path, converted_now)``.
-    """
-    weights = Path(weights)
-    if weights.suffix.lower() == ".safetensors":  # D3SR already (load_checkpoint checks)
-        return weights, False
-    targets = [converted_path(weights)]
+def conversion_targets(pickle_path: str | Path, cache_dir: str | Path | None) -> list[Path]:
+    """Where the conversion of ``pickle_path`` is cached: beside it, else in ``cache_dir``."""
+    beside = converted_path(Path(pickle_path))
+    targets = [beside]
     if cache_dir is not None:
-        targets.append(Path(cache_dir) / "converted" / converted_path(weights).name)
-    mtime = weights.stat().st_mtime if weights.exists() else 0.0
-    for target in targets:
-        if target.is_file() and target.stat().st_mtime >= mtime and is_d3sr_checkpoint(target):
-            return target, False
-    for target in targets:
+        targets.append(Path(cache_dir) / "converted" / beside.name)
+    return targets
+
+
+def find_conversion(
+    pickle_path: str | Path, base: str | Path, cache_dir: str | Path | None = None
+) -> Path | None:
+    """A cached conversion made from this very pickle (same SHA-256) with this base's text
+    encoder (:func:`text_encoder_id`), or ``None`` (then it must be rebuilt)."""
+    wanted = {
+        CONVERTED_FROM: "osediff",
+        SOURCE_SHA256: None,  # hashed only when a candidate exists
+        PROMPT_SOURCE: text_encoder_id(base),
+    }
+    for target in conversion_targets(pickle_path, cache_dir):
+        if not target.is_file():
+            continue
+        try:
+            meta = read_safetensors_metadata(target)
+        except WeightsFileError:
+            continue  # damaged cache: rebuilt
+        if meta.get("format") != "d3sr" or meta.get(CONVERTED_FROM) != "osediff":
+            continue
+        if meta.get(PROMPT_SOURCE) != wanted[PROMPT_SOURCE]:
+            continue
+        if wanted[SOURCE_SHA256] is None:
+            wanted[SOURCE_SHA256] = file_sha256(pickle_path)
+        if meta.get(SOURCE_SHA256) == wanted[SOURCE_SHA256]:
+            return target
+    return None
+
+
+def save_conversion(
+    ckpt: D3SRCheckpoint,
+    pickle_path: str | Path,
+    base: str | Path,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Write a validated conversion where :func:`find_conversion` looks (first writable place).
+
+    Raises:
+        WeightsFileError: no writable place (naming the pickle).
+    """
+    meta = conversion_metadata(pickle_path, text_encoder_id(base))
+    for target in conversion_targets(pickle_path, cache_dir):
         if _writable_folder(target.parent):
-            return convert_osediff(weights, target, base=base), True
-    raise WeightsFileError(
-        weights, f"cannot write its D3SR conversion to any of {[str(t.parent) for t in targets]}"
-    )
+            try:
+                return save_checkpoint(ckpt, target, meta)
+            except OSError:
+                continue
+    places = [str(t.parent) for t in conversion_targets(pickle_path, cache_dir)]
+    raise WeightsFileError(pickle_path, f"cannot write its D3SR conversion to any of {places}")
+
+
+def load_converting(
+    weights: str | Path,
+    base: str | Path,
+    *,
+    vae: str | Path | None = None,
+    strength: float = 1.0,
+    cache_dir: str | Path | None = None,
+    allow_download: bool = False,
+    prompt_embeds: Tensor | str | Path | None = None,
+) -> tuple[D3SRGenerator, Path | None]:
+    """:func:`.generator.load_generator` (fp32, CPU) that converts an OSEDiff pickle once.
+
+    A D3SR file loads as it is. For an OSEDiff pickle, a cached conversion of the same
+    pickle with the same base text encoder is used; otherwise the pickle is converted in
+    memory, merged into the base (which checks every tensor against the model), and only
+    then written to the cache. Errors name ``weights``, the file the user gave. With an
+    external ``prompt_embeds`` (see :func:`.generator.read_weights`) an OSEDiff pickle is
+    used directly: the result depends on that embedding, so nothing is cached.
+
+    Returns:
+        ``(generator, path of a conversion written now or None)``.
+    """
+    from .generator import generator_from_checkpoint, read_weights
+
+    weights = Path(weights)
+    cached = None
+    if weights.suffix.lower() == ".safetensors" or prompt_embeds is not None:
+        ckpt = read_weights(weights, base, prompt_embeds)
+    elif (cached := find_conversion(weights, base, cache_dir)) is not None:
+        ckpt = load_checkpoint(cached)
+    else:
+        ckpt = read_weights(weights, base)
+    generator = generator_from_checkpoint(
+        ckpt,
+        base,
+        vae=vae,
+        strength=strength,
+        weights_name=str(weights),
+        allow_download=allow_download,
+    ).eval()
+    if weights.suffix.lower() == ".safetensors" or cached is not None or prompt_embeds is not None:
+        return generator, None
+    return generator, save_conversion(ckpt, weights, base, cache_dir)
 
 
 def _writable_folder(folder: Path) -> bool:

@@ -14,6 +14,7 @@ from .base import BaseModel, load_base
 from .checkpoint import D3SRCheckpoint, is_d3sr_checkpoint, load_checkpoint
 from .files import WeightsFileError
 from .osediff import osediff_to_checkpoint, read_osediff
+from .validate import fit_problems
 
 
 def read_weights(
@@ -88,6 +89,16 @@ def build_generator(
             weights_name,
             f"prompt_embeds width {ckpt.prompt_embeds.shape[-1]} does not match the UNet's context {context}",
         )
+    problems = [
+        problem
+        for name, model in (("unet", base.unet), ("vae", base.vae))
+        if name in ckpt.adapters
+        for problem in fit_problems(model, ckpt.adapters[name], {"unet": "UNet"}.get(name, "VAE"))
+    ]
+    if problems:  # checked in full before merging, so a bad file never half-changes the base
+        raise WeightsFileError(
+            weights_name, "does not fit this base model: " + "; ".join(problems[:4])
+        )
     generator = D3SRGenerator(
         base.unet,
         base.vae,
@@ -125,11 +136,34 @@ def load_generator(
         prompt_embeds: replaces the checkpoint's condition (see :func:`read_weights`).
     """
     ckpt = read_weights(weights, base, prompt_embeds)
+    generator = generator_from_checkpoint(
+        ckpt,
+        base,
+        vae=vae,
+        strength=strength,
+        weights_name=str(weights),
+        allow_download=allow_download,
+    )
+    return generator.to(device=device, dtype=dtype).eval()
+
+
+def generator_from_checkpoint(
+    ckpt: D3SRCheckpoint,
+    base: str | Path,
+    *,
+    vae: str | Path | None = None,
+    strength: float = 1.0,
+    weights_name: str = "weights",
+    allow_download: bool = False,
+) -> D3SRGenerator:
+    """Load the base and merge an already-read checkpoint into it (fp32, CPU).
+
+    ``weights_name`` is the file the user gave, named in errors.
+    """
     base_model = load_base(
         base,
         vae=vae,
         prediction_type=ckpt.config.prediction_type if Path(base).is_file() else None,
         allow_download=allow_download,
     )
-    generator = build_generator(base_model, ckpt, strength, str(weights))
-    return generator.to(device=device, dtype=dtype).eval()
+    return build_generator(base_model, ckpt, strength, weights_name)

@@ -228,9 +228,25 @@ def find_weights_in(folder: Path) -> list[Path]:
     d3sr = [
         p
         for p in entries
-        if p.suffix.lower() == ".safetensors" and p.is_file() and is_d3sr_checkpoint(p)
+        if p.suffix.lower() == ".safetensors"
+        and p.is_file()
+        and is_d3sr_checkpoint(p)
+        and not _cached_conversion(p)
     ]
     return d3sr + _match(entries, OSEDIFF_PATTERNS, want_dir=False)
+
+
+def _cached_conversion(path: Path) -> bool:
+    """An OSEDiff conversion cached beside its pickle: the pickle is found instead, so the
+    cache is checked against the pickle and the base (:func:`.fetch.find_conversion`)."""
+    from .files import read_safetensors_metadata
+
+    if not path.with_suffix(".pkl").is_file():
+        return False
+    try:
+        return read_safetensors_metadata(path).get("converted_from") == "osediff"
+    except WeightsFileError:
+        return False
 
 
 def find_base_in(folder: Path) -> list[Path]:

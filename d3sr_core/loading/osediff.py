@@ -17,8 +17,15 @@ from ..models.generator import GeneratorConfig
 from ..models.lora import LoraAdapter, split_peft_state_dict
 from .checkpoint import D3SRCheckpoint
 from .files import WeightsFileError, read_state_dict
+from .validate import check_factors, check_rank, check_tensors, listing, tensor_problem
 
 OSEDIFF_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
+OSEDIFF_MODULE_LISTS = (
+    "unet_lora_encoder_modules",
+    "unet_lora_decoder_modules",
+    "unet_lora_others_modules",
+    "vae_lora_encoder_modules",
+)
 PEFT_DEFAULT_ALPHA = 8.0  # OSEDiff never sets lora_alpha
 OSEDIFF_TIMESTEP = 999
 OSEDIFF_UNET_TARGETS = [
@@ -41,14 +48,15 @@ def osediff_to_checkpoint(
             path,
             f"not an OSEDiff checkpoint: missing top-level keys {missing} (expected {list(OSEDIFF_KEYS)})",
         )
-    unet_sd, vae_sd = state["state_dict_unet"], state["state_dict_vae"]
-    rank_unet, rank_vae = int(state["rank_unet"]), int(state["rank_vae"])
+    rank_unet = check_rank(state["rank_unet"], path, "rank_unet")
+    rank_vae = check_rank(state["rank_vae"], path, "rank_vae")
+    unet_sd = _tensor_dict(state["state_dict_unet"], path, "state_dict_unet")
+    vae_sd = _tensor_dict(state["state_dict_vae"], path, "state_dict_vae")
+    lists = {k: _string_list(state[k], path, k) for k in OSEDIFF_MODULE_LISTS if k in state}
 
     replaced: dict[str, Tensor] = {}
     lora_sd: dict[str, Tensor] = {}
     for key, tensor in unet_sd.items():
-        if not isinstance(tensor, Tensor):
-            raise WeightsFileError(path, f"state_dict_unet[{key!r}] is not a tensor")
         if ".lora_" in key:
             lora_sd[key] = tensor
         elif key.startswith("conv_in.") and key.endswith(("weight", "bias")):
@@ -59,15 +67,21 @@ def osediff_to_checkpoint(
             )
     try:
         unet_factors = split_peft_state_dict(lora_sd)
-        vae_factors = split_peft_state_dict(dict(vae_sd))
+        vae_factors = split_peft_state_dict(vae_sd)
     except KeyError as err:
         raise WeightsFileError(path, f"OSEDiff LoRA: {err.args[0]}") from None
-    for name, factors, rank in (("UNet", unet_factors, rank_unet), ("VAE", vae_factors, rank_vae)):
-        bad = [p for p, (a, _) in factors.items() if a.shape[0] != rank]
-        if bad:
-            raise WeightsFileError(path, f"{name} LoRA rank differs from rank={rank} at {bad[:3]}")
+    check_factors(unet_factors, path, "UNet", rank_unet)
+    check_factors(vae_factors, path, "VAE", rank_vae)
+    check_tensors(replaced, path, "UNet conv_in")
     if not unet_factors:
         raise WeightsFileError(path, "OSEDiff checkpoint holds no UNet LoRA tensors")
+    for key, modules in lists.items():
+        have = vae_factors if key.startswith("vae") else unet_factors
+        absent = [m for m in modules if m.removesuffix(".base_layer") not in have]
+        if absent:
+            raise WeightsFileError(
+                path, f"{key} lists modules without LoRA tensors: {listing(absent)}"
+            )
 
     config = GeneratorConfig(
         base="sd21-base",
@@ -83,6 +97,30 @@ def osediff_to_checkpoint(
     return D3SRCheckpoint(
         config=config, prompt_embeds=prompt_embeds.detach().float().cpu(), adapters=adapters
     )
+
+
+def _tensor_dict(value: object, path: str | Path, field: str) -> dict[str, Tensor]:
+    """A dict of name -> tensor, every tensor's type and size checked before its values."""
+    if not isinstance(value, dict):
+        raise WeightsFileError(path, f"{field} is a {type(value).__name__}, expected a dict")
+    problems = []
+    for key, tensor in value.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r:.40} is not a string")
+        elif problem := tensor_problem(tensor, finite=False):
+            problems.append(f"{key} {problem}")
+    if problems:
+        raise WeightsFileError(path, f"{field}: {listing(problems)}")
+    return value
+
+
+def _string_list(value: object, path: str | Path, field: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise WeightsFileError(
+            path,
+            f"{field} is {type(value).__name__} {value!r:.60}, expected a list of module names",
+        )
+    return list(value)
 
 
 def read_osediff(path: str | Path) -> dict:
