@@ -77,6 +77,10 @@ class UpscaleOptions:
         color_fix: ``"none"`` | ``"adain"`` | ``"wavelet"`` - match colours to the input.
         memory_budget_bytes: activation memory the stages may use; None = a share of the free
             device memory (80 % of a GPU's, 25 % of the RAM's).
+        size: exact output ``(width, height)`` in pixels, replacing the rounding of ``scale``
+            (hosts such as A1111 ask for sizes like ``floor(w * scale / 8) * 8``); ``scale``
+            must still be given (> 1) and should be the ratio the size implies. None = from
+            ``scale`` (:func:`output_size`).
     """
 
     scale: float = 4.0
@@ -88,11 +92,20 @@ class UpscaleOptions:
     vae_attention_window: int | None = 1024
     color_fix: str = "wavelet"
     memory_budget_bytes: int | None = None
+    size: tuple[int, int] | None = None
 
 
 def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """``(floor(w*scale + 0.5), floor(h*scale + 0.5))``: round half up, never Python's half-to-even."""
     return math.floor(width * scale + 0.5), math.floor(height * scale + 0.5)
+
+
+def target_size(width: int, height: int, options: UpscaleOptions) -> tuple[int, int]:
+    """The output ``(width, height)`` for an input of ``width x height``: ``options.size`` if
+    set, else :func:`output_size` of ``options.scale``."""
+    if options.size is not None:
+        return int(options.size[0]), int(options.size[1])
+    return output_size(width, height, options.scale)
 
 
 def pad_to_multiple(image: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
@@ -385,8 +398,8 @@ class D3SRPipeline:
     ) -> Tensor:
         """Upscale ``[B, C, H, W]`` images in [0, 1] (C = 1 gray, 3 RGB or 4 RGBA).
 
-        Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` in [0, 1] on the input's
-        device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
+        Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` (or ``options.size``) in
+        [0, 1] on the input's device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
         bicubically and carried over. ``progress(done, total)`` advances per tile;
         ``cancel()`` is checked between tiles and raises :class:`UpscaleCancelled`.
         """
@@ -394,7 +407,7 @@ class D3SRPipeline:
         images = validate_images(images, options)
         budget = resolve_budget(options.memory_budget_bytes, self.device)
         b, c, h, w = images.shape
-        out_w, out_h = output_size(w, h, options.scale)
+        out_w, out_h = target_size(w, h, options)
         tracker = _Progress(b, progress, cancel)
         tracker.check()
         rng = (
@@ -513,6 +526,13 @@ def validate_options(options: UpscaleOptions) -> None:
         raise InvalidImageError(
             f"color_fix must be one of {COLOR_FIXES}, got {options.color_fix!r}"
         )
+    size = options.size
+    if size is not None and not (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        raise InvalidImageError(f"size must be None or (width, height) ints >= 1, got {size!r}")
     budget = options.memory_budget_bytes
     if budget is not None and (
         isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
@@ -552,7 +572,7 @@ def validate_images(images: Tensor, options: UpscaleOptions) -> Tensor:
     if b == 0 or h == 0 or w == 0:
         raise InvalidImageError(f"empty image (shape {tuple(images.shape)})")
     validate_options(options)
-    out_w, out_h = output_size(w, h, options.scale)
+    out_w, out_h = target_size(w, h, options)
     if out_w * out_h > options.max_output_pixels:
         raise InvalidImageError(
             f"output would be {out_w}x{out_h} = {out_w * out_h / 1e6:.1f} MP, above the limit of "
