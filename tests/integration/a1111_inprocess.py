@@ -36,9 +36,8 @@ initialize.imports()
 initialize.initialize()
 startup = time.perf_counter() - start
 
-from PIL import Image  # noqa: E402
-
 from modules import images, postprocessing, scripts, shared  # noqa: E402
+from PIL import Image  # noqa: E402
 
 result = {"startup_s": round(startup, 2), "models_path_arg": shared.cmd_opts.d3sr_models_path}
 image = Image.open(image_path).convert("RGB")
@@ -144,6 +143,6 @@ lanczos = image.resize(interrupted.size, Image.Resampling.LANCZOS)
 result["interrupt"] = {
     "size": interrupted.size,
     "progress_calls": len(seen),
-    "equals_lanczos_of_input": list(interrupted.getdata()) == list(lanczos.getdata()),
+    "equals_lanczos_of_input": interrupted.tobytes() == lanczos.tobytes(),
 }
 print("RESULT " + json.dumps(result), flush=True)
