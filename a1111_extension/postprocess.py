@@ -165,4 +165,4 @@ class ScriptPostprocessingD3SR(scripts_postprocessing.ScriptPostprocessing):
         if result is image:  # interrupted: keep the input, say nothing was done
             return
         pp.image = result
-        pp.info.update({"D3SR model": weights.stem, "D3SR scale": scale, **params.info()})
+        pp.info.update({**upscaler.last_run, "D3SR scale": scale})

@@ -21,6 +21,7 @@ from d3sr_core.inference.precision import resolve_dtype
 from . import host, models, settings
 
 NAME = "D3SR"
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 HOOK_MARK = "_d3sr_hook"
 LANCZOS = Image.Resampling.LANCZOS if hasattr(Image, "Resampling") else Image.LANCZOS
 
@@ -78,7 +79,11 @@ def upscale_image(
         if not params.keep_loaded:
             models.CACHE.release()
         host.torch_gc()
-    last_run = {"D3SR model": Path(weights).stem, **params.info()}
+    last_run = {
+        "D3SR model": Path(weights).stem,
+        **params.info(),
+        "D3SR precision": DTYPE_NAMES.get(key.dtype, str(key.dtype)),  # what ran, not "auto"
+    }
     return result
 
 
