@@ -101,15 +101,14 @@ def forge_free_memory(target: torch.device) -> bool:
 def unload_generation_model(reason: str) -> bool:
     """Move the user's generation checkpoint off the GPU (A1111's "Unload SD checkpoint to
     RAM"), saying so in the console. Only done when D3SR ran out of GPU memory."""
-    shared = _shared()
-    if getattr(shared, "sd_model", None) is None:
-        return False
     try:
         from modules import sd_models
     except ImportError:
         return False
+    # not shared.sd_model: reading it makes A1111 load a checkpoint when none is loaded
+    model_data = getattr(sd_models, "model_data", None)
     unload = getattr(sd_models, "unload_model_weights", None)
-    if unload is None:
+    if getattr(model_data, "sd_model", None) is None or unload is None:
         return False
     log(f"{reason}: moving the generation checkpoint to RAM to make room, then retrying")
     getattr(unload, "__wrapped__", unload)()  # the webui's own, not our release hook

@@ -151,7 +151,10 @@ def build(models_path: str) -> dict[str, types.ModuleType]:
 
     unloads = []
     module(
-        "modules.sd_models", unload_model_weights=lambda *a, **k: unloads.append(1), unloads=unloads
+        "modules.sd_models",
+        unload_model_weights=lambda *a, **k: unloads.append(1),
+        unloads=unloads,
+        model_data=Namespace(sd_model=None),  # the loaded generation model, if any
     )
 
     pip_calls = []

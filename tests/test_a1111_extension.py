@@ -151,6 +151,40 @@ def test_model_cached_per_key_and_released(webui, tiny_files, monkeypatch):
     assert len(loads) == 3 and models.CACHE.pipeline is None
 
 
+def test_out_of_memory_moves_the_generation_model_once(webui, tiny_files, monkeypatch, capsys):
+    up, sd_models = webui["upscaler"], webui["mods"]["modules.sd_models"]
+    real_run, attempts = up._run, []
+
+    def run_oom_once(*args):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_run(*args)
+
+    monkeypatch.setattr(up, "_run", run_oom_once)
+    scaler = up.UpscalerD3SR(None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing loaded to make room with
+        scaler.upscale(image(tiny_files), 2, scaler.scalers[0].data_path)
+    assert sd_models.unloads == []
+    attempts.clear()
+    sd_models.model_data.sd_model = object()  # the user's checkpoint is loaded
+    out = scaler.upscale(image(tiny_files), 2, scaler.scalers[0].data_path)
+    assert out.size == (40, 24) and len(attempts) == 2 and sd_models.unloads == [1]
+    assert "moving the generation checkpoint to RAM" in capsys.readouterr().err
+
+
+def test_forge_frees_memory_before_gpu_work(webui, monkeypatch):
+    host, calls = webui["host"], []
+    forge = type(sys)("modules_forge")
+    forge.__path__ = []
+    utils = type(sys)("modules_forge.utils")
+    utils.prepare_free_memory = lambda aggressive=False: calls.append(aggressive)
+    monkeypatch.setitem(sys.modules, "modules_forge", forge)
+    monkeypatch.setitem(sys.modules, "modules_forge.utils", utils)
+    assert host.forge_free_memory(torch.device("cpu")) is False and calls == []
+    assert host.forge_free_memory(torch.device("cuda")) is True and calls == [False]
+
+
 def test_use_cpu_and_precision(webui):
     host, shared = webui["host"], webui["shared"]
     shared.cmd_opts.use_cpu = ["d3sr"]

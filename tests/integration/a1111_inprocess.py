@@ -145,4 +145,15 @@ result["interrupt"] = {
     "progress_calls": len(seen),
     "equals_lanczos_of_input": interrupted.tobytes() == lanczos.tobytes(),
 }
+# "Unload SD checkpoint" (Settings > Actions) releases the D3SR model too
+from a1111_extension import models  # noqa: E402
+from modules import sd_models  # noqa: E402
+
+loaded_before = models.CACHE.pipeline is not None
+sd_models.model_data.was_loaded_at_least_once = True  # no SD checkpoint here: do not load one
+sd_models.unload_model_weights()
+result["unload"] = {
+    "loaded_before": loaded_before,
+    "loaded_after": models.CACHE.pipeline is not None,
+}
 print("RESULT " + json.dumps(result), flush=True)

@@ -257,6 +257,7 @@ def test_in_process_hires_fix_script_and_interrupt(data_dir, server):
     interrupt = result["interrupt"]
     assert interrupt["size"] == [96, 64] and interrupt["progress_calls"] == 1
     assert interrupt["equals_lanczos_of_input"]
+    assert result["unload"] == {"loaded_before": True, "loaded_after": False}
 
 
 def test_extras_tab_button_with_the_d3sr_script(data_dir, server):
