@@ -9,6 +9,7 @@ the hires. fix path, the Extras script with arguments and an interrupted upscale
 
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -27,6 +28,7 @@ sys.argv = [
     "--nowebui",
     "--data-dir",
     data_dir,
+    *shlex.split(os.environ.get("D3SR_A1111_ARGS", "")),  # e.g. Forge without CUDA: --always-cpu
 ]
 
 from modules import initialize  # noqa: E402
@@ -96,12 +98,13 @@ args = scripts.scripts_postproc.create_args_for_run(
     }
 )
 t = time.perf_counter()
-outputs, _, info = postprocessing.run_postprocessing(
+outputs, *infos = postprocessing.run_postprocessing(
     0, image, None, "", "", True, *args, save_output=False
 )
 result["script"] = {
     "size": outputs[0].size,
-    "info": outputs[0].info.get("postprocessing", info),
+    # A1111 1.10 and Forge return the infotext in different places
+    "info": " ".join([outputs[0].info.get("postprocessing", ""), *map(str, infos)]),
     "s": round(time.perf_counter() - t, 2),
 }
 
@@ -146,8 +149,9 @@ result["interrupt"] = {
     "equals_lanczos_of_input": interrupted.tobytes() == lanczos.tobytes(),
 }
 # "Unload SD checkpoint" (Settings > Actions) releases the D3SR model too
-from a1111_extension import models  # noqa: E402
 from modules import sd_models  # noqa: E402
+
+from a1111_extension import models  # noqa: E402
 
 loaded_before = models.CACHE.pipeline is not None
 sd_models.model_data.was_loaded_at_least_once = True  # no SD checkpoint here: do not load one

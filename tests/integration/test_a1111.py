@@ -2,7 +2,8 @@
 
 Skipped unless ``D3SR_A1111_DIR`` points at a webui checkout whose Python environment is
 ready (``D3SR_A1111_PYTHON``, default ``$D3SR_A1111_DIR/venv/bin/python``, with the
-repositories/ the webui needs). The test writes tiny weights into a fresh ``--data-dir``,
+repositories/ the webui needs); ``D3SR_A1111_ARGS`` adds webui arguments (Forge on a machine
+without CUDA: ``--always-cpu``). The test writes tiny weights into a fresh ``--data-dir``,
 links this repository into its ``extensions/``, and then
 
 * starts the webui API-only on 127.0.0.1 and calls ``/sdapi/v1/upscalers``,
@@ -19,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def running_webui(data_dir: Path, api_only: bool):
         str(port),
         "--data-dir",
         str(data_dir),
+        *shlex.split(os.environ.get("D3SR_A1111_ARGS", "")),
     ]
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -149,6 +152,36 @@ def post(url: str, path: str, body: dict):
     )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
+
+
+def gradio_image(url: str, config: dict, path: Path):
+    """An image input value for ``/run/predict``: a data URL (gradio 3, A1111) or an uploaded
+    file (gradio 4, Forge)."""
+    if not str(config.get("version", "3")).startswith("4"):
+        return "data:image/png;base64," + b64_png(path)
+    boundary = "d3sr-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url + "/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        (uploaded,) = json.loads(response.read())
+    return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+
+
+def gallery_path(item) -> str:
+    """The file of a gallery item: gradio 3 ``{"name": "...png?123"}``, gradio 4
+    ``{"image": {"path": ...}}``."""
+    if "image" in item:
+        return item["image"]["path"]
+    return item["name"].split("?", 1)[0]
 
 
 def b64_png(path: Path) -> str:
@@ -210,9 +243,9 @@ def test_missing_base_model_is_a_clear_error(server, data_dir):
         body["upscaling_resize"] = 2.25  # not cached by the Upscale step
         with pytest.raises(urllib.error.HTTPError) as err:
             post(server, "/sdapi/v1/extra-single-image", body)
-        detail = json.loads(err.value.read())
-        assert "D3SR base model 'no-such-sd21.safetensors'" in detail["errors"]
-        assert "Settings > Upscaling" in detail["errors"]
+        detail = err.value.read().decode()  # A1111: {"errors": ...}; Forge: another shape
+        assert "D3SR base model 'no-such-sd21.safetensors'" in detail, detail
+        assert "Settings > Upscaling" in detail
     finally:
         post(server, "/sdapi/v1/options", {"d3sr_base_model": "Automatic"})
 
@@ -271,8 +304,7 @@ def test_extras_tab_button_with_the_d3sr_script(data_dir, server):
         by_elem = {components[i]["props"].get("elem_id"): n for n, i in enumerate(dep["inputs"])}
         data = [components[i]["props"].get("value") for i in dep["inputs"]]
         data[0] = "task(d3sr-test)"
-        png = "data:image/png;base64," + b64_png(data_dir / "input.png")
-        data[by_elem["extras_image"]] = png
+        data[by_elem["extras_image"]] = gradio_image(url, config, data_dir / "input.png")
         data[by_elem["extras_upscale-checkbox"]] = False
         data[by_elem["extras_d3sr-checkbox"]] = True
         assert data[by_elem["extras_d3sr_model"]] == WEIGHTS_NAME  # the dropdown's default
@@ -286,7 +318,7 @@ def test_extras_tab_button_with_the_d3sr_script(data_dir, server):
         gallery, info_json, html_info = response["data"]
         for entry in ("D3SR scale: 2.0", "D3SR color fix: adain", "D3SR precision: fp32"):
             assert entry in info_json, info_json
-        saved = Image.open(gallery[0]["name"].split("?", 1)[0])  # "...png?<timestamp>"
+        saved = Image.open(gallery_path(gallery[0]))
         assert saved.size == (48, 32)
         # the settings page offers D3SR's options in the Upscaling section
         assert "setting_d3sr_base_model" in {c["props"].get("elem_id") for c in components.values()}
