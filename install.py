@@ -5,8 +5,15 @@
     python install.py --extras test        # + what the tests need
     python install.py --extras train,test --no-editable
 
-Used by the README, by ComfyUI-Manager (which runs a node pack's install.py) and by hand in
-an A1111/Forge venv. Rules:
+Used by the README, by ComfyUI-Manager (which runs a node pack's install.py) and by hand.
+
+Inside AUTOMATIC1111 / Forge (which run an extension's install.py with the webui on
+PYTHONPATH, so ``import launch`` works) it does something smaller: it installs only the
+runtime packages that are missing or too old, through ``launch.is_installed`` /
+``launch.run_pip`` (so ``--skip-install`` is honoured), and not the d3sr package itself
+(the extension imports ``d3sr_core`` from its own folder). Inference needs no peft.
+
+Rules:
 
 * An installed torch is kept as it is. Only when torch is missing is it installed, alone and
   first, as ``$D3SR_TORCH_SPEC`` (default ``torch==2.13.0``; e.g. set
@@ -68,6 +75,73 @@ def constraints() -> list[str]:
         # peft >= 0.14 needs transformers.Cache / newer accelerate.
         lines += ["diffusers<=0.36.0", "peft<=0.13.2"]
     return lines
+
+
+# What the A1111/Forge extension needs at runtime: (distribution, minimum version).
+# torch, torchvision, transformers, accelerate are the webui's and never installed here.
+WEBUI_RUNTIME = (
+    ("diffusers", "0.31"),
+    ("safetensors", "0.4"),
+    ("huggingface-hub", None),
+    ("numpy", None),
+    ("pillow", "9.1"),
+    ("tqdm", None),
+)
+
+
+def webui_launch():
+    """The webui's ``launch`` module when this runs as an A1111/Forge extension installer
+    (the webui root, holding ``launch.py`` and ``modules/launch_utils.py``, is on
+    PYTHONPATH), else None."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        root = Path(entry) if entry else None
+        if (
+            root
+            and (root / "launch.py").is_file()
+            and (root / "modules" / "launch_utils.py").is_file()
+        ):
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            import launch
+
+            if hasattr(launch, "is_installed") and hasattr(launch, "run_pip"):
+                return launch
+    return None
+
+
+def webui_missing(launch) -> list[str]:
+    """pip specs for the runtime packages that are missing or older than needed."""
+    caps = {}
+    for line in constraints():
+        name, _, version = line.partition("<=")
+        if version:
+            caps[name] = version
+    specs = []
+    for name, minimum in WEBUI_RUNTIME:
+        version = installed_version(name) if launch.is_installed(name) else None
+        if version is not None and (minimum is None or _release(version) >= _release(minimum)):
+            continue
+        spec = name + (f">={minimum}" if minimum else "")
+        if name in caps:
+            spec += f",<={caps[name]}"
+        specs.append(spec)
+    return specs
+
+
+def install_into_webui(launch) -> int:
+    """Install only what the extension lacks, keeping the webui's own packages as they are."""
+    specs = webui_missing(launch)
+    if not specs:
+        print("D3SR: all requirements are installed", flush=True)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="d3sr-install-") as tmp:
+        constraint_file = Path(tmp) / "constraints.txt"
+        constraint_file.write_text("\n".join(constraints()) + "\n")
+        quoted = " ".join(f'"{spec}"' for spec in specs)
+        launch.run_pip(
+            f'install -c "{constraint_file}" {quoted}', f"D3SR requirements: {', '.join(specs)}"
+        )
+    return 0
 
 
 def run(cmd: list[str], dry_run: bool) -> None:
@@ -163,4 +237,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _launch = webui_launch() if len(sys.argv) == 1 else None
+    sys.exit(install_into_webui(_launch) if _launch is not None else main())

@@ -24,10 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import comfy.model_management as mm
 import folder_paths
 import torch
-
-import comfy.model_management as mm
 
 logger = logging.getLogger("d3sr")
 

@@ -80,6 +80,10 @@ class UpscaleOptions:
             device memory (80 % of a GPU's, 25 % of the RAM's).
         prompt_embeds: a condition ``[1, N, C]`` that replaces the checkpoint's stored prompt
             embedding for this call (e.g. a host's text-encoder output); None = the stored one.
+        size: exact output ``(width, height)`` in pixels, replacing the rounding of ``scale``
+            (hosts such as A1111 ask for sizes like ``floor(w * scale / 8) * 8``); ``scale``
+            must still be given (> 1) and should be the ratio the size implies. None = from
+            ``scale`` (:func:`output_size`).
     """
 
     scale: float = 4.0
@@ -92,11 +96,20 @@ class UpscaleOptions:
     color_fix: str = "wavelet"
     memory_budget_bytes: int | None = None
     prompt_embeds: Tensor | None = None
+    size: tuple[int, int] | None = None
 
 
 def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """``(floor(w*scale + 0.5), floor(h*scale + 0.5))``: round half up, never Python's half-to-even."""
     return math.floor(width * scale + 0.5), math.floor(height * scale + 0.5)
+
+
+def target_size(width: int, height: int, options: UpscaleOptions) -> tuple[int, int]:
+    """The output ``(width, height)`` for an input of ``width x height``: ``options.size`` if
+    set, else :func:`output_size` of ``options.scale``."""
+    if options.size is not None:
+        return int(options.size[0]), int(options.size[1])
+    return output_size(width, height, options.scale)
 
 
 def pad_to_multiple(image: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
@@ -395,10 +408,11 @@ class D3SRPipeline:
     ) -> Tensor:
         """Upscale ``[B, C, H, W]`` images in [0, 1] (C = 1 gray, 3 RGB or 4 RGBA).
 
-        Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` in [0, 1] on the input's
-        device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
-        bicubically and carried over, and the colour under fully transparent pixels is
-        first filled from visible neighbours (:func:`.alpha.fill_transparent`). ``progress(done, total)`` advances per tile;
+        Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` (or ``options.size``) in
+        [0, 1] on the input's device, float32. Gray input is processed as RGB and returned gray;
+        alpha is upsampled bicubically and carried over, and the colour under fully transparent
+        pixels is first filled from visible neighbours (:func:`.alpha.fill_transparent`).
+        ``progress(done, total)`` advances per tile;
         ``cancel()`` is checked between tiles and raises :class:`UpscaleCancelled`.
         """
         options = options or UpscaleOptions()
@@ -407,7 +421,7 @@ class D3SRPipeline:
             images = torch.cat([fill_transparent(images[:, :3], images[:, 3:]), images[:, 3:]], 1)
         budget = resolve_budget(options.memory_budget_bytes, self.device)
         b, c, h, w = images.shape
-        out_w, out_h = output_size(w, h, options.scale)
+        out_w, out_h = target_size(w, h, options)
         tracker = _Progress(b, progress, cancel)
         tracker.check()
         rng = (
@@ -563,6 +577,13 @@ def validate_options(options: UpscaleOptions) -> None:
             f"prompt_embeds must be a float tensor [1, N, C] or None, got "
             f"{tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__}"
         )
+    size = options.size
+    if size is not None and not (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        raise InvalidImageError(f"size must be None or (width, height) ints >= 1, got {size!r}")
     budget = options.memory_budget_bytes
     if budget is not None and (
         isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
@@ -602,7 +623,7 @@ def validate_images(images: Tensor, options: UpscaleOptions) -> Tensor:
     if b == 0 or h == 0 or w == 0:
         raise InvalidImageError(f"empty image (shape {tuple(images.shape)})")
     validate_options(options)
-    out_w, out_h = output_size(w, h, options.scale)
+    out_w, out_h = target_size(w, h, options)
     if out_w * out_h > options.max_output_pixels:
         raise InvalidImageError(
             f"output would be {out_w}x{out_h} = {out_w * out_h / 1e6:.1f} MP, above the limit of "
