@@ -167,16 +167,21 @@ class ModelKey:
 
 def load_pipeline(key: ModelKey, precision: str):
     """Load base + weights (LoRA merged in fp32 on the CPU), then cast and move once."""
-    from d3sr_core import D3SRPipeline, load_generator
+    from d3sr_core import D3SRPipeline
     from d3sr_core.inference.precision import prepare_generator
-    from d3sr_core.loading.fetch import ensure_d3sr_weights
+    from d3sr_core.loading.fetch import load_converting
     from d3sr_core.loading.locate import default_models_dir
 
     try:
-        weights, converted = ensure_d3sr_weights(key.weights, key.base, default_models_dir())
-        if converted:
-            host.log(f"converted {key.weights.name} -> {weights} (used from now on)")
-        generator = load_generator(weights, key.base, vae=key.vae, strength=key.strength)
+        generator, converted = load_converting(
+            key.weights,
+            key.base,
+            vae=key.vae,
+            strength=key.strength,
+            cache_dir=default_models_dir(),
+        )
+        if converted is not None:
+            host.log(f"converted {key.weights.name} -> {converted} (reused while unchanged)")
     except WeightsFileError as err:
         raise D3SRError(
             f"D3SR could not load its model: {err}. D3SR needs Stable Diffusion 2.1-base "

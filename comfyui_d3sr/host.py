@@ -231,19 +231,21 @@ def load_model(
 
 def _load(key, weights_path, base_path, vae_path, precision, load_device, offload_device):
     from d3sr_core.inference.precision import plan_precision, prepare_generator
-    from d3sr_core.loading.fetch import ensure_d3sr_weights
-    from d3sr_core.loading.generator import load_generator
+    from d3sr_core.loading.fetch import load_converting
 
     with user_errors("D3SR Model Loader"):
         # OSEDiff's pickle is converted once (its prompt embedding needs the base's text
-        # encoder) and the .safetensors next to it is used from then on.
-        d3sr_path, converted = ensure_d3sr_weights(
-            weights_path, base_path, Path(folder_paths.get_folder_paths(FOLDER)[0])
+        # encoder) and the cached conversion is used while pickle and base are unchanged.
+        # The LoRA is merged in fp32 on the CPU at strength 1; handles set their own strength.
+        generator, converted = load_converting(
+            weights_path,
+            base_path,
+            vae=vae_path,
+            strength=1.0,
+            cache_dir=Path(folder_paths.get_folder_paths(FOLDER)[0]),
         )
-        if converted:
-            logger.info("D3SR: converted %s -> %s", weights_path, d3sr_path)
-        # the LoRA is merged in fp32 on the CPU at strength 1; handles set their own strength
-        generator = load_generator(d3sr_path, base_path, vae=vae_path, strength=1.0)
+        if converted is not None:
+            logger.info("D3SR: converted %s -> %s", weights_path, converted)
         force_upcast = bool(getattr(generator.vae.config, "force_upcast", True))
         plan = plan_precision(precision, load_device, force_upcast)
         # cast once on the offload device; ComfyUI moves it to the load device per run
