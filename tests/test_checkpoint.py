@@ -299,10 +299,20 @@ def test_adapter_for_other_architecture_is_rejected():
         build_generator(base, ckpt, weights_name="w.safetensors")
 
 
-def test_generator_from_checkpoint_is_deterministic():
+def test_generator_from_checkpoint_merges_every_adapter():
+    """UNet LoRA (scale 1), replaced conv_in bias and VAE LoRA (scale 2), merged by hand."""
+    from reference import merge_by_hand
+
+    ckpt = random_checkpoint()
     base = BaseModel(tiny_unet(), tiny_vae(), bundled_config("sd21-base", "scheduler"), "tiny")
-    gen = build_generator(base, random_checkpoint())
-    x = torch.rand(1, 3, 32, 40) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(gen(x), gen(x))
-    assert copy.deepcopy(gen).strength == 1.0
+    gen = build_generator(base, ckpt, strength=0.75)
+    unet, vae = ckpt.adapters["unet"], ckpt.adapters["vae"]
+    expected = {
+        "unet": merge_by_hand(tiny_unet(), unet.factors, 1.0, 0.75, unet.replaced),
+        "vae": merge_by_hand(tiny_vae(), vae.factors, 2.0, 0.75),
+    }
+    for name, model in expected.items():
+        got = getattr(gen, name).state_dict()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got[key], value, atol=2e-6, rtol=0, msg=f"{name}.{key}")
+    assert gen.config == ckpt.config and copy.deepcopy(gen).strength == 0.75

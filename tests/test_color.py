@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import adain_fix, atrous_wavelet_fix
 
 from d3sr_core.inference.color import (
     adain_color_fix,
@@ -30,18 +31,29 @@ def test_adain_gives_the_reference_mean_and_std():
     assert fixed.shape == out.shape and fixed.dtype == out.dtype
 
 
-def test_adain_of_a_flat_image_is_finite():
+def test_adain_matches_the_textbook_formula():
+    out, ref = _images(11), _images(12)
+    torch.testing.assert_close(adain_color_fix(out, ref), adain_fix(out, ref), atol=1e-6, rtol=0)
+
+
+def test_adain_of_a_flat_image_takes_the_reference_mean():
+    # std of a flat image is sqrt(eps): the fix leaves only the reference's mean
     flat = torch.full((1, 3, 4, 4), 0.5)
-    fixed = adain_color_fix(flat, _images(2, (1, 3, 4, 4)))
-    assert torch.isfinite(fixed).all() and fixed.min() >= 0 and fixed.max() <= 1
+    ref = _images(2, (1, 3, 4, 4))
+    fixed = adain_color_fix(flat, ref)
+    torch.testing.assert_close(fixed, adain_fix(flat, ref), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fixed, ref.mean(dim=(2, 3), keepdim=True).expand_as(ref))
 
 
-def test_wavelet_is_output_high_band_plus_reference_low_band():
-    out, ref = _images(3), _images(4)
+@pytest.mark.parametrize("shape", [(2, 3, 48, 40), (1, 3, 70, 9), (1, 3, 3, 5)])
+def test_wavelet_matches_the_textbook_a_trous_fix(shape):
+    """Five levels of the 3x3 binomial kernel dilated by 1, 2, 4, 8, 16, edges repeated:
+    output - low(output) + low(reference) (reference written out with shifted sums)."""
+    out, ref = _images(3, shape), _images(4, shape)
     fixed = wavelet_color_fix(out, ref)
-    high_out, _ = wavelet_decomposition(out)
-    _, low_ref = wavelet_decomposition(ref)
-    torch.testing.assert_close(fixed, (high_out + low_ref).clamp(0, 1), atol=1e-6, rtol=0)
+    expected = atrous_wavelet_fix(out, ref)
+    assert (expected - out).abs().max() > 0.05  # the fix does something here
+    torch.testing.assert_close(fixed, expected, atol=1e-6, rtol=0)
 
 
 def test_wavelet_keeps_input_low_band_and_output_high_band():

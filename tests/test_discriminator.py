@@ -105,9 +105,12 @@ def test_timesteps_and_noising(tiny_sdxl):
     )
     noisy = rescaled.noise_latents(z, t, noise=torch.zeros_like(z))
     assert torch.allclose(noisy, abar.sqrt() * z * (0.13025 / 0.18215), atol=1e-6)
-    # given noise and timesteps make the forward deterministic
+    # the forward judges F(z, t) = sqrt(abar_t) z + sqrt(1 - abar_t) eps, written out here
     eps = torch.randn_like(z)
-    assert torch.equal(d(z, t, eps), d(z, t, eps))
+    by_hand = abar.sqrt() * z + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        torch.testing.assert_close(d(z, t, eps), d.logits(by_hand, t), atol=1e-5, rtol=0)
+        assert (d.logits(by_hand, t) - d.logits(by_hand, t.flip(0))).abs().max() > 1e-4
 
 
 def test_trunk_forward_matches_full_unet_mid_block():
@@ -359,10 +362,31 @@ def test_encode_condition_with_tiny_text_encoders():
     cond = encode_condition([_StubTokenizer(), _StubTokenizer()], [enc1, enc2])
     assert cond.encoder_hidden_states.shape == (1, 77, 32)
     assert cond.text_embeds.shape == (1, 16) and cond.time_ids.shape == (1, 6)
+    # Reference, as diffusers' StableDiffusionXLPipeline.encode_prompt does: each encoder's
+    # penultimate hidden states, concatenated; pooled = the second encoder's text_embeds.
+    ids = _StubTokenizer()([""], "max_length", 77, True, "pt").input_ids
+    with torch.no_grad():
+        out1 = enc1(ids, output_hidden_states=True)
+        out2 = enc2(ids, output_hidden_states=True)
+    context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    assert (out1.hidden_states[-2] - out1.hidden_states[-1]).abs().max() > 1e-3
+    torch.testing.assert_close(cond.encoder_hidden_states, context, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cond.text_embeds, out2.text_embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cond.time_ids, torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]))
     d = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(), condition=cond)
-    assert d(_latents(1, 16)).shape == (1, 1, 4, 4)
+    z, t = _latents(1, 16), torch.tensor([300])
+    with torch.no_grad():
+        logits = d.logits(z, t)
+        feats = trunk_forward(d.unet, z, t, context, out2.text_embeds, cond.time_ids)
+        torch.testing.assert_close(logits, d.head(feats), atol=1e-5, rtol=0)
+        other = trunk_forward(
+            d.unet, z, t, torch.zeros_like(context), out2.text_embeds, cond.time_ids
+        )
+        assert (d.head(other) - logits).abs().max() > 1e-4  # the condition matters
+    assert logits.shape == (1, 1, 4, 4)
     single = encode_condition([_StubTokenizer()], [enc1])
     assert single.encoder_hidden_states.shape == (1, 77, 16) and single.text_embeds is None
+    torch.testing.assert_close(single.encoder_hidden_states, out1.last_hidden_state)
     with pytest.raises(ValueError, match="context"):
         DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(), condition=single)
 

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from d3sr_core.image_files import (
     ImageData,
@@ -92,14 +92,36 @@ def test_orientation_matches_pillow(tmp_path, orientation):
     assert np.array_equal(ours, expected)
 
 
-def test_16bit_colour_png_orientation_is_applied(tmp_path):
-    rng = np.random.default_rng(1)
-    pixels = rng.random((4, 6, 3)).astype(np.float32)
+def with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    """Insert an ``eXIf`` chunk (a TIFF-structured EXIF block) right after IHDR."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()
+    body = body[6:] if body.startswith(b"Exif\x00\x00") else body
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_colour_png_orientation_is_applied(tmp_path, orientation):
+    """A 16-bit RGB PNG with a real EXIF orientation tag, read at 16 bits, must be turned
+    exactly as Pillow turns the same file (which Pillow reads at 8 bits: the high bytes)."""
+    rng = np.random.default_rng(orientation)
+    values = rng.integers(0, 65536, size=(4, 6, 3)).astype(np.uint16)
     path = tmp_path / "c.png"
-    path.write_bytes(encode_png16(pixels))
+    path.write_bytes(with_exif_orientation(encode_png16(values / 65535.0), orientation))
+    with Image.open(path) as image:
+        assert image.getexif().get(0x0112) == orientation  # the tag is really there
+        expected = np.asarray(ImageOps.exif_transpose(image))
     data = read_image(path)
-    assert data.bits == 16 and data.pixels.shape == (4, 6, 3)
-    assert np.abs(data.pixels - pixels).max() < 1e-4
+    assert data.bits == 16
+    ours = np.round(data.pixels * 65535).astype(np.uint16)
+    assert ours.shape == expected.shape == ((6, 4, 3) if orientation >= 5 else (4, 6, 3))
+    assert np.array_equal(ours >> 8, expected)
+    if orientation == 1:
+        assert np.array_equal(ours, values)  # and the low bytes survive
 
 
 def test_write_formats_and_losses(tmp_path):

@@ -35,7 +35,7 @@ def test_output_size_exact_for_odd_sizes(pipeline, scale, size):
     w, h = size
     out = pipeline.upscale_tensor(torch.rand(1, 3, h, w), opts(scale))
     assert tuple(out.shape) == (1, 3, *output_size(w, h, scale)[::-1])
-    assert out.min() >= 0 and out.max() <= 1
+    # values: test_reference_pipeline.py
 
 
 def test_pil_modes_are_preserved(pipeline):

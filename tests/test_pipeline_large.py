@@ -203,7 +203,6 @@ def test_odd_non_square_sizes_through_all_tiling(pipe):
             UpscaleOptions(scale=3.5, tile_size=64, tile_overlap=24, vae_tile_size=32),
         )
         assert out.shape == (1, 3, math.floor(h * 3.5 + 0.5), math.floor(w * 3.5 + 0.5))
-        assert out.min() >= 0 and out.max() <= 1
 
 
 def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
