@@ -220,6 +220,7 @@ def build_models(cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         lora_alpha=m.lora_alpha,
         lora_targets=list(m.lora_targets),
     )
+    torch.manual_seed(_seed_for(cfg.train.seed, 1) % 2**63)  # peft's LoRA A initialisation
     generator = build_generator_model(base, prompt, gcfg, learn_prompt=m.learn_prompt)
     if init is not None:
         generator.load_checkpoint_lora(init, m.init_from)
@@ -238,6 +239,7 @@ def build_models(cfg: Config, device: torch.device, weight_dtype: torch.dtype):
     loss = cfg.loss
     if loss.random_dists:
         logger.warning("loss.random_dists: EA-DISTS uses a random VGG (smoke test only)")
+        torch.manual_seed(_seed_for(cfg.train.seed, 4) % 2**63)
         dists = DISTS()
     else:
         dists = DISTS.from_pretrained(
