@@ -30,8 +30,8 @@ from trainer.export import export  # noqa: E402
 from trainer.smoke_data import write_images  # noqa: E402
 from trainer.train import FAULT_ENV, build_parser, train  # noqa: E402
 
-STEPS = 4
-CKPT_EVERY = 2
+STEPS = 2
+CKPT_EVERY = 1
 
 
 @pytest.fixture(scope="module")
@@ -246,29 +246,30 @@ def test_two_processes_agree_on_weights(assets):
 
 
 def test_learning_improves_validation_psnr(assets):
-    """A few hundred MSE-dominated steps on the synthetic set raise validation PSNR-Y over the
-    untrained model (step 0) by a real margin. Measured: +X dB (see the assertion)."""
+    """Training the tiny model (MSE only, so the test stays short) raises validation PSNR-Y over
+    the untrained model (its step-0 validation). Measured on 2 busy cores: 13.84 -> 15.71 dB
+    (+1.87 dB) after 60 steps; the assertion asks for more than half of that."""
     out = assets["root"] / "run-learn"
     cfg = _config(
         assets, out,
-        loss={"ea_dists_weight": 0.0, "adv_weight": 1e-3},
-        optim={"lr_g": 1e-2},
+        model={"learn_prompt": False},
+        loss={"ea_dists_weight": 0.0, "adv_weight": 0.0},
+        optim={"lr_g": 3e-2},
         train={"max_steps": LEARN_STEPS, "val_every": LEARN_STEPS, "ckpt_every": 10_000,
-               "ema_decay": 0.0, "log_every": 50, "batch_size": 2},
+               "ema_decay": 0.0, "log_every": 20, "batch_size": 1},
         data={"val_hr_dir": str(assets["train"]), "val_max_images": 4},
     )  # fmt: skip
     train(config_from_dict(cfg))
     log = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     psnr = {r["step"]: r["val_psnr_y"] for r in log if "val_psnr_y" in r}
-    gain = psnr[LEARN_STEPS] - psnr[0]
     print(
         f"validation PSNR-Y: step 0 {psnr[0]:.3f} dB -> step {LEARN_STEPS} {psnr[LEARN_STEPS]:.3f} dB"
     )
-    assert gain > LEARN_MARGIN_DB, psnr
+    assert psnr[LEARN_STEPS] - psnr[0] > LEARN_MARGIN_DB, psnr
 
 
-LEARN_STEPS = 150
-LEARN_MARGIN_DB = 0.5
+LEARN_STEPS = 60
+LEARN_MARGIN_DB = 0.9
 
 
 # --------------------------------------------------------------------------- config / CLI

@@ -495,35 +495,41 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                     )
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
-                # ---- discriminator step: real = VAE latent of HR, fake = generator latent
-                with accelerator.autocast():
-                    real_latent = generator.encode(target)
-                    latents = torch.cat([real_latent, sr_latent.detach()])
-                    t_d = disc.sample_timesteps(2 * b, device, g)
-                    noise = torch.randn(latents.shape, generator=g, device=device)
-                    logits = disc_w(latents, t_d, noise)
-                    loss_d = discriminator_loss(logits[:b], logits[b:], dc.gan_loss)
-                    if dc.r1_gamma > 0:
-                        bumped = real_latent + dc.r1_sigma * torch.randn(
-                            real_latent.shape, generator=g, device=device
+                # ---- discriminator step (skipped without an adversarial term, e.g. an
+                # MSE/EA-DISTS warm-up): real = VAE latent of HR, fake = generator latent
+                d_values = {}
+                if lw.adv_weight:
+                    with accelerator.autocast():
+                        real_latent = generator.encode(target)
+                        latents = torch.cat([real_latent, sr_latent.detach()])
+                        t_d = disc.sample_timesteps(2 * b, device, g)
+                        noise = torch.randn(latents.shape, generator=g, device=device)
+                        logits = disc_w(latents, t_d, noise)
+                        loss_d = discriminator_loss(logits[:b], logits[b:], dc.gan_loss)
+                        if dc.r1_gamma > 0:
+                            bumped = real_latent + dc.r1_sigma * torch.randn(
+                                real_latent.shape, generator=g, device=device
+                            )
+                            # same timesteps and diffusion noise as the real half
+                            perturbed = disc(bumped, t_d[:b], noise[:b])
+                            loss_d = loss_d + dc.r1_gamma * approximate_r1_penalty(
+                                logits[:b], perturbed
+                            )
+                    accelerator.backward(loss_d)
+                    if accelerator.sync_gradients and o.grad_clip > 0:
+                        accelerator.clip_grad_norm_(
+                            [p for p in disc.parameters() if p.requires_grad], o.grad_clip
                         )
-                        # same timesteps and diffusion noise as the real half
-                        perturbed = disc(bumped, t_d[:b], noise[:b])
-                        loss_d = loss_d + dc.r1_gamma * approximate_r1_penalty(
-                            logits[:b], perturbed
-                        )
-                accelerator.backward(loss_d)
-                if accelerator.sync_gradients and o.grad_clip > 0:
-                    accelerator.clip_grad_norm_(
-                        [p for p in disc.parameters() if p.requires_grad], o.grad_clip
-                    )
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    d_values = {
+                        "loss_d": loss_d.item(),
+                        "d_real": logits[:b].float().mean().item(),
+                        "d_fake": logits[b:].float().mean().item(),
+                    }
             values = {
                 "loss_g": loss_g.item(), "mse": mse.item(), "ea_dists": ea_loss.item(),
-                "adv_g": adv.item(), "loss_d": loss_d.item(),
-                "d_real": logits[:b].float().mean().item(),
-                "d_fake": logits[b:].float().mean().item(),
+                "adv_g": adv.item(), **d_values,
             }  # fmt: skip
             for k, v in values.items():
                 if not math.isfinite(v):
@@ -543,7 +549,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         last = {k: v / count for k, v in sums.items()}
         bar.update(1)
         bar.set_postfix(
-            {k: f"{last[k]:.4f}" for k in ("loss_g", "mse", "ea_dists", "loss_d")}, refresh=False
+            {k: f"{last[k]:.4f}" for k in ("loss_g", "mse", "ea_dists", "loss_d") if k in last},
+            refresh=False,
         )
         if step % t.log_every == 0 or step == t.max_steps:
             log({**last, "lr_g": scheds["g"].get_last_lr()[0]}, step)
