@@ -169,6 +169,54 @@ def test_export_of_ema_weights_and_errors(assets, reference_run, tmp_path):
         export(tmp_path / "missing", tmp_path / "x.safetensors")
 
 
+def test_options_bf16_checkpointing_accumulation_device_degradation_r1(assets):
+    """The optional paths run together (one step): bf16 autocast with bf16 frozen weights,
+    gradient checkpointing (UNet, VAE decoder, discriminator trunk), 2 micro-steps, LR made on
+    the device, approximate R1."""
+    out = assets["root"] / "run-options"
+    cfg = _config(
+        assets, out,
+        data={"degrade_on": "device", "val_hr_dir": None},
+        discriminator={"r1_gamma": 1.0},
+        train={"max_steps": 1, "grad_accum": 2, "mixed_precision": "bf16",
+               "grad_checkpointing": True, "log_every": 1},
+    )  # fmt: skip
+    result = train(config_from_dict(cfg))
+    assert result.summary["step"] == 1
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.summary["losses"].values())
+    unet = result.generator.generator.unet
+    assert next(p for n, p in unet.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    assert next(p for n, p in unet.named_parameters() if "lora_" in n).dtype == torch.float32
+
+
+def test_init_from_an_exported_checkpoint(assets, reference_run, tmp_path):
+    from d3sr_core.loading.base import load_base
+    from d3sr_core.loading.checkpoint import load_checkpoint
+    from d3sr_core.models.generator import GeneratorConfig
+    from trainer.models import build_generator_model
+
+    out, _ = reference_run
+    file = export(out, tmp_path / "start.safetensors")
+    ckpt = load_checkpoint(file)
+    base = load_base(assets["base"])
+    model = build_generator_model(
+        base, ckpt.prompt_embeds, GeneratorConfig(lora_rank=4, lora_alpha=4.0), learn_prompt=True
+    )
+    model.load_checkpoint_lora(ckpt, str(file))
+    again = model.to_checkpoint()
+    a, b = again.adapters["unet"].factors, ckpt.adapters["unet"].factors
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+    assert torch.equal(again.prompt_embeds, ckpt.prompt_embeds)
+    wrong = build_generator_model(
+        load_base(assets["base"]), ckpt.prompt_embeds, GeneratorConfig(lora_rank=8, lora_alpha=4.0)
+    )
+    from d3sr_core.loading.files import WeightsFileError
+
+    with pytest.raises(WeightsFileError, match="LoRA scale"):
+        wrong.load_checkpoint_lora(ckpt, str(file))
+
+
 # --------------------------------------------------------------------------- kill -9 and resume
 
 

@@ -283,6 +283,12 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         return _train(cfg, resume)
     finally:
         torch.set_num_threads(threads)
+        # accelerate keeps its state (mixed precision, accumulation) per process; forget it
+        # so a later train() call in the same process (tests, notebooks) may use other settings
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 def _train(cfg: Config, resume: str | None) -> TrainResult:
@@ -471,24 +477,24 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             )
             b = hr.shape[0]
             with accelerator.accumulate(gen_w, disc_w):
-                # ---- generator step (discriminator frozen, called without DDP)
-                with accelerator.autocast():
+                # ---- generator step. The discriminator is frozen (and called without DDP)
+                # for the forward AND the backward: with gradient checkpointing its blocks are
+                # recomputed in backward, which must see the same requires_grad state.
+                with frozen(disc), accelerator.autocast():
                     sr, sr_latent = gen_w(x)
                     mse = F.mse_loss(sr.float(), target)
                     ea_loss = (
                         ea(sr.float(), target).mean() if lw.ea_dists_weight else mse.new_zeros(())
                     )
                     if lw.adv_weight:
-                        with frozen(disc):
-                            t_g = disc.sample_timesteps(b, device, g)
-                            fake_logits = disc(sr_latent, t_g, generator=g)
-                        adv = generator_loss(fake_logits, dc.gan_loss)
+                        t_g = disc.sample_timesteps(b, device, g)
+                        adv = generator_loss(disc(sr_latent, t_g, generator=g), dc.gan_loss)
                     else:
                         adv = mse.new_zeros(())
                     loss_g = (
                         lw.mse_weight * mse + lw.ea_dists_weight * ea_loss + lw.adv_weight * adv
                     )
-                accelerator.backward(loss_g)
+                    accelerator.backward(loss_g)
                 if accelerator.sync_gradients and o.grad_clip > 0:
                     accelerator.clip_grad_norm_(
                         [p for _, p in generator.trainable_named_parameters()], o.grad_clip
