@@ -133,8 +133,10 @@ def main() -> None:
     peak = weights + state + max(g_act, d_saved.bytes)
     print(f"generator-step activations {g_act / GIB:.2f} GiB, discriminator-step "
           f"{d_saved.bytes / GIB:.2f} GiB")  # fmt: skip
-    print(f"estimated peak (weights + state + larger step): {peak / GIB:.1f} GiB "
-          "(+ allocator slack and temporaries)")
+    print(
+        f"estimated peak (weights + state + larger step): {peak / GIB:.1f} GiB "
+        "(+ allocator slack and temporaries)"
+    )
 
 
 if __name__ == "__main__":
