@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +19,11 @@ from d3sr_core.models.schedule import alphas_cumprod_from_config
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
+
+
+def seed_for(*parts: int) -> int:
+    """A 62-bit seed derived from integers (run seed, step, rank...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 2)
 
 
 class TrainableGenerator(nn.Module):
