@@ -151,7 +151,9 @@ def test_end_to_end_losses_trainable_parts_and_export(assets, reference_run):
         ours = result.generator.eval().upscale(x)
         theirs = loaded(x)
     delta = (ours - theirs).abs().max().item()
-    assert delta < 1e-4, delta  # measured ~1e-6: merged vs unmerged LoRA in float32
+    # merged (load_generator) vs unmerged (peft) LoRA in float32; measured 1.4e-5 for a LoRA
+    # that changes the output by up to 1.97 (a one-off check with random B ~ N(0, 0.05))
+    assert delta < 1e-4, delta
     assert loaded.config.lora_rank == 4 and loaded.config.timestep == 399
 
 
