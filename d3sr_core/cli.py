@@ -1,4 +1,4 @@
-"""The ``d3sr`` command line: ``upscale``, ``info`` and ``convert``.
+"""The ``d3sr`` command line: ``upscale``, ``info``, ``convert`` and ``eval``.
 
 Run ``d3sr --help`` or ``d3sr COMMAND --help``. Also available as ``python -m d3sr_core``.
 """
@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("-q", "--quiet", action="store_true")
     conv.set_defaults(func=cmd_convert)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

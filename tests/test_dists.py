@@ -304,3 +304,40 @@ def test_ea_dists_options(model):
     assert torch.allclose(EADISTS(model, edge_weight=0.0)(x, y), model(x, y))
     with pytest.raises(ValueError):
         EADISTS(model, edge_mode="canny")
+
+
+def test_target_features_are_computed_without_autograd(model):
+    """As a loss the target half never enters the graph, and the gradient is unchanged."""
+    x, y = _images(seed=11)
+    x = x.clone().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        if t.ndim == 4:
+            saved.append(t.shape[0])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, y).sum()
+    # activations saved for backward have x's batch (2), never the joint batch (4); VGG
+    # weights (64..512 output channels) are the other 4-D saved tensors
+    assert x.shape[0] in saved and 2 * x.shape[0] not in saved
+    (grad,) = torch.autograd.grad(loss, x)
+    # reference: the old joint computation (target requiring grad forces the joint batch)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = y.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(model(x2, y2).sum(), x2)
+    assert torch.allclose(grad, ref, atol=1e-6)
+    assert torch.allclose(loss, model.score(x, y).sum(), atol=1e-6)
+
+
+def test_ea_dists_follows_its_dists_value_range(model):
+    x, y = _images(seed=12)
+    signed = DISTS(value_range=(-1, 1))
+    signed.load_state_dict(model.state_dict())
+    ea = EADISTS(signed)
+    assert ea.value_range == (-1.0, 1.0)
+    assert torch.allclose(ea(2 * x - 1, 2 * y - 1), EADISTS(model)(x, y), atol=1e-5)
+    # an explicit value_range still wins
+    assert EADISTS(signed, value_range=(0, 1)).value_range == (0.0, 1.0)
+    assert EADISTS().value_range == (0.0, 1.0)

@@ -418,7 +418,9 @@ class DISTS(nn.Module):
         """DISTS of ``[B, 3, H, W]`` images already in ``[0, 1]``; returns ``[B]``.
 
         Single-channel inputs are repeated to 3 channels (as pyiqa's normalisation does
-        by broadcasting). Both images go through VGG in one batch.
+        by broadcasting). As a loss (autograd on, ``y`` not requiring grad) the target's
+        features are computed without autograd, so backward runs over ``x``'s half only;
+        otherwise both images go through VGG in one batch.
         """
         if x.shape != y.shape:
             raise ValueError(
@@ -428,10 +430,15 @@ class DISTS(nn.Module):
             raise ValueError(f"expected [B, 3, H, W] (or 1 channel) images, got {tuple(x.shape)}")
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        feats = self.features(torch.cat([x, y], dim=0))
-        b = x.shape[0]
-        fx = [f[:b] for f in feats]
-        fy = [f[b:] for f in feats]
+        if torch.is_grad_enabled() and not y.requires_grad:
+            fx = self.features(x)
+            with torch.no_grad():
+                fy = self.features(y)
+        else:
+            feats = self.features(torch.cat([x, y], dim=0))
+            b = x.shape[0]
+            fx = [f[:b] for f in feats]
+            fy = [f[b:] for f in feats]
         return dists_from_features(fx, fy, self.alpha.to(x.dtype), self.beta.to(x.dtype))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

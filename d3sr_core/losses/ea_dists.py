@@ -45,10 +45,11 @@ class EADISTS(nn.Module):
     """Edge-aware DISTS loss/metric: ``DISTS(x, y) + edge_weight * DISTS(S(x), S(y))``.
 
     Args:
-        dists: the :class:`DISTS` to use (usually ``DISTS.from_pretrained()``); its own
-            ``value_range`` is bypassed: this module maps inputs to ``[0, 1]`` itself.
+        dists: the :class:`DISTS` to use (usually ``DISTS.from_pretrained()``).
         value_range: range of the images given to :meth:`forward`: ``(0, 1)`` or ``(-1, 1)``
-            (the generator's output range).
+            (the generator's output range). Default: the ``value_range`` of ``dists`` (so
+            ``EADISTS(DISTS(value_range=(-1, 1)))`` takes ``[-1, 1]`` images), else ``(0, 1)``.
+            This module maps inputs to ``[0, 1]`` itself before the Sobel filter.
         edge_mode: ``"rgb"`` or ``"gray"`` (see :func:`sobel_magnitude`).
         edge_weight: weight of the edge term (the paper: 1).
 
@@ -59,7 +60,7 @@ class EADISTS(nn.Module):
     def __init__(
         self,
         dists: DISTS | None = None,
-        value_range: tuple[float, float] = (0.0, 1.0),
+        value_range: tuple[float, float] | None = None,
         edge_mode: str = "rgb",
         edge_weight: float = 1.0,
     ) -> None:
@@ -67,6 +68,8 @@ class EADISTS(nn.Module):
         if edge_mode not in EDGE_MODES:
             raise ValueError(f"edge_mode must be one of {EDGE_MODES}, got {edge_mode!r}")
         self.dists = dists if dists is not None else DISTS()
+        if value_range is None:
+            value_range = self.dists.value_range
         self.value_range = _check_value_range(value_range)
         self.edge_mode = edge_mode
         self.edge_weight = float(edge_weight)

@@ -1,0 +1,1 @@
+"""D3SR trainer (``python trainer/train.py``); see README "Training"."""
