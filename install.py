@@ -110,7 +110,8 @@ def webui_launch():
 
 
 def webui_missing(launch) -> list[str]:
-    """pip specs for the runtime packages that are missing or older than needed."""
+    """pip specs for the runtime packages that are missing, older than needed, or newer than
+    the webui's transformers can import."""
     caps = {}
     for line in constraints():
         name, _, version = line.partition("<=")
@@ -119,7 +120,10 @@ def webui_missing(launch) -> list[str]:
     specs = []
     for name, minimum in WEBUI_RUNTIME:
         version = installed_version(name) if launch.is_installed(name) else None
-        if version is not None and (minimum is None or _release(version) >= _release(minimum)):
+        fits = version is not None and (minimum is None or _release(version) >= _release(minimum))
+        if fits and name in caps:  # e.g. a diffusers too new for A1111 1.10's transformers
+            fits = _release(version) <= _release(caps[name])
+        if fits:
             continue
         spec = name + (f">={minimum}" if minimum else "")
         if name in caps:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-# The module, not the class: a script module that holds the base class by name makes the
-# webui register the base class as a script too (and the Extras tab fails).
+# The module, not the class: scripts/d3sr.py (which the webui scans for script classes) must
+# never hold the base class by name, or the webui registers it too and the Extras tab fails.
 from modules import scripts_postprocessing
 
 from d3sr_core.inference.color import COLOR_FIXES

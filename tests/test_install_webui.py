@@ -74,6 +74,14 @@ def test_old_package_is_upgraded_and_host_packages_never_named(install, monkeypa
         assert host_owned not in specs.replace("safetensors", "")
 
 
+def test_too_new_diffusers_under_old_transformers_is_replaced(install, monkeypatch):
+    versions(install, monkeypatch, diffusers="0.37.1", transformers="4.30.2")
+    launch = FakeLaunch()
+    install.install_into_webui(launch)
+    (command,) = launch.pip
+    assert command.endswith('"diffusers>=0.31,<=0.36.0"')
+
+
 def test_forge_pins_need_nothing(install, monkeypatch):
     versions(install, monkeypatch, diffusers="0.31.0", transformers="4.46.1")
     launch = FakeLaunch()
