@@ -68,3 +68,31 @@ def test_add_noise_per_sample_levels():
 def test_unknown_prediction_type_rejected():
     with pytest.raises(ValueError, match="prediction_type"):
         predict_x0(torch.zeros(1), torch.zeros(1), 0.5, "flow")
+
+
+def test_linear_and_trained_betas_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    linear = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    config = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+    torch.testing.assert_close(alphas_cumprod_from_config(config), linear.alphas_cumprod.float())
+    betas = [0.1, 0.2, 0.5]
+    trained = DDPMScheduler(num_train_timesteps=3, trained_betas=betas)
+    torch.testing.assert_close(
+        alphas_cumprod_from_config({"trained_betas": betas}), trained.alphas_cumprod.float()
+    )
+    with pytest.raises(ValueError, match="beta_schedule"):
+        alphas_cumprod(beta_schedule="cosine")
+
+
+def test_add_noise_keeps_dtype_and_sample_prediction_is_the_output():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 4, 4, generator=g).bfloat16()
+    eps = torch.randn(2, 4, 4, 4, generator=g)
+    a = 0.3
+    out = add_noise(x0, eps, a)
+    assert out.dtype == torch.bfloat16
+    expected = (a**0.5 * x0.float() + (1 - a) ** 0.5 * eps).bfloat16()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    z = torch.randn(2, 4, 4, 4, generator=g)
+    assert torch.equal(predict_x0(z, eps, a, "sample"), eps)
