@@ -389,8 +389,9 @@ class D3SRPipeline:
         Returns ``[B, C, floor(H*scale+0.5), floor(W*scale+0.5)]`` in [0, 1] on the input's
         device, float32. Gray input is processed as RGB and returned gray; alpha is upsampled
         bicubically and carried over, and the colour under fully transparent pixels is
-        first filled from visible neighbours (:func:`.alpha.fill_transparent`). ``progress(done, total)`` advances per tile;
-        ``cancel()`` is checked between tiles and raises :class:`UpscaleCancelled`.
+        first filled from visible neighbours (:func:`.alpha.fill_transparent`).
+        ``progress(done, total)`` advances per tile; ``cancel()`` is checked between tiles
+        and raises :class:`UpscaleCancelled`.
         """
         options = options or UpscaleOptions()
         images = validate_images(images, options)
