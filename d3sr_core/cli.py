@@ -28,6 +28,9 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # sent between processes (distributed runs) with its exit code
+        return (type(self), (str(self), self.code))
+
 
 def _log(args, message: str) -> None:
     if not getattr(args, "quiet", False):
@@ -558,7 +561,9 @@ def cmd_upscale(args) -> int:
                 plan = err
         plan = procs.broadcast(plan)  # every rank works from rank 0's one plan
         if isinstance(plan, CliError):
-            raise plan
+            if procs.main:
+                raise plan
+            return plan.code  # rank 0 says it, once
         pending, failures, skipped, weights = plan
         if procs.world > 1:
             pending = [pending[i] for i in split_by_pixels(weights, procs.world)[procs.rank]]
@@ -572,11 +577,19 @@ def cmd_upscale(args) -> int:
             run_jobs(args, pending, options, mine, procs)
         except CliError as err:  # e.g. weights not found: gathered first so no rank hangs
             crashed = err
-        total = Summary()
-        for part in procs.gather(mine):
+        total, other_crashes = Summary(), []
+        for rank, (part, crash) in enumerate(procs.gather((mine, crashed))):
             total.add(part)
-        if crashed is not None:
-            raise crashed
+            if crash is not None and rank != procs.rank:
+                other_crashes.append((rank, crash))
+        if procs.main:  # rank 0 speaks for all: its own problem, or the others' (once each)
+            if crashed is not None:
+                raise crashed
+            messages = dict.fromkeys(f"{c} (rank {r})" for r, c in other_crashes)
+            if messages:
+                raise CliError("\n".join(messages), max(c.code for _, c in other_crashes))
+        elif crashed is not None:
+            return crashed.code
     finally:
         procs.close()
     if procs.main:

@@ -72,11 +72,9 @@ def test_fill_transparent_keeps_visible_pixels_and_uses_neighbours():
 
 @pytest.fixture(scope="module")
 def osediff(tmp_path_factory):
-    from test_checkpoint import make_osediff
+    from test_weights_fuzz import shared_osediff
 
-    folder = tmp_path_factory.mktemp("osediff")
-    path, _, _ = make_osediff(folder)
-    return path
+    return shared_osediff(tmp_path_factory)
 
 
 def test_conversion_cache_follows_the_pickle_and_the_base(tmp_path, osediff):

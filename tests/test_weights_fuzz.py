@@ -211,12 +211,20 @@ D3SR_CASES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def osediff_state(tmp_path_factory) -> dict:
+def shared_osediff(tmp_path_factory) -> Path:
+    """A tiny osediff.pkl (built with peft, a few seconds), made once per test session."""
     from test_checkpoint import make_osediff
 
-    path, _, _ = make_osediff(tmp_path_factory.mktemp("osediff"))
-    return torch.load(str(path), weights_only=True)
+    path = tmp_path_factory.getbasetemp() / "shared-osediff" / "osediff.pkl"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        make_osediff(path.parent)
+    return path
+
+
+@pytest.fixture(scope="module")
+def osediff_state(tmp_path_factory) -> dict:
+    return torch.load(str(shared_osediff(tmp_path_factory)), weights_only=True)
 
 
 def first_key(state: dict, field: str, marker: str = "lora_A") -> str:
