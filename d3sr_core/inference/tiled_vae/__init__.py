@@ -77,12 +77,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .attention import (
-    ATTENTION_BLOCK_DIVISOR,
-    ATTENTION_WINDOW,
-    _run_attention,
-    attention_spans,
-)
+from .attention import ATTENTION_BLOCK_DIVISOR, ATTENTION_WINDOW, _run_attention, attention_spans
 from .norm import GroupStats, _apply_norm, group_moments
 from .ops import (
     Attend,
@@ -111,24 +106,16 @@ from .planner import (
 )
 from .program import decoder_program, encoder_program
 from .runner import TRIM_INTERVAL_S, RunReport, Tick, TiledVAEConfig, TiledVAERunner
-from .whole import (
-    _program,
-    estimate_untiled_bytes,
-    run_whole,
-    whole_decode,
-    whole_encode,
-)
+from .whole import _program, estimate_untiled_bytes, run_whole, whole_decode, whole_encode
 
 __all__ = [
     "ATTENTION_BLOCK_DIVISOR",
     "ATTENTION_WINDOW",
-    "MIN_WORK_BYTES",
-    "MIN_WORK_FRACTION",
-    "TRIM_INTERVAL_S",
-    "WORK_SET_FACTOR",
     "Attend",
     "Conv",
     "GroupStats",
+    "MIN_WORK_BYTES",
+    "MIN_WORK_FRACTION",
     "Norm",
     "Op",
     "Piece",
@@ -136,12 +123,14 @@ __all__ = [
     "Region",
     "Residual",
     "RunReport",
+    "TRIM_INTERVAL_S",
     "Tick",
     "TiledVAEConfig",
     "TiledVAERunner",
     "UnsupportedVAEError",
     "UpConv",
     "Upsample",
+    "WORK_SET_FACTOR",
     "_apply_norm",
     "_backward",
     "_op_cost",

@@ -69,12 +69,22 @@ def _crop(t: Tensor, have: Region, want: Region) -> Tensor:
         have.y0 <= want.y0 and want.y1 <= have.y1 and have.x0 <= want.x0 and want.x1 <= have.x1
     ):
         raise AssertionError(f"region {want} is not inside {have}")
-    return t[
-        :,
-        :,
-        want.y0 - have.y0 : want.y1 - have.y0,
-        want.x0 - have.x0 : want.x1 - have.x0,
-    ]
+    return t[:, :, want.y0 - have.y0 : want.y1 - have.y0, want.x0 - have.x0 : want.x1 - have.x0]
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """True when ``t`` ``[B, C, H, W]`` (possibly a crop) stores channels innermost (NHWC)."""
+    return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
+
+
+def dense(t: Tensor) -> Tensor:
+    """``t`` itself when it is contiguous in its memory format, else a packed copy in that
+    format. CPU kernels (batch_norm, group_norm, oneDNN convs) take slow strided paths or
+    copy anyway on a crop of a larger tensor; one packed copy is cheaper."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
 
 
 @dataclass
@@ -124,11 +134,7 @@ class Op:
         return out_needs
 
     def run(
-        self,
-        pieces: list[Piece | None],
-        needs: list[Region | None],
-        size: tuple[int, int],
-        ctx,
+        self, pieces: list[Piece | None], needs: list[Region | None], size: tuple[int, int], ctx
     ) -> list[Piece | None]:
         """Produce the output stack covering exactly ``needs`` (clipped) from ``pieces``."""
         raise NotImplementedError
@@ -288,10 +294,7 @@ class Upsample(Op):
         top = out_needs[-1]
         if top is None:
             return out_needs
-        return [
-            *out_needs[:-1],
-            Region(top.y0 // 2, -(-top.y1 // 2), top.x0 // 2, -(-top.x1 // 2)),
-        ]
+        return [*out_needs[:-1], Region(top.y0 // 2, -(-top.y1 // 2), top.x0 // 2, -(-top.x1 // 2))]
 
     def run(self, pieces, needs, size, ctx):
         top, want = pieces[-1], needs[-1]
@@ -329,8 +332,8 @@ def upsample_conv(xp: Tensor, phase_weight: Tensor, bias: Tensor | None) -> Tens
     n, m = hp - 2, wp - 2
     o = phase_weight.shape[0] // 4
     big = F.conv2d(xp, phase_weight)  # [B, 4O, n + 1, m + 1]; phase (a, b) at offset (a, b)
-    channels_last = xp.is_contiguous(memory_format=torch.channels_last) and not xp.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # a crop of an NHWC checkpoint is not "contiguous" in either format but is still NHWC
+    fmt = torch.channels_last if is_channels_last(xp) else torch.contiguous_format
     y = torch.empty(b, o, 2 * n, 2 * m, dtype=big.dtype, device=big.device, memory_format=fmt)
     for k, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         y[:, :, a::2, c::2] = big[:, k * o : (k + 1) * o, a : a + n, c : c + m]

@@ -5,17 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .ops import (
-    Attend,
-    Conv,
-    Norm,
-    Op,
-    Push,
-    Residual,
-    UnsupportedVAEError,
-    UpConv,
-    Upsample,
-)
+from .ops import Attend, Conv, Norm, Op, Push, Residual, UnsupportedVAEError, UpConv, Upsample
 
 
 def _conv(m: nn.Module, pad: tuple[int, int, int, int] | None = None) -> Conv:
@@ -53,8 +43,7 @@ def _resnet(block: nn.Module) -> list[Op]:
         Norm(block.norm2, act=True),
         _conv(block.conv2),
         Residual(
-            getattr(block, "conv_shortcut", None),
-            float(getattr(block, "output_scale_factor", 1.0)),
+            getattr(block, "conv_shortcut", None), float(getattr(block, "output_scale_factor", 1.0))
         ),
     ]
 
@@ -94,10 +83,7 @@ def _upsampler(u: nn.Module) -> list[Op]:
 def _head(encoder_or_decoder: nn.Module) -> list[Op]:
     if not _is_silu(getattr(encoder_or_decoder, "conv_act", None)):
         raise UnsupportedVAEError("conv_act is not SiLU")
-    return [
-        Norm(encoder_or_decoder.conv_norm_out, act=True),
-        _conv(encoder_or_decoder.conv_out),
-    ]
+    return [Norm(encoder_or_decoder.conv_norm_out, act=True), _conv(encoder_or_decoder.conv_out)]
 
 
 def encoder_program(vae: nn.Module) -> list[Op]:

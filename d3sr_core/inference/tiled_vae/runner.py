@@ -30,13 +30,7 @@ from .ops import (
     _shapes,
     _spans,
 )
-from .planner import (
-    MIN_WORK_BYTES,
-    MIN_WORK_FRACTION,
-    _in_place,
-    _work_bytes,
-    plan_checkpoints,
-)
+from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
 
 Tick = Callable[[float], None]
 
@@ -148,8 +142,7 @@ class TiledVAERunner:
         for s in syncs:
             if sizes[s] == full:
                 limit = max(
-                    limit,
-                    self._probe(prev, s, sizes, chans, True, itemsize, self.config.tile),
+                    limit, self._probe(prev, s, sizes, chans, True, itemsize, self.config.tile)
                 )
             prev = s
         return limit
@@ -230,13 +223,7 @@ class TiledVAERunner:
             elif keep:
                 for i, c in new_chans.items():
                     store[i] = torch.empty(
-                        batch,
-                        c,
-                        h,
-                        w,
-                        dtype=store_dtype[s],
-                        device=x.device,
-                        memory_format=fmt,
+                        batch, c, h, w, dtype=store_dtype[s], device=x.device, memory_format=fmt
                     )
             full = Region(0, sizes[ck_index][0], 0, sizes[ck_index][1])
             for t, core in enumerate(grid):
