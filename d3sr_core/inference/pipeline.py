@@ -204,7 +204,15 @@ class D3SRPipeline:
         if self._run is not None:
             return self._run
         options = UpscaleOptions()
-        return _Run(options, resolve_budget(None, self.device))
+        return _Run(options, self._budget(None))
+
+    def _budget(self, budget: int | None) -> int:
+        # The default follows the widest activation dtype (an fp32 VAE may run next to a
+        # half-precision UNet): half-precision states take half the bytes.
+        g = self.generator
+        dtypes = [next(g.unet.parameters()).dtype, next(g.vae.parameters()).dtype]
+        widest = max(dtypes, key=lambda d: torch.empty((), dtype=d).element_size())
+        return resolve_budget(budget, self.device, widest)
 
     # ---- stages (overridable) ------------------------------------------------------------------
     def encode(self, image: Tensor, rng: torch.Generator | None = None) -> Tensor:
@@ -392,7 +400,7 @@ class D3SRPipeline:
         """
         options = options or UpscaleOptions()
         images = validate_images(images, options)
-        budget = resolve_budget(options.memory_budget_bytes, self.device)
+        budget = self._budget(options.memory_budget_bytes)
         b, c, h, w = images.shape
         out_w, out_h = output_size(w, h, options.scale)
         tracker = _Progress(b, progress, cancel)

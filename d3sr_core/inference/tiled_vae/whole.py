@@ -8,18 +8,7 @@ from torch import Tensor, nn
 
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats
-from .ops import (
-    Attend,
-    Conv,
-    Norm,
-    Op,
-    Push,
-    Residual,
-    UpConv,
-    Upsample,
-    _shapes,
-    upsample_conv,
-)
+from .ops import Attend, Conv, Norm, Op, Push, Residual, UpConv, Upsample, _shapes, upsample_conv
 from .program import decoder_program, encoder_program
 
 
@@ -43,12 +32,7 @@ def run_whole(ops: list[Op], x: Tensor, attention_window: int | None = ATTENTION
                 stack[-1] = F.conv2d(t, m.weight, m.bias, m.stride, (pt, pl), m.dilation)
             else:
                 stack[-1] = F.conv2d(
-                    F.pad(t, (pl, pr, pt, pb)),
-                    m.weight,
-                    m.bias,
-                    m.stride,
-                    0,
-                    m.dilation,
+                    F.pad(t, (pl, pr, pt, pb)), m.weight, m.bias, m.stride, 0, m.dilation
                 )
         elif isinstance(op, UpConv):
             stack[-1] = upsample_conv(F.pad(t, (1, 1, 1, 1)), op.phase_weight(), op.module.bias)
@@ -102,10 +86,14 @@ def estimate_untiled_bytes(
     itemsize = torch.empty((), dtype=dtype).element_size()
     per = [sum(cs) * hw[0] * hw[1] for hw, cs in zip(sizes, chans, strict=True)]
     pair = max(per[i] + per[i + 1] for i in range(len(per) - 1))
-    # Calibrated on SD2.1's VAE with run_whole on CPU, fp32 (measured peak / this estimate
-    # before the factor: decode 0.51-0.53 at 512 and 768 px, encode 0.59-0.60), 5-10 % headroom.
+    # fp32 runs hold an fp32 temporary; half-precision ones compute GroupNorm and convs
+    # straight into half-precision outputs, so their temporaries are half-sized too.
+    temp = 4 if itemsize >= 4 else itemsize
+    # Calibrated on SD2.1's VAE with run_whole on CPU (measured peak / this estimate before
+    # the factor: fp32 decode 0.51-0.53 at 512 and 768 px, encode 0.59-0.60; bf16 +
+    # channels_last decode 0.54 / 0.46, encode 0.62 at 512 px), 5-10 % headroom.
     factor = 0.55 if kind == "decode" else 0.65
-    return int(factor * b * ((pair + max(per)) * itemsize + max(per) * 4))
+    return int(factor * b * ((pair + max(per)) * itemsize + max(per) * temp))
 
 
 def whole_encode(
