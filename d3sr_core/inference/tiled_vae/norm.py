@@ -46,7 +46,8 @@ def group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and biased variance of ``x`` ``[B, C, h, w]`` (float64, CPU).
 
     Uses the GroupNorm kernel itself (one fused Welford reduction that also handles
-    channels_last) on an fp32 view, so the statistics are as accurate as ``nn.GroupNorm``'s.
+    channels_last), accumulating in fp32 - for half-precision tiles through its mixed-precision
+    variant, without an fp32 copy - so the statistics are as accurate as ``nn.GroupNorm``'s.
     """
     b, c = x.shape[:2]
     eps = 1e-12
