@@ -88,14 +88,18 @@ def _image(size: int):
     return torch.nn.functional.interpolate(small, size=(size, size), mode="bicubic").clamp(0, 1)
 
 
-def child_rss(out_size: int, budget_gib: float | None) -> dict:
-    """Peak RSS above the weights for one upscale (runs in its own process)."""
+def child_rss(out_size: int, budget_gib: float | None, precision: str | None = None) -> dict:
+    """Peak RSS above the weights for one upscale (runs in its own process); ``precision``
+    None keeps the fp32 generator, else :func:`prepare_generator` with it."""
     import torch
 
     from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.precision import prepare_generator
 
     torch.set_grad_enabled(False)
     g = build_generator()
+    if precision is not None:
+        g = prepare_generator(g, "cpu", precision)
     pipe = D3SRPipeline(g)
     pipe.upscale_tensor(_image(8), UpscaleOptions(scale=4))  # warm-up, allocator settles
     weights = sum(p.numel() * p.element_size() for p in g.parameters())
@@ -122,11 +126,9 @@ def child_rss(out_size: int, budget_gib: float | None) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peaks.append(_status_kib("VmHWM"))
     peak_kib = max(peaks) if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    from d3sr_core.inference.memory import resolve_budget
-
     return {
         "out": out_size,
-        "budget_gib": (budget or resolve_budget(None, "cpu")) / GIB,
+        "budget_gib": (budget or pipe._budget(None)) / GIB,
         "explicit": budget_gib is not None,
         "weights_gib": weights / GIB,
         "rss_base_gib": base_kib / 2**20,

@@ -357,7 +357,7 @@ def test_in_place_checkpoints_are_exact(monkeypatch):
     overwriting the previous checkpoint band by band, and the output is still exact."""
     from d3sr_core.inference.tiled_vae import _shapes
 
-    monkeypatch.setattr(tiled_vae, "MIN_WORK_BYTES", 64 * 1024)
+    monkeypatch.setattr(tiled_vae.runner, "MIN_WORK_BYTES", 64 * 1024)
     big = tiny_vae()
     ops = decoder_program(big)
     sizes, chans = _shapes(ops, 48, 48, 4)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .color import apply_color_fix
-from .memory import resolve_budget
 from .pipeline import (
     _STAGE_WEIGHTS,
     LATENT_FACTOR,
@@ -140,7 +139,7 @@ def upscale_latent(
         if options.seed is not None
         else None
     )
-    budget = resolve_budget(options.memory_budget_bytes, device)
+    budget = pipeline._budget(options.memory_budget_bytes)
     outputs = []
     stored_embeds = pipeline._use_prompt_embeds(options)
     previous, pipeline._run = pipeline._run, _Run(options, budget, tracker)

@@ -32,6 +32,12 @@ RAM_BUDGET_FRACTION = 0.25
 # More only saves recomputation in the tiled VAE: memory_budget_bytes (--memory-budget)
 # trades memory for speed.
 CPU_BUDGET_CAP_BYTES = int(1.75 * 2**30)
+# The same cap for half-precision (bf16) runs. Their states take half the bytes, so the memory
+# outside the budget that scales with the activations (oneDNN's blocked copies, the fp32-sized
+# temporaries of fp32 runs) is smaller: measured at 2048x2048 in bf16 (issue #12), a 1.75 GiB
+# budget peaked at weights + 2.39 GB and a 3 GiB one at + 3.1 GB, i.e. ~0.57 GB per extra GiB;
+# 2.5 GiB then peaks near + 2.8 GB, and lets a 1024x1024 bf16 VAE run untiled (~1.9 GiB).
+CPU_BUDGET_CAP_BYTES_HALF = int(2.5 * 2**30)
 MIN_BUDGET_BYTES = 256 * 2**20
 FALLBACK_RAM_BYTES = 4 * 2**30
 
@@ -79,21 +85,31 @@ def available_memory(device: torch.device | str) -> int:
     return system_available_memory()
 
 
-def default_budget(device: torch.device | str) -> int:
+def cpu_budget_cap(dtype: torch.dtype | None = None) -> int:
+    """The CPU budget cap for activations of ``dtype`` (None: fp32): half-precision states
+    are half the size, so they get :data:`CPU_BUDGET_CAP_BYTES_HALF`."""
+    if dtype is not None and torch.empty((), dtype=dtype).element_size() <= 2:
+        return CPU_BUDGET_CAP_BYTES_HALF
+    return CPU_BUDGET_CAP_BYTES
+
+
+def default_budget(device: torch.device | str, dtype: torch.dtype | None = None) -> int:
     """The default activation budget: a fraction of :func:`available_memory` (on CPU capped
-    at ``CPU_BUDGET_CAP_BYTES``)."""
+    at :func:`cpu_budget_cap` for the run's widest activation ``dtype``, None = fp32)."""
     device = torch.device(device)
     if device.type == "cpu":
-        budget = min(int(available_memory(device) * RAM_BUDGET_FRACTION), CPU_BUDGET_CAP_BYTES)
+        budget = min(int(available_memory(device) * RAM_BUDGET_FRACTION), cpu_budget_cap(dtype))
     else:
         budget = int(available_memory(device) * GPU_BUDGET_FRACTION)
     return max(budget, MIN_BUDGET_BYTES)
 
 
-def resolve_budget(budget: int | None, device: torch.device | str) -> int:
-    """``budget`` if given (validated), else :func:`default_budget`."""
+def resolve_budget(
+    budget: int | None, device: torch.device | str, dtype: torch.dtype | None = None
+) -> int:
+    """``budget`` if given (validated), else :func:`default_budget` for ``dtype``."""
     if budget is None:
-        return default_budget(device)
+        return default_budget(device, dtype)
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise ValueError(f"memory_budget_bytes must be a positive int or None, got {budget!r}")
     return budget

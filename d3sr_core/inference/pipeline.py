@@ -227,7 +227,15 @@ class D3SRPipeline:
         if self._run is not None:
             return self._run
         options = UpscaleOptions()
-        return _Run(options, resolve_budget(None, self.device))
+        return _Run(options, self._budget(None))
+
+    def _budget(self, budget: int | None) -> int:
+        # The default follows the widest activation dtype (an fp32 VAE may run next to a
+        # half-precision UNet): half-precision states take half the bytes.
+        g = self.generator
+        dtypes = [next(g.unet.parameters()).dtype, next(g.vae.parameters()).dtype]
+        widest = max(dtypes, key=lambda d: torch.empty((), dtype=d).element_size())
+        return resolve_budget(budget, self.device, widest)
 
     # ---- stages (overridable) ------------------------------------------------------------------
     def encode(self, image: Tensor, rng: torch.Generator | None = None) -> Tensor:
@@ -419,7 +427,7 @@ class D3SRPipeline:
         images = validate_images(images, options)
         if images.shape[1] == 4:  # hidden colour under alpha = 0 must not bleed into edges
             images = torch.cat([fill_transparent(images[:, :3], images[:, 3:]), images[:, 3:]], 1)
-        budget = resolve_budget(options.memory_budget_bytes, self.device)
+        budget = self._budget(options.memory_budget_bytes)
         b, c, h, w = images.shape
         out_w, out_h = target_size(w, h, options)
         tracker = _Progress(b, progress, cancel)

@@ -1,0 +1,346 @@
+"""The tile runner: executes a program pass by pass (one per sync point), tile by tile,
+following the checkpoint plan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..memory import release_host_memory
+from .attention import ATTENTION_WINDOW, _run_attention
+from .norm import GroupStats, _apply_norm
+from .ops import (
+    Attend,
+    Conv,
+    Norm,
+    Op,
+    Piece,
+    Region,
+    UpConv,
+    Upsample,
+    _backward,
+    _crop,
+    _grid,
+    _ids,
+    _interior_tile,
+    _shapes,
+    _spans,
+)
+from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
+
+Tick = Callable[[float], None]
+
+# How often (seconds) a CPU run hands freed heap memory back to the OS between tiles.
+TRIM_INTERVAL_S = 0.1
+
+
+@dataclass
+class TiledVAEConfig:
+    """How a tiled VAE run may use memory.
+
+    Attributes:
+        budget: activation bytes the run may use (checkpoints + one tile's working set).
+        tile: tile side in image pixels (``None`` = derived from the budget).
+        work_fraction: share of the budget reserved for one tile's working set when ``tile``
+            is None; the rest may hold checkpoints.
+        attention_window: latent positions per side beyond which self-attention is windowed
+            (:func:`attention_spans`); None = always global.
+        compact_checkpoints: for an fp32 VAE, store the checkpoints of the resolutions whose
+            fp32 states do not fit the budget in bfloat16 (half the bytes) when that saves
+            recomputation. Rounds those states (relative error <= 2**-9), so the output is no
+            longer bit-for-bit the untiled one; False keeps exact fp32 checkpoints.
+    """
+
+    budget: int
+    tile: int | None = None
+    work_fraction: float = 0.3
+    attention_window: int | None = ATTENTION_WINDOW
+    compact_checkpoints: bool = True
+
+
+@dataclass
+class RunReport:
+    """What a run did (for logs, tests and benchmarks)."""
+
+    passes: int = 0
+    tiles: int = 0
+    kept: list[int] = field(default_factory=list)
+    recomputed: list[int] = field(default_factory=list)
+    tile_sizes: list[int] = field(default_factory=list)
+    # Kept states written over the previous checkpoint, band by band.
+    in_place: list[int] = field(default_factory=list)
+    # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
+    compact: list[tuple[int, int]] = field(default_factory=list)
+    # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
+    # resolution and the output - are not counted; they are O(latent) and O(output)).
+    peak_estimate: int = 0
+
+
+class _Context:
+    def __init__(self, stats: dict[int, GroupStats], ops: list[Op]):
+        self.stats = stats
+        self.index = {id(op): i for i, op in enumerate(ops)}
+
+    def normalize(self, op: Norm, x: Tensor) -> Tensor:
+        st = self.stats[self.index[id(op)]]
+        return _apply_norm(op, st, x)
+
+
+def _write_band(target: Tensor, band: list[tuple[Region, Tensor]]) -> None:
+    for core, tensor in band:
+        target[:, :, core.y0 : core.y1, core.x0 : core.x1] = tensor
+
+
+class TiledVAERunner:
+    """Runs one VAE program (encoder or decoder) tile by tile; see the module docstring.
+
+    Args:
+        ops: from :func:`encoder_program` / :func:`decoder_program`.
+        config: memory budget and tile size.
+        tick: called with the fraction done (0..1) after every tile (progress/cancel).
+    """
+
+    def __init__(self, ops: list[Op], config: TiledVAEConfig, tick: Tick | None = None):
+        self.ops = ops
+        self.config = config
+        self.tick = tick
+        self.report = RunReport()
+        # GroupNorm module -> the whole-image statistics its input had (filled by run()).
+        self.group_stats: dict[nn.Module, GroupStats] = {}
+
+    def _dtype(self) -> torch.dtype:
+        for op in self.ops:
+            if isinstance(op, Conv):
+                return op.module.weight.dtype
+        return torch.float32
+
+    def _tile_for(self, start, stop, sizes, chans, keep, itemsize, limit) -> int:
+        """The largest tile side (at boundary ``stop``'s resolution) whose working set fits."""
+        h, w = sizes[stop]
+        lo, hi = 8, max(h, w)
+        if self._probe(start, stop, sizes, chans, keep, itemsize, hi) <= limit:
+            return hi
+        while hi - lo > 2:
+            mid = (lo + hi) // 2
+            if self._probe(start, stop, sizes, chans, keep, itemsize, mid) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _work_limit(self, sizes, chans, syncs, itemsize) -> float:
+        """Bytes one tile may use: from the budget ("auto"), or what a ``tile`` x ``tile``
+        tile of the full-resolution stage needs (so lower resolutions get larger tiles)."""
+        if self.config.tile is None:
+            return self.config.budget * self.config.work_fraction
+        full = max(sizes, key=lambda hw: hw[0] * hw[1])
+        limit, prev = 0, 0
+        for s in syncs:
+            if sizes[s] == full:
+                limit = max(
+                    limit, self._probe(prev, s, sizes, chans, True, itemsize, self.config.tile)
+                )
+            prev = s
+        return limit
+
+    def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile) -> int:
+        core = _interior_tile(*sizes[stop], tile)
+        depth = len(chans[stop])
+        final = [core] * depth if keep_all else [None] * (depth - 1) + [core]
+        needs = _backward(self.ops, start, stop, final, sizes)
+        return _work_bytes(needs, chans, start, itemsize)
+
+    def run(self, x: Tensor) -> Tensor:
+        """``x`` ``[B, C, H, W]`` (image or latent) -> the program's output, in the VAE dtype."""
+        ops = self.ops
+        dtype = self._dtype()
+        x = x.to(dtype)
+        itemsize = x.element_size()
+        batch = x.shape[0]
+        sizes, chans = _shapes(ops, x.shape[2], x.shape[3], x.shape[1])
+        syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+        limit = self._work_limit(sizes, chans, syncs, itemsize * batch)
+        # Before an upsampling the state is a quarter of the size after it: a cheap place to
+        # keep a checkpoint that the sync points after it can restart from.
+        optional = frozenset(
+            i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)) and i not in syncs
+        )
+        stats: dict[int, GroupStats] = {}
+        ctx = _Context(stats, ops)
+        counter = [0]
+        fmt = self._memory_format()
+        # The checkpoint: boundary index, element ids and id -> whole-image tensor.
+        ck_index, ck_ids, ck_store = 0, [0], {0: x}
+        last_trim = time.monotonic()
+        budget = self.config.budget
+        floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+        # Keeping a checkpoint saves recomputing everything since the last one in every
+        # later pass, which costs far more than smaller tiles: keep what the planner chose
+        # (with the smallest useful working set) and give the tiles what is left.
+        planned, store_dtype = self._plan(
+            sizes, chans, syncs, optional, dtype, batch, budget, floor
+        )
+        points = sorted({*syncs, *(planned & optional)})
+        for p, s in enumerate(points):
+            op = ops[s] if s < len(ops) else None
+            ids = _ids(ops, ck_index, s, ck_ids, counter)
+            h, w = sizes[s]
+            new_ids = list(dict.fromkeys(i for i in ids if i not in ck_store))
+            new_chans = {i: chans[s][ids.index(i)] for i in new_ids}
+            store_item = torch.empty((), dtype=store_dtype[s]).element_size()
+            new_bytes = sum(c * h * w * store_item * batch for c in new_chans.values())
+            ck_bytes = sum(t.numel() * t.element_size() for t in ck_store.values())
+            must_keep = op is None or isinstance(op, Attend)
+            keep = must_keep or s in planned
+            in_place = (
+                keep
+                and _in_place(ck_index, ck_ids, s, ids, sizes, chans)
+                and ck_store[ck_ids[0]].dtype == store_dtype[s]
+            )
+            held = ck_bytes + (new_bytes if keep and not in_place else 0)
+            work = min(limit, max(budget - held, floor))
+            if in_place:
+                work /= 2  # the other half holds two bands of finished tiles
+            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work)
+            if in_place:
+                row_bytes = w * new_bytes / max(h * w, 1)
+                tile = max(8, min(tile, int(work / (2 * max(row_bytes, 1)))))
+                in_place = self._halo(ck_index, s, sizes, chans, tile) <= min(
+                    b - a for a, b in _spans(h, tile)
+                )
+            grid = _grid(h, w, tile)
+            norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
+            acc = GroupStats(norm.module.num_groups) if norm is not None else None
+            store = {}
+            bands: list[list[tuple[Region, Tensor]]] = []  # finished tiles not yet written
+            if in_place:
+                (new_id,) = new_chans
+                store[new_id] = ck_store[ck_ids[0]]
+            elif keep:
+                for i, c in new_chans.items():
+                    store[i] = torch.empty(
+                        batch, c, h, w, dtype=store_dtype[s], device=x.device, memory_format=fmt
+                    )
+            full = Region(0, sizes[ck_index][0], 0, sizes[ck_index][1])
+            for t, core in enumerate(grid):
+                # Ask for each element to be stored once (Push duplicates ids) and for the
+                # top whenever its statistics are needed.
+                final: list[Region | None] = []
+                asked = set()
+                for i in ids:
+                    final.append(core if i in store and i not in asked else None)
+                    asked.add(i)
+                if acc is not None and final[-1] is None:
+                    final[-1] = core
+                needs = _backward(ops, ck_index, s, final, sizes)
+                pieces = [
+                    None if r is None else Piece(_crop(ck_store[i], full, r).to(dtype), r)
+                    for i, r in zip(ck_ids, needs[0], strict=True)
+                ]
+                for j in range(ck_index, s):
+                    pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
+                if acc is not None:
+                    acc.add(pieces[-1].tensor)
+                for i, r, piece in zip(ids, final, pieces, strict=True):
+                    if r is None or i not in store:
+                        continue
+                    if not in_place:
+                        store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
+                        continue
+                    # Overwriting the checkpoint: a band's rows may be replaced once the
+                    # next band is finished (no later tile reads them; halo < band height).
+                    if not bands or bands[-1][0][0].y0 != core.y0:
+                        for done in bands[:-1]:
+                            _write_band(store[i], done)
+                        bands = bands[-1:] + [[]]
+                    bands[-1].append((core, piece.tensor.to(store[i].dtype)))
+                del pieces
+                self.report.tiles += 1
+                now = time.monotonic()
+                if now - last_trim > TRIM_INTERVAL_S:
+                    release_host_memory(x.device)
+                    last_trim = now
+                if self.tick is not None:
+                    self.tick((p + (t + 1) / len(grid)) / len(points))
+            if in_place:
+                for done in bands:
+                    _write_band(store[new_id], done)
+            del bands
+            self.report.passes += 1
+            self.report.tile_sizes.append(tile)
+            if in_place:
+                self.report.in_place.append(s)
+            if acc is not None:
+                stats[s] = acc
+                self.group_stats[norm.module] = acc
+            if keep:
+                self.report.kept.append(s)
+                if not must_keep:
+                    peak = ck_bytes + (0 if in_place else new_bytes)
+                    self.report.peak_estimate = max(self.report.peak_estimate, peak)
+                ck_store = {i: store[i] if i in store else ck_store[i] for i in ids}
+                ck_index, ck_ids = s, ids
+            else:
+                self.report.recomputed.append(s)
+            if isinstance(op, Attend):
+                out = _run_attention(
+                    op,
+                    stats[s],
+                    ck_store[ck_ids[-1]].to(dtype),
+                    self.config.budget,
+                    self.config.attention_window,
+                )
+                counter[0] += 1
+                ck_ids = [*ck_ids[:-1], counter[0]]
+                ck_store = {i: ck_store[i] for i in ck_ids[:-1]} | {counter[0]: out}
+                ck_index = s + 1
+        return ck_store[ck_ids[-1]].to(dtype)
+
+    def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
+        """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
+        core = _interior_tile(*sizes[stop], tile)
+        needs = _backward(self.ops, start, stop, [core] * len(chans[stop]), sizes)
+        return max(core.y0 - r.y0 for r in needs[0] if r is not None)
+
+    def _plan(self, sizes, chans, syncs, optional, dtype, batch, budget, floor):
+        """The sync points to keep and the dtype each boundary's checkpoint is stored in.
+
+        Keeping a checkpoint saves recomputing everything since the last one in every later
+        pass, which costs far more than smaller tiles: keep what :func:`plan_checkpoints`
+        chooses (with the smallest useful working set) and give the tiles what is left.
+        With ``compact_checkpoints``, the resolutions where fp32 states had to be dropped
+        are stored in bfloat16 when that makes the plan cheaper; the output and the
+        attention input stay in the compute dtype.
+        """
+        ops = self.ops
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        exact = [dtype] * len(sizes)
+        kept, cost = plan_checkpoints(ops, sizes, chans, itemsize * batch, budget, floor, optional)
+        dropped = {sizes[s] for s in syncs if s not in kept}
+        if not (self.config.compact_checkpoints and dtype == torch.float32 and dropped):
+            return kept, exact
+        compact = [
+            torch.bfloat16
+            if sizes[i] in dropped and i < len(ops) and not isinstance(ops[i], Attend)
+            else dtype
+            for i in range(len(sizes))
+        ]
+        items = [torch.empty((), dtype=d).element_size() * batch for d in compact]
+        kept_c, cost_c = plan_checkpoints(ops, sizes, chans, items, budget, floor, optional)
+        if cost_c >= cost:
+            return kept, exact
+        self.report.compact = sorted(dropped)
+        return kept_c, compact
+
+    def _memory_format(self) -> torch.memory_format:
+        for op in self.ops:
+            if isinstance(op, Conv) and op.module.weight.shape[1] > 1:
+                wgt = op.module.weight
+                if wgt.is_contiguous(memory_format=torch.channels_last) and not wgt.is_contiguous():
+                    return torch.channels_last
+                return torch.contiguous_format
+        return torch.contiguous_format
