@@ -233,8 +233,9 @@ class D3SRPipeline:
         # The default follows the widest activation dtype (an fp32 VAE may run next to a
         # half-precision UNet): half-precision states take half the bytes.
         g = self.generator
-        dtypes = [next(g.unet.parameters()).dtype, next(g.vae.parameters()).dtype]
-        widest = max(dtypes, key=lambda d: torch.empty((), dtype=d).element_size())
+        params = [next(m.parameters(), None) for m in (g.unet, g.vae)]
+        dtypes = [p.dtype for p in params if p is not None and p.is_floating_point()]
+        widest = max(dtypes, key=lambda d: d.itemsize, default=None)
         return resolve_budget(budget, self.device, widest)
 
     # ---- stages (overridable) ------------------------------------------------------------------
