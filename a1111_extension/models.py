@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from d3sr_core.loading.detect import base_lacks_vae
 from d3sr_core.loading.files import WeightsFileError
 from d3sr_core.loading.locate import (
     converted_path,
@@ -125,22 +126,9 @@ def resolve_base(choice: str) -> Path:
     )
 
 
-def _base_needs_vae(base: Path) -> bool:
-    """A single-file base checkpoint that holds no VAE (reads the header only)."""
-    from d3sr_core.loading.detect import describe_weights
-
-    if not base.is_file():
-        return False
-    try:
-        info = describe_weights(base)
-    except WeightsFileError:
-        return False  # the loader reports it
-    return info.kind == "sd-checkpoint" and "vae" not in info.details.get("parts", [])
-
-
 def resolve_vae(base: Path) -> Path | None:
     """A VAE from ``models/VAE`` when the base file has none, else None."""
-    if not _base_needs_vae(base):
+    if not base_lacks_vae(base):
         return None
     folder = host.models_path() / "VAE"
     hits = find_vae_in(folder)

@@ -404,20 +404,6 @@ def _download_base(args, dest: Path, repo_id: str | None) -> Path:
         raise CliError(f"could not download {repo_id}: {err}", EXIT_FAILED) from None
 
 
-def _base_without_vae(base: str) -> bool:
-    """A single-file base checkpoint that holds no VAE (reads the header / structure only)."""
-    from .loading.detect import describe_weights
-    from .loading.files import WeightsFileError
-
-    if not Path(base).is_file():
-        return False
-    try:
-        info = describe_weights(base)
-    except WeightsFileError:
-        return False  # the loader will report it
-    return info.kind == "sd-checkpoint" and "vae" not in info.details.get("parts", [])
-
-
 # --------------------------------------------------------------------------- engine options
 
 OPTION_FLAGS = {
@@ -644,6 +630,7 @@ def load_pipeline(args, procs=None):
     from .distributed import Processes, process_device
     from .inference.pipeline import D3SRPipeline
     from .inference.precision import prepare_generator, resolve_device, resolve_dtype
+    from .loading.detect import base_lacks_vae
     from .loading.fetch import load_converting
     from .loading.files import WeightsFileError
     from .loading.locate import default_models_dir, locate_models
@@ -657,7 +644,7 @@ def load_pipeline(args, procs=None):
     except ValueError as err:
         raise CliError(f"--device {args.device} / --precision {args.precision}: {err}") from None
     vae = models.vae
-    if vae is None and _base_without_vae(models.base):
+    if vae is None and base_lacks_vae(models.base):
         vae = str(locate_models(_env(args), need_vae=True).vae or "") or None
         if vae is None:
             raise CliError(

@@ -28,6 +28,7 @@ from d3sr_core import cli
 from d3sr_core.image_files import encode_png16
 from d3sr_core.inference.pipeline import UpscaleOptions, output_size
 from d3sr_core.loading.checkpoint import is_d3sr_checkpoint, load_checkpoint
+from d3sr_core.loading.detect import base_lacks_vae
 from d3sr_core.loading.fetch import download_file
 
 HOST_ENV = (
@@ -500,5 +501,5 @@ def test_single_file_base_without_vae_is_recognised(tmp_path):
         },
         str(full),
     )
-    assert cli._base_without_vae(str(no_vae)) and not cli._base_without_vae(str(full))
-    assert not cli._base_without_vae(str(tmp_path))  # a diffusers folder brings its own vae/
+    assert base_lacks_vae(str(no_vae)) and not base_lacks_vae(str(full))
+    assert not base_lacks_vae(str(tmp_path))  # a diffusers folder brings its own vae/

@@ -398,3 +398,16 @@ def _describe_folder(path: Path) -> WeightsInfo:
         info.notes.append("not a diffusers model folder (no unet/config.json or model_index.json)")
     info.num_tensors, info.num_parameters, info.dtypes = _counts(tensors)
     return info
+
+
+def base_lacks_vae(base: str | Path) -> bool:
+    """Whether ``base`` is a single-file SD checkpoint without VAE weights (reads the header
+    or structure only). Folders and unreadable files answer False: the loader reports those."""
+    base = Path(base)
+    if not base.is_file():
+        return False
+    try:
+        info = describe_weights(base)
+    except WeightsFileError:
+        return False
+    return info.kind == "sd-checkpoint" and "vae" not in info.details.get("parts", [])
