@@ -512,8 +512,9 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
         # one optimizer step done (accumulate() synchronised on the last micro-step)
-        for s in scheds.values():
-            s.step()
+        for name, s in scheds.items():
+            if name == "g" or lw.adv_weight:  # opt_d does not step without an adversarial term
+                s.step()
         step += 1
         state.step = step
         if ema is not None:
