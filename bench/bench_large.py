@@ -25,25 +25,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tiling import ROOT, build_generator, child_rss  # noqa: E402
+from bench_tiling import ROOT, build_generator, child_rss, run_script  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
 
 def run_child(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-    if res.returncode != 0 or not line:
-        print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"child {args} failed")
-    return json.loads(line[-1])
+    return run_script(__file__, args)
 
 
 def child_ratio(size: int, precision: str, repeat: int) -> dict:

@@ -141,17 +141,23 @@ def child_rss(out_size: int, budget_gib: float | None, precision: str | None = N
     }
 
 
-def run_child(out_size: int, budget: float | None) -> dict:
-    """One upscale in a fresh process, so the peak RSS belongs to it alone."""
-    cmd = [sys.executable, __file__, "--child-rss", str(out_size)]
-    if budget is not None:
-        cmd += ["--child-budget", str(budget)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def run_script(script: str, args: list[str]) -> dict:
+    """Run ``script args`` in a fresh process (so its peak RSS is its own) and return the
+    last JSON line it prints."""
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT)
     line = [x for x in res.stdout.splitlines() if x.startswith("{")]
     if res.returncode != 0 or not line:
         print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"child failed for {out_size}x{out_size}, budget {budget}")
+        raise SystemExit(f"child {Path(script).name} {' '.join(args)} failed")
     return json.loads(line[-1])
+
+
+def run_child(out_size: int, budget: float | None) -> dict:
+    """One upscale in a fresh process, so the peak RSS belongs to it alone."""
+    args = ["--child-rss", str(out_size)]
+    if budget is not None:
+        args += ["--child-budget", str(budget)]
+    return run_script(__file__, args)
 
 
 def timed(pipe, image, options) -> tuple[float, float]:
