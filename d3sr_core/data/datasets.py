@@ -97,8 +97,11 @@ class _SkippingDataset(Dataset):
 
     files: list[Path]
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, small: str) -> None:
+        if small not in SMALL_POLICIES:
+            raise DataError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
         self.seed = int(seed)
+        self.small = small
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -155,9 +158,7 @@ class HRFolderDataset(_SkippingDataset):
         rotate: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(seed)
-        if small not in SMALL_POLICIES:
-            raise DataError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
+        super().__init__(seed, small)
         self.root = Path(root).expanduser()
         self.files = list_images(self.root, "HR image folder")
         self.crop_size = int(crop_size)
@@ -167,7 +168,6 @@ class HRFolderDataset(_SkippingDataset):
                 f"crop size {crop_size} is not a multiple of the scale {self.degradation.scale}"
             )
         self.degrade = degrade
-        self.small = small
         self.flip, self.rotate = flip, rotate
 
     def _load(self, i: int, rng: np.random.Generator, position: int) -> dict:
@@ -213,9 +213,7 @@ class PairedFolderDataset(_SkippingDataset):
         rotate: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(seed)
-        if small not in SMALL_POLICIES:
-            raise DataError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
+        super().__init__(seed, small)
         self.root = Path(hr_root).expanduser()
         self.lr_root = Path(lr_root).expanduser()
         pairs = match_pairs(
@@ -231,7 +229,6 @@ class PairedFolderDataset(_SkippingDataset):
         self.crop_size, self.scale = int(crop_size), int(scale)
         if self.crop_size % self.scale:
             raise DataError(f"crop size {crop_size} is not a multiple of the scale {scale}")
-        self.small = small
         self.flip, self.rotate = flip, rotate
 
     def _load(self, i: int, rng: np.random.Generator, position: int) -> dict:
