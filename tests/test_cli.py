@@ -18,8 +18,6 @@ import torch
 from make_tiny_weights import (
     tiny_checkpoint,
     write_test_image,
-    write_tiny_base,
-    write_tiny_checkpoint,
 )
 from PIL import Image
 from safetensors.torch import save_file
@@ -40,15 +38,6 @@ HOST_ENV = (
     "A1111_PATH",
     "WEBUI_PATH",
 )
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-weights")
-    return {
-        "base": write_tiny_base(root / "tiny-sd21-base"),
-        "weights": write_tiny_checkpoint(root / "d3sr-tiny.safetensors"),
-    }
 
 
 @pytest.fixture

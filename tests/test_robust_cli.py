@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from make_tiny_weights import write_test_image, write_tiny_base, write_tiny_checkpoint
+from make_tiny_weights import write_test_image
 from PIL import Image
 
 from d3sr_core import cli
@@ -27,15 +27,6 @@ from d3sr_core.inference.pipeline import UpscaleOptions
 
 REPO = Path(__file__).resolve().parent.parent
 NO_WEIGHTS = ["--weights", "/nonexistent/weights.safetensors", "--base", "/nonexistent/base", "-q"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-weights")
-    return {
-        "base": write_tiny_base(root / "tiny-sd21-base"),
-        "weights": write_tiny_checkpoint(root / "d3sr-tiny.safetensors"),
-    }
 
 
 def weights_args(tiny) -> list[str]:
