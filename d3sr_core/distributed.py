@@ -4,9 +4,12 @@ The launchers start one process per device and describe the group in environment
 variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``).
 Rank 0 plans the batch and sends the plan to every rank; each rank upscales its share on
 its own device (``cuda:LOCAL_RANK``); at the end the per-rank summaries are gathered to
-rank 0, which prints one. Messages go over a CPU (gloo) process group, so no GPU memory or
-NCCL is involved, and no tensor ever crosses processes: outputs are exactly those of a
-single-process run on the same kind of device.
+rank 0, which prints one. The few messages go through the launcher's key-value store
+(``torch.distributed.TCPStore``, reached by the ``env://`` rendezvous), not a collective
+process group: no GPU memory, NCCL or gloo threads are involved (a gloo group's teardown
+can abort a rank that exits while its peer is still closing, pytorch/gloo#155), and no
+tensor ever crosses processes: outputs are exactly those of a single-process run on the
+same kind of device.
 
 A rank that dies takes nothing else with it: every output is written to a temporary
 name and renamed, so files are either complete or absent, and ``--skip-existing`` resumes.
@@ -15,6 +18,7 @@ name and renamed, so files are either complete or absent, and ``--skip-existing`
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,38 +34,44 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    _group: bool = False
+    _store: Any = None  # torch.distributed.Store shared by the group; None for a single run
+    _messages: int = 0  # messages exchanged so far: every rank makes the same calls in order
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank."""
-        if not self._group:
-            return value
-        import torch.distributed as dist
+    def _next_key(self) -> str:
+        self._messages += 1
+        return f"message{self._messages}"
 
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (picklable) on every rank."""
+        if self._store is None:
+            return value
+        key = self._next_key()
+        if self.main:
+            self._store.set(key, pickle.dumps(value))
+            return value
+        return pickle.loads(self._store.get(key))
 
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self._group:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        if self._store is None:
             return [value]
-        import torch.distributed as dist
-
-        values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
+        key = self._next_key()
+        self._store.set(f"{key}/{self.rank}", pickle.dumps(value))
+        return [pickle.loads(self._store.get(f"{key}/{r}")) for r in range(self.world)]
 
     def close(self) -> None:
-        if self._group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._group = False
+        """Leave the group. Rank 0 may host the store, so it leaves last."""
+        if self._store is None:
+            return
+        key = self._next_key()
+        self._store.set(f"{key}/{self.rank}", b"")
+        if self.main:
+            self._store.wait([f"{key}/{r}" for r in range(self.world)], GATHER_TIMEOUT)
+        self._store = None
 
 
 # torchrun / accelerate (--multi_gpu), then MPI launchers (accelerate --cpu with a hostfile).
@@ -105,9 +115,10 @@ def launched_processes() -> Processes:
         )
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GATHER_TIMEOUT)
-    return Processes(rank, world, local_rank, True)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=GATHER_TIMEOUT))
+    # torchrun's agent store outlives a restarted worker group: keys are per attempt
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return Processes(rank, world, local_rank, dist.PrefixStore(f"d3sr_upscale/{attempt}", store))
 
 
 def process_device(requested: str, processes: Processes) -> str:
