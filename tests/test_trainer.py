@@ -322,6 +322,40 @@ LEARN_STEPS = 60
 LEARN_MARGIN_DB = 0.9
 
 
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_scalars_and_validation_images(assets):
+    """With ``train.tensorboard`` the losses, learning rate and validation metrics are TensorBoard
+    scalars and the validation grid (LR | SR | HR) is an image, at the right steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = assets["root"] / "run-tb"
+    cfg = _config(
+        assets, out,
+        loss={"ea_dists_weight": 0.0},
+        train={"max_steps": 2, "val_every": 1, "ckpt_every": 10_000, "ema_decay": 0.0,
+               "tensorboard": True},
+    )  # fmt: skip
+    train(config_from_dict(cfg))
+    run_dir = out / "logs" / "d3sr"  # accelerate: logging_dir / project name (hparams below it)
+    assert list(run_dir.glob("events.out.tfevents*")), sorted((out / "logs").rglob("*"))
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("loss_g", "mse", "adv_g", "loss_d", "d_real", "lr_g", "val_psnr_y", "val_dists"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert [e.step for e in acc.Scalars("loss_g")] == [1, 2]
+    assert [e.step for e in acc.Scalars("val_psnr_y")] == [0, 1, 2]
+    logged = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert acc.Scalars("val_psnr_y")[-1].value == pytest.approx(logged["val_psnr_y"], rel=1e-6)
+    images = acc.Images("validation")
+    assert [e.step for e in images] == [0, 1, 2]
+    # 2 validation images of 64 px: LR | SR | HR side by side, one row each
+    assert (images[-1].width, images[-1].height) == (3 * 64, 2 * 64)
+
+
 # --------------------------------------------------------------------------- config / CLI
 
 
