@@ -76,7 +76,9 @@ def test_explicit_prompt_embeds_in_denoise_match_diffusers_unet():
     stored = g.prompt_embeds.clone()
     t = g.config.timestep
     with torch.no_grad():
-        eps = g.unet(latent, torch.tensor([t, t]), encoder_hidden_states=prompt.expand(2, -1, -1)).sample
+        eps = g.unet(
+            latent, torch.tensor([t, t]), encoder_hidden_states=prompt.expand(2, -1, -1)
+        ).sample
         abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
         abar = abar.alphas_cumprod[t].double()
         expected = (latent.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()
