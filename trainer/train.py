@@ -132,9 +132,10 @@ def _fault(stage: str, step: int) -> None:
 # GPU at full size (see README "Training").
 UNSUPPORTED_MODES = {
     "DEEPSPEED": (
-        "DeepSpeed is not supported: accelerate gives one DeepSpeed engine (one model) per "
-        "Accelerator, and this trainer updates two models (generator LoRA and discriminator) "
-        "with two optimizers in alternating steps"
+        "DeepSpeed is not supported: this trainer updates two models (generator LoRA and "
+        "discriminator) with two optimizers in alternating steps, and accelerate's DeepSpeed "
+        "integration takes one model per Accelerator (prepare() of both fails) and sends every "
+        "accelerator.backward() to the first engine it wrapped"
     ),
     "FSDP": (
         "FSDP is not supported: the trainer calls parts of the models outside their wrapped "
