@@ -3,6 +3,7 @@
 
     python trainer/train.py --config trainer/configs/gpu1.yaml --data.hr_dir /data/hr
     accelerate launch --num_processes 8 trainer/train.py --config trainer/configs/multi_gpu.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/train.py ...
     python trainer/train.py --config ... --resume latest          # continue a stopped run
     python trainer/export.py runs/d3sr -o my-d3sr.safetensors     # newest checkpoint -> D3SR file
 
@@ -11,6 +12,7 @@ Every config field can be set in the YAML file or overridden as ``--section.fiel
 ``mse_weight * MSE + ea_dists_weight * EA-DISTS + adv_weight * GAN`` (paper: MSE +
 lambda2 EA-DISTS + lambda1 adv); the discriminator (SDXL-base down + mid blocks, LoRA + patch
 head) judges noised latents of HR images (real) and of the generator's output (fake).
+Several processes are data parallel (DDP); DeepSpeed and FSDP launches stop with an error.
 """
 
 from __future__ import annotations
