@@ -61,3 +61,35 @@ def test_osediff_needs_no_text_encoder_with_external_embedding(files, tmp_path):
     assert (tmp_path / "out" / "x.png").is_file()
     assert not (tmp_path / "osediff.safetensors").exists()  # used directly, not converted
     assert cli.main([*args, "--prompt-embeds", str(tmp_path / "missing.safetensors")]) != 0
+
+
+def test_explicit_prompt_embeds_in_denoise_match_diffusers_unet():
+    """``denoise(latent, prompt_embeds=...)`` (the trainer's learnable prompt path) equals
+    diffusers' UNet called directly with that condition plus the epsilon -> x0 formula written
+    out here, leaves the stored embedding alone, and lets gradients reach the prompt."""
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_generator
+
+    g = tiny_generator()
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompt = torch.randn(1, 77, TINY_CONTEXT_DIM, generator=torch.Generator().manual_seed(5))
+    stored = g.prompt_embeds.clone()
+    t = g.config.timestep
+    with torch.no_grad():
+        eps = g.unet(
+            latent, torch.tensor([t, t]), encoder_hidden_states=prompt.expand(2, -1, -1)
+        ).sample
+        abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        abar = abar.alphas_cumprod[t].double()
+        expected = (latent.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()
+        got = g.denoise(latent, prompt_embeds=prompt)
+        default = g.denoise(latent)
+    assert (got.double() - expected).abs().max() < 1e-5
+    assert torch.equal(g.prompt_embeds, stored)
+    assert (default - got).abs().max() > 1e-3  # the argument is really used
+    with torch.no_grad():
+        assert torch.equal(g.denoise(latent, prompt_embeds=stored), default)
+
+    learnable = prompt.clone().requires_grad_(True)
+    g.denoise(latent, prompt_embeds=learnable).square().mean().backward()
+    assert learnable.grad is not None and learnable.grad.abs().sum() > 0

@@ -267,19 +267,21 @@ def test_resume_errors(assets, tmp_path):
 
 
 def test_two_processes_agree_on_weights(assets):
-    """``accelerate launch`` with 2 CPU processes (gloo DDP): same weights on both ranks.
+    """``accelerate launch`` with 2 CPU processes (gloo DDP) and the shipped
+    ``accelerate_multi_gpu.yaml``: same weights on both ranks.
 
     accelerate's ``--cpu --num_processes 2`` starts the extra processes only through mpirun;
-    ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1`` starts them through torchrun on one machine.
+    ``MULTI_GPU`` with ``ACCELERATE_USE_CPU=1`` starts them through torchrun on one machine.
     """
     out = assets["root"] / "run-ddp"
     cfg = _config(
         assets, out, train={"max_steps": 2, "ema_decay": 0.0}, loss={"ea_dists_weight": 0}
     )
     config = _write_config(cfg, assets["root"] / "ddp.yaml")
+    # the shipped accelerate config (4 GPUs), with the process count overridden
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "trainer" / "configs" / "accelerate_multi_gpu.yaml"), "--num_processes", "2",
         "--main_process_port", "29531", str(ROOT / "trainer" / "train.py"), "--config", str(config),
     ]  # fmt: skip
     proc = subprocess.run(
@@ -290,6 +292,40 @@ def test_two_processes_agree_on_weights(assets):
     assert final["world_size"] == 2 and final["step"] == 2
     a, b = final["checksums"]
     assert a == b and final["weights_agree"]
+
+
+# --------------------------------------------------------------------------- launch modes
+
+
+@pytest.mark.parametrize("mode", ["FSDP", "DEEPSPEED"])
+def test_fsdp_and_deepspeed_are_rejected_before_models_load(assets, tmp_path, mode, monkeypatch):
+    """`accelerate launch --use_fsdp / --use_deepspeed` (or an accelerate config choosing them)
+    is a clear error naming the mode, before the Accelerator or any model is built (on the CPU
+    accelerate itself would fail in its FSDP plugin or quietly run data parallel)."""
+    from accelerate.utils import DistributedType
+
+    from trainer.train import MODE_ENV, check_launch_mode
+
+    with pytest.raises(ConfigError, match=f"{mode}.*not supported.*--multi_gpu"):
+        check_launch_mode(getattr(DistributedType, mode))
+    check_launch_mode(DistributedType.MULTI_GPU)
+    check_launch_mode(DistributedType.MULTI_CPU)
+    monkeypatch.setenv(MODE_ENV[mode], "true")
+    cfg = _config(assets, tmp_path / "o")
+    cfg["model"]["base"] = str(tmp_path / "no-base")  # would fail later, if reached
+    with pytest.raises(ConfigError, match=f"accelerate {mode} \\({MODE_ENV[mode]}=true\\)"):
+        train(config_from_dict(cfg))
+    assert not (tmp_path / "o").exists()
+
+
+def test_launcher_process_count_is_read_from_the_command_line():
+    from trainer.train import launcher_num_processes as n
+
+    assert n(["/usr/bin/accelerate", "launch", "--num_processes", "2", "--cpu", "t.py"]) == 2
+    assert n(["python", "-m", "accelerate.commands.launch", "--num_processes=4", "t.py"]) == 4
+    assert n(["accelerate", "launch", "--num-processes", "3", "t.py"]) == 3
+    assert n(["accelerate", "launch", "t.py"]) is None  # count from a config file: not known
+    assert n(["bash", "run.sh", "--num_processes", "2"]) is None  # not accelerate's launcher
 
 
 # --------------------------------------------------------------------------- learning sanity
@@ -320,6 +356,40 @@ def test_learning_improves_validation_psnr(assets):
 
 LEARN_STEPS = 60
 LEARN_MARGIN_DB = 0.9
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_scalars_and_validation_images(assets):
+    """With ``train.tensorboard`` the losses, learning rate and validation metrics are TensorBoard
+    scalars and the validation grid (LR | SR | HR) is an image, at the right steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = assets["root"] / "run-tb"
+    cfg = _config(
+        assets, out,
+        loss={"ea_dists_weight": 0.0},
+        train={"max_steps": 2, "val_every": 1, "ckpt_every": 10_000, "ema_decay": 0.0,
+               "tensorboard": True},
+    )  # fmt: skip
+    train(config_from_dict(cfg))
+    run_dir = out / "logs" / "d3sr"  # accelerate: logging_dir / project name (hparams below it)
+    assert list(run_dir.glob("events.out.tfevents*")), sorted((out / "logs").rglob("*"))
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("loss_g", "mse", "adv_g", "loss_d", "d_real", "lr_g", "val_psnr_y", "val_dists"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert [e.step for e in acc.Scalars("loss_g")] == [1, 2]
+    assert [e.step for e in acc.Scalars("val_psnr_y")] == [0, 1, 2]
+    logged = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert acc.Scalars("val_psnr_y")[-1].value == pytest.approx(logged["val_psnr_y"], rel=1e-6)
+    images = acc.Images("validation")
+    assert [e.step for e in images] == [0, 1, 2]
+    # 2 validation images of 64 px: LR | SR | HR side by side, one row each
+    assert (images[-1].width, images[-1].height) == (3 * 64, 2 * 64)
 
 
 # --------------------------------------------------------------------------- config / CLI

@@ -71,15 +71,7 @@ class TrainableGenerator(nn.Module):
             return self.generator.encode(image)
 
     def denoise(self, latent: Tensor) -> Tensor:
-        # D3SRGenerator.predict reads its fixed prompt buffer; here the prompt may be a
-        # Parameter, so the UNet is called directly with the same arguments.
-        g = self.generator
-        b = latent.shape[0]
-        dtype = g.dtype
-        cond = self.prompt_embeds().to(dtype).expand(b, -1, -1)
-        t = torch.full((b,), g.config.timestep, device=latent.device, dtype=torch.long)
-        out = g.unet(latent.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-        return g.to_x0(latent, out.float())
+        return self.generator.denoise(latent, self.prompt_embeds())
 
     def decode(self, latent: Tensor) -> Tensor:
         vae = self.generator.vae

@@ -3,6 +3,7 @@
 
     python trainer/train.py --config trainer/configs/gpu1.yaml --data.hr_dir /data/hr
     accelerate launch --num_processes 8 trainer/train.py --config trainer/configs/multi_gpu.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/train.py ...
     python trainer/train.py --config ... --resume latest          # continue a stopped run
     python trainer/export.py runs/d3sr -o my-d3sr.safetensors     # newest checkpoint -> D3SR file
 
@@ -11,6 +12,7 @@ Every config field can be set in the YAML file or overridden as ``--section.fiel
 ``mse_weight * MSE + ea_dists_weight * EA-DISTS + adv_weight * GAN`` (paper: MSE +
 lambda2 EA-DISTS + lambda1 adv); the discriminator (SDXL-base down + mid blocks, LoRA + patch
 head) judges noised latents of HR images (real) and of the generator's output (fake).
+Several processes are data parallel (DDP); DeepSpeed and FSDP launches stop with an error.
 """
 
 from __future__ import annotations
@@ -121,6 +123,94 @@ def _fault(stage: str, step: int) -> None:
     """Test hook: kill this process with SIGKILL at a given point (see FAULT_ENV)."""
     if os.environ.get(FAULT_ENV) == f"{stage}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- launch mode
+
+# Why each accelerate mode this trainer rejects cannot work with it (checked before any model
+# loads). Plain data parallel (`accelerate launch --multi_gpu`, one or many machines) is the
+# supported way to use several GPUs: only the LoRA / discriminator head / prompt train, so
+# sharding their gradients and optimizer state (ZeRO-2, FSDP) would save well under 1 GiB per
+# GPU at full size (see README "Training").
+UNSUPPORTED_MODES = {
+    "DEEPSPEED": (
+        "DeepSpeed is not supported: this trainer updates two models (generator LoRA and "
+        "discriminator) with two optimizers in alternating steps, and accelerate's DeepSpeed "
+        "integration takes one model per Accelerator (prepare() of both fails) and sends every "
+        "accelerator.backward() to the first engine it wrapped"
+    ),
+    "FSDP": (
+        "FSDP is not supported: the trainer calls parts of the models outside their wrapped "
+        "forward (the frozen VAE encoder for the real latents, the discriminator in the "
+        "generator step, validation on the main process) and saves, averages (EMA) and exports "
+        "the trainable tensors of the local module, which FSDP would hold as shards"
+    ),
+    "MEGATRON_LM": "Megatron-LM is not supported (it is for transformer language models)",
+}
+# how `accelerate launch` (flags or config file) tells the script which mode to build
+MODE_ENV = {
+    "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED",
+    "FSDP": "ACCELERATE_USE_FSDP",
+    "MEGATRON_LM": "ACCELERATE_USE_MEGATRON_LM",
+}
+
+
+def check_launch_mode(distributed_type: object = None) -> None:
+    """Fail early, on every process and before any model loads, on accelerate modes the
+    trainer does not support. Called with no argument before the ``Accelerator`` is built (the
+    launcher's environment: on the CPU accelerate would otherwise fail inside its FSDP plugin,
+    or quietly run data parallel) and again with its ``distributed_type``.
+
+    Raises:
+        ConfigError: DeepSpeed, FSDP or Megatron-LM, naming the mode and why.
+    """
+    if distributed_type is None:
+        modes = [m for m, env in MODE_ENV.items() if os.environ.get(env, "").lower() == "true"]
+    else:
+        modes = [getattr(distributed_type, "name", str(distributed_type))]
+    for mode in modes:
+        if mode in UNSUPPORTED_MODES:
+            raise ConfigError(
+                f"accelerate {mode} ({MODE_ENV[mode]}=true): {UNSUPPORTED_MODES[mode]}. Launch "
+                "data parallel instead (`accelerate launch --multi_gpu ...` or `accelerate "
+                "launch --config_file trainer/configs/accelerate_multi_gpu.yaml ...`) and save "
+                "memory with train.mixed_precision bf16 and train.grad_checkpointing true."
+            )
+
+
+def warn_on_missing_processes(accelerator) -> None:
+    """accelerate's ``--cpu --num_processes N`` quietly starts one process: say so."""
+    asked = launcher_num_processes()
+    if asked is not None and asked > accelerator.num_processes and accelerator.is_main_process:
+        logger.warning(
+            "accelerate launch was asked for %d processes but started %d: with --cpu it starts "
+            "extra processes only through mpirun (--mpirun_hostfile). For several processes on "
+            "one machine use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes %d trainer/train.py ...", asked, accelerator.num_processes, asked,
+        )  # fmt: skip
+
+
+def launcher_num_processes(cmdline: list[str] | None = None) -> int | None:
+    """``--num_processes`` of the ``accelerate launch`` command that started this process, read
+    from the parent's command line (``/proc``, Linux); ``None`` when unknown."""
+    if cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return None
+        cmdline = [a for a in raw.decode(errors="replace").split("\0") if a]
+    if not any("accelerate" in a for a in cmdline[:3]):  # accelerate / -m accelerate...launch
+        return None
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            value = None
+            if arg == flag and i + 1 < len(cmdline):
+                value = cmdline[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                return int(value) if value.isdigit() else None
+    return None
 
 
 # --------------------------------------------------------------------------- building
@@ -278,6 +368,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             trackers = "tensorboard"
         except ImportError:
             logger.info("TensorBoard is not installed: logging to logs/metrics.jsonl only")
+    check_launch_mode()
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=t.mixed_precision,
@@ -292,6 +383,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     device = accelerator.device
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages
+    check_launch_mode(accelerator.distributed_type)
+    warn_on_missing_processes(accelerator)
 
     # Everything that can fail on the user's files fails here, before any model is loaded.
     resume_dir = resolve_resume(resume, out_dir)

@@ -92,7 +92,7 @@ def validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir) 
             "val_dists": sum(dists_vals) / len(dists_vals),
         }
         log(result, step)
-        _save_rows(rows, out_dir / "val" / f"step-{step:08d}.png", accelerator)
+        _save_rows(rows, out_dir / "val" / f"step-{step:08d}.png", accelerator, step)
         logger.info(
             "step %d validation: PSNR-Y %.3f dB, SSIM-Y %.4f, DISTS %.4f",
             step, result["val_psnr_y"], result["val_ssim_y"], result["val_dists"],
@@ -101,7 +101,7 @@ def validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir) 
     return result
 
 
-def _save_rows(rows, path: Path, accelerator) -> None:
+def _save_rows(rows, path: Path, accelerator, step: int) -> None:
     """LR (bicubic) | SR | HR, one row per validation image, as a PNG (and to TensorBoard)."""
     if not rows:
         return
@@ -115,5 +115,4 @@ def _save_rows(rows, path: Path, accelerator) -> None:
     Image.fromarray(array).save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            step = int(path.stem.split("-")[1])
             tracker.writer.add_image("validation", grid, step)

@@ -167,10 +167,17 @@ class D3SRGenerator(nn.Module):
             latent = dist.mode()
         return latent.float() * self.config.scaling_factor
 
-    def predict(self, latent: Tensor) -> Tensor:
-        """The UNet's raw output at the fixed timestep (epsilon or v), float32."""
+    def predict(self, latent: Tensor, prompt_embeds: Tensor | None = None) -> Tensor:
+        """The UNet's raw output at the fixed timestep (epsilon or v), float32.
+
+        Args:
+            latent: scaled latent ``[B, 4, h, w]``.
+            prompt_embeds: the condition ``[1, N, C]`` for this call instead of the stored
+                one (e.g. a trainable prompt: autograd flows through it); ``None`` = stored.
+        """
         b = latent.shape[0]
-        cond = self.prompt_embeds.to(dtype=self.dtype).expand(b, -1, -1)
+        embeds = self.prompt_embeds if prompt_embeds is None else prompt_embeds
+        cond = embeds.to(dtype=self.dtype).expand(b, -1, -1)
         t = torch.full((b,), self.config.timestep, device=latent.device, dtype=torch.long)
         out = self.unet(latent.to(self.dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
         return out.float()
@@ -179,9 +186,10 @@ class D3SRGenerator(nn.Module):
         """Closed-form clean latent from a :meth:`predict` output (float32)."""
         return predict_x0(latent, model_output, self.alpha_bar, self.config.prediction_type)
 
-    def denoise(self, latent: Tensor) -> Tensor:
-        """Scaled LR latent -> scaled SR latent (one UNet evaluation)."""
-        return self.to_x0(latent, self.predict(latent))
+    def denoise(self, latent: Tensor, prompt_embeds: Tensor | None = None) -> Tensor:
+        """Scaled LR latent -> scaled SR latent (one UNet evaluation); ``prompt_embeds`` as
+        in :meth:`predict`."""
+        return self.to_x0(latent, self.predict(latent, prompt_embeds))
 
     def decode(self, latent: Tensor) -> Tensor:
         """Scaled latent -> image ``[B, 3, 8h, 8w]`` in [-1, 1] (clamped, float32)."""
