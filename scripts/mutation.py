@@ -61,7 +61,22 @@ MODULE_TESTS: dict[str, list[str]] = {
 # differ only when tensors live on an accelerator, which the test machines do not have.
 _S = "d3sr_core.models.schedule.x_"
 _G = "d3sr_core.losses.gan.x_"
+_C = "d3sr_core.inference.color.x_"
+_BANDS = (
+    "band size only changes memory: banding is exact (test_wavelet_in_bands_equals_whole_image)"
+)
 EQUIVALENT: dict[str, str] = {
+    _C + "_halo__mutmut_1": "a larger halo only adds real neighbour rows: same result",
+    _C + "_halo__mutmut_3": "a larger halo only adds real neighbour rows: same result",
+    _C + "_mean_std__mutmut_8": "var(correction=None) is the default correction, 1",
+    _C + "wavelet_blur__mutmut_12": "CPU-only: _BLUR.to(device=None) stays on the CPU",
+    _C + "wavelet_blur__mutmut_14": "CPU-only: _BLUR.to() without device stays on the CPU",
+    **{_C + f"wavelet_color_fix__mutmut_{i}": _BANDS for i in (12, 14, 15, 16, 17, 18, 23, 36)},
+    **{
+        _C + f"wavelet_color_fix__mutmut_{i}": "a result buffer in the output's dtype: clamp to "
+        "[0, 1] and rounding commute, and the maths is float32 (.float()) either way"
+        for i in (28, 30)
+    },
     _S + "_broadcast__mutmut_4": "CPU-only: as_tensor(device=None) is the CPU, like.device too",
     _S + "_broadcast__mutmut_7": "CPU-only: as_tensor without device is the CPU, like.device too",
     _S + "_broadcast__mutmut_9": "a 0-d abar reshaped to [1,1,1,1] broadcasts like the 0-d one "
