@@ -65,7 +65,14 @@ _C = "d3sr_core.inference.color.x_"
 _BANDS = (
     "band size only changes memory: banding is exact (test_wavelet_in_bands_equals_whole_image)"
 )
+_E = "d3sr_core.losses.ea_dists.x_"
 EQUIVALENT: dict[str, str] = {
+    _E + "_rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
+    **{
+        _E + f"_sobel_magnitude__mutmut_{i}": "kornia.filters.sobel's defaults are "
+        "normalized=True, eps=1e-6: dropping the argument changes nothing"
+        for i in (20, 21, 36, 37)
+    },
     _C + "_halo__mutmut_1": "a larger halo only adds real neighbour rows: same result",
     _C + "_halo__mutmut_3": "a larger halo only adds real neighbour rows: same result",
     _C + "_mean_std__mutmut_8": "var(correction=None) is the default correction, 1",
