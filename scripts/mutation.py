@@ -43,8 +43,16 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "d3sr_core/losses/ea_dists.py": ["tests/test_dists.py", "-k", "ea_dists or sobel"],
     "d3sr_core/inference/color.py": ["tests/test_color.py"],
-    "d3sr_core/loading/osediff.py": ["tests/test_strength.py", "tests/test_checkpoint.py"],
-    "d3sr_core/loading/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_strength.py"],
+    "d3sr_core/loading/osediff.py": [
+        "tests/test_strength.py",
+        "tests/test_checkpoint.py",
+        "tests/test_weights_fuzz.py",
+    ],
+    "d3sr_core/loading/checkpoint.py": [
+        "tests/test_checkpoint.py",
+        "tests/test_strength.py",
+        "tests/test_weights_fuzz.py",
+    ],
     "d3sr_core/models/generator.py": [
         "tests/test_checkpoint.py",
         "tests/test_strength.py",
