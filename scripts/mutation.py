@@ -75,15 +75,16 @@ _BANDS = (
 )
 _E = "d3sr_core.losses.ea_dists.x_"
 EQUIVALENT: dict[str, str] = {
-    _E + "_rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
+    _E + "rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
     **{
-        _E + f"_sobel_magnitude__mutmut_{i}": "kornia.filters.sobel's defaults are "
+        _E + f"sobel_magnitude__mutmut_{i}": "kornia.filters.sobel's defaults are "
         "normalized=True, eps=1e-6: dropping the argument changes nothing"
         for i in (20, 21, 36, 37)
     },
     _C + "_halo__mutmut_1": "a larger halo only adds real neighbour rows: same result",
     _C + "_halo__mutmut_3": "a larger halo only adds real neighbour rows: same result",
     _C + "_mean_std__mutmut_8": "var(correction=None) is the default correction, 1",
+    _C + "_mean_std__mutmut_10": "var() without correction is the default correction, 1",
     _C + "wavelet_blur__mutmut_12": "CPU-only: _BLUR.to(device=None) stays on the CPU",
     _C + "wavelet_blur__mutmut_14": "CPU-only: _BLUR.to() without device stays on the CPU",
     **{_C + f"wavelet_color_fix__mutmut_{i}": _BANDS for i in (12, 14, 15, 16, 17, 18, 23, 36)},
