@@ -343,6 +343,15 @@ def test_mutated_osediff_pickles_are_refused_clearly(tmp_path, base, osediff_sta
     assert "mid_block.not_there" in messages["listed module without tensors"]
     assert "incomplete" in messages["lora_A without lora_B"]
     assert "rank_vae" in messages["missing rank"]
+    assert "rank_unet is a str" in messages["rank a string"]
+    for name, field, kind in (
+        ("module list a string", "unet_lora_encoder_modules", "str"),
+        ("module list of ints", "vae_lora_encoder_modules", "list"),
+    ):
+        assert f"{field} is {kind} " in messages[name], messages[name]
+        assert messages[name].endswith("expected a list of module names"), messages[name]
+    top = messages["top level a list"]
+    assert "not an OSEDiff checkpoint" in top and top.endswith("found list"), top
 
     data = (tmp_path / "case0.pkl").read_bytes()
     for i, cut in enumerate((len(data) // 2, 100, 3)):
@@ -398,3 +407,16 @@ def test_damaged_base_folders_are_refused_clearly(tmp_path):
         message = str(info.value)
         assert message.startswith(f"{folder}: ") and message.count(str(folder)) == 1, message
         assert "\n" not in message
+
+
+def test_osediff_dict_missing_keys_names_them(osediff_state):
+    """A dict that passes the quick check but lacks keys: the default name and the keys."""
+    from d3sr_core.loading.osediff import OSEDIFF_KEYS
+
+    state = {k: v for k, v in osediff_state.items() if k != "rank_vae"}
+    with pytest.raises(WeightsFileError) as info:
+        osediff_to_checkpoint(state, tiny_prompt_embeds())
+    assert str(info.value) == (
+        f"<osediff>: not an OSEDiff checkpoint: missing top-level keys ['rank_vae'] "
+        f"(expected {list(OSEDIFF_KEYS)})"
+    )
