@@ -350,6 +350,12 @@ def test_mutated_osediff_pickles_are_refused_clearly(tmp_path, base, osediff_sta
     ):
         assert f"{field} is {kind} " in messages[name], messages[name]
         assert messages[name].endswith("expected a list of module names"), messages[name]
+    assert messages["rank a bool"].endswith("rank_vae is a bool (True), expected an int")
+    assert "rank_vae = -4, expected 1.." in messages["rank negative"]
+    assert messages["state dict a list"].endswith("state_dict_unet is a list, expected a dict")
+    assert ": state_dict_vae: encoder." in messages["tensor replaced by a string"]
+    # values are checked where they are merged, which names the LoRA pair
+    assert "UNet LoRA: conv_in.lora_A holds NaN" in messages["NaN in a LoRA factor"]
     top = messages["top level a list"]
     assert "not an OSEDiff checkpoint" in top and top.endswith("found list"), top
 
@@ -420,3 +426,11 @@ def test_osediff_dict_missing_keys_names_them(osediff_state):
         f"<osediff>: not an OSEDiff checkpoint: missing top-level keys ['rank_vae'] "
         f"(expected {list(OSEDIFF_KEYS)})"
     )
+
+
+def test_non_osediff_dict_lists_its_first_six_keys(tmp_path):
+    path = tmp_path / "other.pkl"
+    torch.save({k: 0 for k in "abcdefgh"}, str(path))
+    with pytest.raises(WeightsFileError) as info:
+        read_osediff(path)
+    assert str(info.value).endswith("found ['a', 'b', 'c', 'd', 'e', 'f']")
