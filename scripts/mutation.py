@@ -192,6 +192,11 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("OMP_NUM_THREADS", "1")
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
+        if args.survivors:
+            meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
+            cmd += [
+                k for k, v in meta["exit_code_by_key"].items() if v == 0 and k not in EQUIVALENT
+            ]
         print("+", " ".join(cmd), f"(in {work}; tests: {' '.join(tests)})", flush=True)
         subprocess.run(cmd, cwd=work, env=env, check=False)
     print(json.dumps(summarise(work, args.module)))
