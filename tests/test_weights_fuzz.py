@@ -9,6 +9,7 @@ never by merging part of it into the base.
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import struct
@@ -434,3 +435,51 @@ def test_non_osediff_dict_lists_its_first_six_keys(tmp_path):
     with pytest.raises(WeightsFileError) as info:
         read_osediff(path)
     assert str(info.value).endswith("found ['a', 'b', 'c', 'd', 'e', 'f']")
+
+
+def _nan_conv_in(state: dict) -> None:
+    state["state_dict_unet"]["conv_in.base_layer.weight"].fill_(float("nan"))
+
+
+def _nan_vae_factor(state: dict) -> None:
+    state["state_dict_vae"][first_key(state, "state_dict_vae")].fill_(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda s: s["state_dict_unet"].update(
+                {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}
+            ),
+            "<osediff>: unexpected UNet tensor 'down_blocks.0.resnets.0.conv1.weight' "
+            "(OSEDiff stores only LoRA and conv_in)",
+        ),
+        (
+            lambda s: s.update(
+                {
+                    "state_dict_unet": {
+                        k: v for k, v in s["state_dict_unet"].items() if "lora" not in k
+                    }
+                }
+            ),
+            "<osediff>: OSEDiff checkpoint holds no UNet LoRA tensors",
+        ),
+        (_nan_conv_in, "<osediff>: UNet conv_in: "),
+        (
+            _nan_vae_factor,
+            "<osediff>: VAE LoRA: encoder.conv_in.lora_A holds NaN or infinite values",
+        ),
+        (
+            lambda s: s.update({"rank_vae": 2}),
+            "<osediff>: VAE LoRA: encoder.conv_in: rank 4, the file declares rank 2",
+        ),
+    ],
+    ids=["unexpected tensor", "no unet lora", "nan conv_in", "nan vae factor", "vae rank"],
+)
+def test_osediff_conversion_refusals_name_the_part(osediff_state, change, message):
+    state = copy.deepcopy(osediff_state)
+    change(state)
+    with pytest.raises(WeightsFileError) as info:
+        osediff_to_checkpoint(state, tiny_prompt_embeds())
+    assert str(info.value).startswith(message), str(info.value)
