@@ -74,7 +74,10 @@ _BANDS = (
     "band size only changes memory: banding is exact (test_wavelet_in_bands_equals_whole_image)"
 )
 _E = "d3sr_core.losses.ea_dists.x_"
+_O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
 EQUIVALENT: dict[str, str] = {
+    _O + "164": "GeneratorConfig's default base is 'sd21-base'",
+    _O + "166": "GeneratorConfig's default prediction_type is 'epsilon'",
     _E + "rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
     **{
         _E + f"sobel_magnitude__mutmut_{i}": "kornia.filters.sobel's defaults are "
@@ -173,6 +176,11 @@ def main() -> None:
     parser.add_argument(
         "--summary", action="store_true", help="only print the counts of the last run"
     )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="rerun only the last survivors (after adding tests)",
+    )
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
     args = parser.parse_args()
     if args.list or not args.module:
@@ -194,9 +202,13 @@ def main() -> None:
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
         if args.survivors:
             meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
-            cmd += [
+            names = [
                 k for k, v in meta["exit_code_by_key"].items() if v == 0 and k not in EQUIVALENT
             ]
+            if not names:
+                print(json.dumps(summarise(work, args.module)))
+                return
+            cmd += names
         print("+", " ".join(cmd), f"(in {work}; tests: {' '.join(tests)})", flush=True)
         subprocess.run(cmd, cwd=work, env=env, check=False)
     print(json.dumps(summarise(work, args.module)))

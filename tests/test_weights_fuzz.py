@@ -483,3 +483,15 @@ def test_osediff_conversion_refusals_name_the_part(osediff_state, change, messag
     with pytest.raises(WeightsFileError) as info:
         osediff_to_checkpoint(state, tiny_prompt_embeds())
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_osediff_conversion_records_what_osediff_trained(osediff_state):
+    """The converted checkpoint's config: SD2.1-base, timestep 999, epsilon, the UNet LoRA's
+    rank, peft's default alpha 8 (OSEDiff never sets one) and OSEDiff's 14 target names."""
+    config = osediff_to_checkpoint(copy.deepcopy(osediff_state), tiny_prompt_embeds()).config
+    assert (config.base, config.timestep, config.prediction_type) == ("sd21-base", 999, "epsilon")
+    assert (config.lora_rank, config.lora_alpha) == (osediff_state["rank_unet"], 8.0)
+    assert config.lora_targets == [
+        "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+        "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
+    ]  # fmt: skip
