@@ -77,6 +77,8 @@ _E = "d3sr_core.losses.ea_dists.x_"
 _O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
 EQUIVALENT: dict[str, str] = {
     _O + "164": "GeneratorConfig's default base is 'sd21-base'",
+    "d3sr_core.loading.osediff.x__tensor_dict__mutmut_11": "tensor_problem(finite=None) tests "
+    "`if finite and ...`: None is falsy like False",
     _O + "166": "GeneratorConfig's default prediction_type is 'epsilon'",
     _E + "rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
     **{

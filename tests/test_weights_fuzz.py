@@ -495,3 +495,14 @@ def test_osediff_conversion_records_what_osediff_trained(osediff_state):
         "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
         "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
     ]  # fmt: skip
+
+
+def test_osediff_module_list_may_name_peft_base_layers(osediff_state):
+    """peft wraps a LoRA target as ``<name>.base_layer``; a module list naming that wrapper
+    refers to the LoRA of ``<name>`` (conv_in's here), not to a missing module."""
+    state = copy.deepcopy(osediff_state)
+    state["unet_lora_others_modules"].append("conv_in.base_layer")
+    osediff_to_checkpoint(state, tiny_prompt_embeds())
+    state["unet_lora_others_modules"].append("mid_block.not_there.base_layer")
+    with pytest.raises(WeightsFileError, match="mid_block.not_there"):
+        osediff_to_checkpoint(state, tiny_prompt_embeds())
