@@ -140,3 +140,25 @@ def test_lora_count_matches_peft_on_tiny_model():
     base, peft_model = peft_unet(rank=4)
     n_peft = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert count_lora_parameters(base, DEFAULT_UNET_LORA_TARGETS, rank=4) == n_peft
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_accumulates_in_float32(dtype):
+    """A nested half-precision module: W + s * scale * B @ A and b + s (b' - b), each summed in
+    float32 and rounded once (written out), at strength 0.7 and back at 0."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(6, 5))).to(dtype)
+    weight0, bias0 = model[0][0].weight.detach().clone(), model[0][0].bias.detach().clone()
+    down, up = torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g)
+    trained_bias = torch.randn(5, generator=g)
+    adapter = LoraAdapter(
+        factors={"0.0": (down, up)}, scale=2.0, replaced={"0.0.bias": trained_bias}
+    )
+    merged = MergedLora(model, adapter, strength=0.7)
+    expected_w = (weight0.float() + 0.7 * 2.0 * (up @ down)).to(dtype)
+    expected_b = (bias0.float() + 0.7 * (trained_bias - bias0.float())).to(dtype)
+    assert model[0][0].weight.dtype == dtype
+    torch.testing.assert_close(model[0][0].weight, expected_w, atol=0, rtol=0)
+    torch.testing.assert_close(model[0][0].bias, expected_b, atol=0, rtol=0)
+    merged.set_strength(0.0)
+    torch.testing.assert_close(model[0][0].weight.float(), weight0.float(), atol=0.02, rtol=0.01)
