@@ -162,3 +162,30 @@ def test_half_precision_merge_accumulates_in_float32(dtype):
     torch.testing.assert_close(model[0][0].bias, expected_b, atol=0, rtol=0)
     merged.set_strength(0.0)
     torch.testing.assert_close(model[0][0].weight.float(), weight0.float(), atol=0.02, rtol=0.01)
+
+
+def test_split_peft_state_dict_key_forms_written_out():
+    """``<path>[.base_layer].lora_A[.<adapter>].weight``: grouped by path, filtered by adapter;
+    biases, other tensors and a second adapter's keys are ignored or refused as documented."""
+    t = {name: torch.full((1,), float(i)) for i, name in enumerate("abcdefgh")}
+    state = {
+        "down.0.attn.lora_A.weight": t["a"],
+        "down.0.attn.lora_B.weight": t["b"],
+        "conv_in.base_layer.lora_A.default_encoder.weight": t["c"],
+        "conv_in.base_layer.lora_B.default_encoder.weight": t["d"],
+        "up.lora_A.other.weight": t["e"],
+        "up.lora_B.other.weight": t["f"],
+        "down.0.attn.lora_A.bias": t["g"],  # not a weight: ignored
+        "mid.lora_A_not_a_marker.weight": t["h"],  # no ".lora_A." marker: ignored
+    }
+    assert split_peft_state_dict(state) == {
+        "down.0.attn": (t["a"], t["b"]),
+        "conv_in": (t["c"], t["d"]),
+        "up": (t["e"], t["f"]),
+    }
+    assert split_peft_state_dict(state, "default_encoder") == {"conv_in": (t["c"], t["d"])}
+    assert split_peft_state_dict(state, "") == {"down.0.attn": (t["a"], t["b"])}
+    with pytest.raises(KeyError, match="more than one adapter name"):
+        split_peft_state_dict({**state, "up.lora_A.third.weight": t["a"]})
+    with pytest.raises(KeyError, match=r"incomplete .* for: \['up'\]"):
+        split_peft_state_dict({k: v for k, v in state.items() if k != "up.lora_B.other.weight"})
