@@ -14,6 +14,7 @@ from d3sr_core.models.lora import (
     MergedLora,
     count_lora_parameters,
     find_lora_targets,
+    lora_delta,
     split_peft_state_dict,
 )
 
@@ -189,3 +190,17 @@ def test_split_peft_state_dict_key_forms_written_out():
         split_peft_state_dict({**state, "up.lora_A.third.weight": t["a"]})
     with pytest.raises(KeyError, match=r"incomplete .* for: \['up'\]"):
         split_peft_state_dict({k: v for k, v in state.items() if k != "up.lora_B.other.weight"})
+
+
+@pytest.mark.parametrize(
+    "down_shape,up_shape",
+    [((2, 3, 3, 3), (4, 2)), ((2, 3, 3, 3), (4, 2, 3, 3)), ((2, 3, 1), (4, 2, 1))],
+)
+def test_lora_delta_refuses_pairs_that_are_neither_linear_nor_1x1_conv(down_shape, up_shape):
+    message = (
+        f"unsupported LoRA pair shapes A={down_shape} B={up_shape}: expected A [r, in] / B [out, r] "
+        "(linear) or A [r, in, kh, kw] / B [out, r, 1, 1] (conv)"
+    )
+    with pytest.raises(ValueError) as info:
+        lora_delta(torch.zeros(down_shape), torch.zeros(up_shape))
+    assert str(info.value) == message
