@@ -77,6 +77,11 @@ _E = "d3sr_core.losses.ea_dists.x_"
 _O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
 EQUIVALENT: dict[str, str] = {
     _O + "164": "GeneratorConfig's default base is 'sd21-base'",
+    "d3sr_core.models.lora.x__add_scaled__mutmut_1": "float32: .float() is the tensor itself, so "
+    "copy_ of the in-place sum; half: add_ of a float32 delta is computed in float32, rounded once",
+    "d3sr_core.models.lora.x__add_scaled__mutmut_7": "copy_ casts to the parameter's dtype anyway",
+    "d3sr_core.models.lora.x_count_lora_parameters__mutmut_20": "groups divides in_channels: "
+    "in / groups is the same number as in // groups",
     "d3sr_core.loading.osediff.x__tensor_dict__mutmut_11": "tensor_problem(finite=None) tests "
     "`if finite and ...`: None is falsy like False",
     _O + "166": "GeneratorConfig's default prediction_type is 'epsilon'",
