@@ -204,3 +204,40 @@ def test_lora_delta_refuses_pairs_that_are_neither_linear_nor_1x1_conv(down_shap
     with pytest.raises(ValueError) as info:
         lora_delta(torch.zeros(down_shape), torch.zeros(up_shape))
     assert str(info.value) == message
+
+
+def test_merge_refusals_name_the_path_and_the_mismatch():
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(6, 5)), torch.nn.ReLU())
+    a, b = torch.zeros(2, 6), torch.zeros(5, 2)
+    cases = [
+        (
+            LoraAdapter(factors={"0.9": (a, b)}),
+            KeyError,
+            "LoRA target '0.9' names no module of Sequential",
+        ),
+        (LoraAdapter(factors={"1": (a, b)}), KeyError, "LoRA target '1' has no weight"),
+        (
+            LoraAdapter(replaced={"0.0.bias": torch.zeros(4)}),
+            ValueError,
+            "replacement for '0.0.bias' has shape (4,), the model's parameter is (5,)",
+        ),
+        (
+            LoraAdapter(replaced={"0.7.bias": torch.zeros(5)}),
+            KeyError,
+            "parameter owner '0.7' names no module",
+        ),
+        (
+            LoraAdapter(replaced={"0.0.gain": torch.zeros(5)}),
+            KeyError,
+            "'0.0.gain' names no parameter of Sequential",
+        ),
+        (
+            LoraAdapter(factors={"0.0": (torch.zeros(2, 6, 3), b)}),
+            ValueError,
+            "LoRA target '0.0': unsupported LoRA pair shapes A=(1, 6, 3) B=(5, 1)",
+        ),
+    ]
+    for adapter, error, message in cases:
+        with pytest.raises(error) as info:
+            MergedLora(model, adapter)
+        assert message in str(info.value), str(info.value)
