@@ -77,6 +77,18 @@ _E = "d3sr_core.losses.ea_dists.x_"
 _O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
 EQUIVALENT: dict[str, str] = {
     _O + "164": "GeneratorConfig's default base is 'sd21-base'",
+    "d3sr_core.models.lora.x__param__mutmut_7": "get_submodule('') is the model itself",
+    **{
+        f"d3sr_core.models.lora.x_split_peft_state_dict__mutmut_{i}": "'weight'[:-len('.weight')] "
+        "is '' anyway"
+        for i in (21, 24, 25)
+    },
+    "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_30": "break instead of continue in the "
+    "adapter filter: a key holds only one of the two markers, nothing is left to check",
+    "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_42": "a real 1-row slice instead of a "
+    "meta one: same delta shape, only cost",
+    "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_46": "a real 1-column slice instead of a "
+    "meta one: same delta shape, only cost",
     "d3sr_core.models.lora.x__add_scaled__mutmut_1": "float32: .float() is the tensor itself, so "
     "copy_ of the in-place sum; half: add_ of a float32 delta is computed in float32, rounded once",
     "d3sr_core.models.lora.x__add_scaled__mutmut_7": "copy_ casts to the parameter's dtype anyway",
