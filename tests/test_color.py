@@ -104,3 +104,42 @@ def test_dispatch_and_errors():
         apply_color_fix(out, ref, "histogram")
     with pytest.raises(ValueError, match="shape"):
         wavelet_color_fix(out, ref[:, :, :10])
+
+
+def test_fixes_clamp_to_the_unit_range_and_keep_the_dtype():
+    """Outputs whose fixed values leave [0, 1] (a wide reference, a high-contrast output)
+    equal the textbook fixes clamped; bf16 in gives bf16 out."""
+    g = torch.Generator().manual_seed(13)
+    out = torch.rand(1, 3, 24, 20, generator=g)
+    ref = (0.5 + 3.0 * (torch.rand(1, 3, 24, 20, generator=g) - 0.5)).clamp(-0.2, 1.2)
+    for fix, textbook in ((adain_color_fix, adain_fix), (wavelet_color_fix, atrous_wavelet_fix)):
+        expected = textbook(out, ref)
+        assert expected.min() == 0 and expected.max() == 1, "the case reaches both bounds"
+        torch.testing.assert_close(fix(out, ref), expected, atol=1e-6, rtol=0)
+        half = fix(out.bfloat16(), ref.bfloat16())
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(
+            half.float(), textbook(out.bfloat16(), ref.bfloat16()).bfloat16().float()
+        )
+
+
+def test_adain_of_two_pixel_images_uses_the_unbiased_variance():
+    # With 2 pixels per channel the unbiased variance is (a - b)^2 / 2 and eps matters.
+    out = torch.tensor([0.2, 0.3, 0.6, 0.61, 0.4, 0.4]).reshape(1, 3, 1, 2)
+    ref = torch.tensor([0.5, 0.9, 0.1, 0.12, 0.3, 0.7]).reshape(1, 3, 1, 2)
+    torch.testing.assert_close(adain_color_fix(out, ref), adain_fix(out, ref), atol=1e-6, rtol=0)
+
+
+def test_wavelet_levels_argument_and_float64_input():
+    out, ref = _images(14, (1, 3, 40, 33)), _images(15, (1, 3, 40, 33))
+    for levels in (2, 3):
+        torch.testing.assert_close(
+            wavelet_color_fix(out, ref, levels=levels, band_rows=16),
+            atrous_wavelet_fix(out, ref, levels),
+            atol=1e-6,
+            rtol=0,
+        )
+    image = out.double()
+    high, low = wavelet_decomposition(image, 3)
+    assert high.dtype == low.dtype == torch.float64
+    torch.testing.assert_close(high + low, image, atol=1e-12, rtol=0)

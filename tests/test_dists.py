@@ -302,8 +302,10 @@ def test_ea_dists_options(model):
     gray = EADISTS(model, edge_mode="gray")(x, y)
     assert gray.shape == (2,) and not torch.allclose(gray, base)
     assert torch.allclose(EADISTS(model, edge_weight=0.0)(x, y), model(x, y))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="edge_mode must be one of .*'canny'"):
         EADISTS(model, edge_mode="canny")
+    with pytest.raises(ValueError, match="edge mode must be one of .*'canny'"):
+        sobel_magnitude(x, "canny")
 
 
 def test_target_features_are_computed_without_autograd(model):
@@ -341,3 +343,36 @@ def test_ea_dists_follows_its_dists_value_range(model):
     # an explicit value_range still wins
     assert EADISTS(signed, value_range=(0, 1)).value_range == (0.0, 1.0)
     assert EADISTS().value_range == (0.0, 1.0)
+
+
+def _sobel_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """Per channel: kernels [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] / 8 and its transpose,
+    replicate padding, sqrt(gx^2 + gy^2 + 1e-6)."""
+    kx = (
+        torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+        / 8
+    )
+    c = x.shape[1]
+    padded = F.pad(x.double(), (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, kx.expand(c, 1, 3, 3), groups=c)
+    gy = F.conv2d(padded, kx.T.expand(c, 1, 3, 3), groups=c)
+    return (gx**2 + gy**2 + 1e-6).sqrt().float()
+
+
+def test_sobel_modes_and_edge_term_equal_the_formulas(model):
+    """rgb: the Sobel magnitude of each channel; gray: of the ITU-R 601 luma, on all three
+    channels; the edge term of EA-DISTS is DISTS of those maps."""
+    x, y = _images(seed=13)
+    torch.testing.assert_close(sobel_magnitude(x, "rgb"), _sobel_by_hand(x), atol=1e-6, rtol=1e-5)
+    luma = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    gray = sobel_magnitude(x, "gray")
+    torch.testing.assert_close(
+        gray, _sobel_by_hand(luma).expand(-1, 3, -1, -1), atol=1e-6, rtol=1e-5
+    )
+    assert not torch.allclose(gray, sobel_magnitude(x, "rgb"), atol=1e-3)
+    _, edge = EADISTS(model, edge_mode="gray").terms(x, y)
+    luma_y = 0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]
+    expected = model.distance(
+        _sobel_by_hand(luma).expand(-1, 3, -1, -1), _sobel_by_hand(luma_y).expand(-1, 3, -1, -1)
+    )
+    torch.testing.assert_close(edge, expected, atol=1e-5, rtol=1e-5)

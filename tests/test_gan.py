@@ -34,7 +34,7 @@ def test_hinge_values():
     d = discriminator_loss(real, fake, kind="hinge")
     assert math.isclose(d.item(), (0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3, rel_tol=1e-6)
     assert math.isclose(generator_loss(fake, kind="hinge").item(), 1 / 3, rel_tol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="GAN loss must be one of .*'wgan'"):
         generator_loss(fake, kind="wgan")
 
 
@@ -74,3 +74,15 @@ def test_approximate_r1():
     a = torch.randn(2, 1, 4, 4)
     assert approximate_r1_penalty(a, a).item() == 0.0
     assert torch.allclose(approximate_r1_penalty(a, a + 0.5), torch.tensor(0.25))
+
+
+def test_r1_penalty_keeps_the_logits_graph_for_the_discriminator_loss():
+    """The discriminator step backpropagates its loss and gamma/2 * R1 through the same real
+    logits in one backward. D(x)_b = sum_i w_i x_bi^2, so R1 = mean_b sum_i (2 w_i x_bi)^2 and
+    d/dw_i [mean_b D(x)_b + R1] = mean_b x_bi^2 (1 + 8 w_i), written out."""
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.5, -1.0]], requires_grad=True)
+    w = torch.tensor([0.5, -0.25, 2.0], requires_grad=True)
+    logits = (w * x**2).sum(1)
+    (logits.mean() + r1_penalty(logits, x)).backward()
+    x2 = x.detach() ** 2
+    torch.testing.assert_close(w.grad, (x2 * (1 + 8 * w.detach())).mean(0))

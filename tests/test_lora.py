@@ -14,6 +14,7 @@ from d3sr_core.models.lora import (
     MergedLora,
     count_lora_parameters,
     find_lora_targets,
+    lora_delta,
     split_peft_state_dict,
 )
 
@@ -140,3 +141,103 @@ def test_lora_count_matches_peft_on_tiny_model():
     base, peft_model = peft_unet(rank=4)
     n_peft = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert count_lora_parameters(base, DEFAULT_UNET_LORA_TARGETS, rank=4) == n_peft
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_accumulates_in_float32(dtype):
+    """A nested half-precision module: W + s * scale * B @ A and b + s (b' - b), each summed in
+    float32 and rounded once (written out), at strength 0.7 and back at 0."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(6, 5))).to(dtype)
+    weight0, bias0 = model[0][0].weight.detach().clone(), model[0][0].bias.detach().clone()
+    down, up = torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g)
+    trained_bias = torch.randn(5, generator=g)
+    adapter = LoraAdapter(
+        factors={"0.0": (down, up)}, scale=2.0, replaced={"0.0.bias": trained_bias}
+    )
+    merged = MergedLora(model, adapter, strength=0.7)
+    expected_w = (weight0.float() + 0.7 * 2.0 * (up @ down)).to(dtype)
+    expected_b = (bias0.float() + 0.7 * (trained_bias - bias0.float())).to(dtype)
+    assert model[0][0].weight.dtype == dtype
+    torch.testing.assert_close(model[0][0].weight, expected_w, atol=0, rtol=0)
+    torch.testing.assert_close(model[0][0].bias, expected_b, atol=0, rtol=0)
+    merged.set_strength(0.0)
+    torch.testing.assert_close(model[0][0].weight.float(), weight0.float(), atol=0.02, rtol=0.01)
+
+
+def test_split_peft_state_dict_key_forms_written_out():
+    """``<path>[.base_layer].lora_A[.<adapter>].weight``: grouped by path, filtered by adapter;
+    biases, other tensors and a second adapter's keys are ignored or refused as documented."""
+    t = {name: torch.full((1,), float(i)) for i, name in enumerate("abcdefgh")}
+    state = {
+        "down.0.attn.lora_A.weight": t["a"],
+        "down.0.attn.lora_B.weight": t["b"],
+        "conv_in.base_layer.lora_A.default_encoder.weight": t["c"],
+        "conv_in.base_layer.lora_B.default_encoder.weight": t["d"],
+        "up.lora_A.other.weight": t["e"],
+        "up.lora_B.other.weight": t["f"],
+        "down.0.attn.lora_A.bias": t["g"],  # not a weight: ignored
+        "mid.lora_A_not_a_marker.weight": t["h"],  # no ".lora_A." marker: ignored
+    }
+    assert split_peft_state_dict(state) == {
+        "down.0.attn": (t["a"], t["b"]),
+        "conv_in": (t["c"], t["d"]),
+        "up": (t["e"], t["f"]),
+    }
+    assert split_peft_state_dict(state, "default_encoder") == {"conv_in": (t["c"], t["d"])}
+    assert split_peft_state_dict(state, "") == {"down.0.attn": (t["a"], t["b"])}
+    with pytest.raises(KeyError, match="more than one adapter name"):
+        split_peft_state_dict({**state, "up.lora_A.third.weight": t["a"]})
+    with pytest.raises(KeyError, match=r"incomplete .* for: \['up'\]"):
+        split_peft_state_dict({k: v for k, v in state.items() if k != "up.lora_B.other.weight"})
+
+
+@pytest.mark.parametrize(
+    "down_shape,up_shape",
+    [((2, 3, 3, 3), (4, 2)), ((2, 3, 3, 3), (4, 2, 3, 3)), ((2, 3, 1), (4, 2, 1))],
+)
+def test_lora_delta_refuses_pairs_that_are_neither_linear_nor_1x1_conv(down_shape, up_shape):
+    message = (
+        f"unsupported LoRA pair shapes A={down_shape} B={up_shape}: expected A [r, in] / B [out, r] "
+        "(linear) or A [r, in, kh, kw] / B [out, r, 1, 1] (conv)"
+    )
+    with pytest.raises(ValueError) as info:
+        lora_delta(torch.zeros(down_shape), torch.zeros(up_shape))
+    assert str(info.value) == message
+
+
+def test_merge_refusals_name_the_path_and_the_mismatch():
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(6, 5)), torch.nn.ReLU())
+    a, b = torch.zeros(2, 6), torch.zeros(5, 2)
+    cases = [
+        (
+            LoraAdapter(factors={"0.9": (a, b)}),
+            KeyError,
+            "LoRA target '0.9' names no module of Sequential",
+        ),
+        (LoraAdapter(factors={"1": (a, b)}), KeyError, "LoRA target '1' has no weight"),
+        (
+            LoraAdapter(replaced={"0.0.bias": torch.zeros(4)}),
+            ValueError,
+            "replacement for '0.0.bias' has shape (4,), the model's parameter is (5,)",
+        ),
+        (
+            LoraAdapter(replaced={"0.7.bias": torch.zeros(5)}),
+            KeyError,
+            "parameter owner '0.7' names no module",
+        ),
+        (
+            LoraAdapter(replaced={"0.0.gain": torch.zeros(5)}),
+            KeyError,
+            "'0.0.gain' names no parameter of Sequential",
+        ),
+        (
+            LoraAdapter(factors={"0.0": (torch.zeros(2, 6, 3), b)}),
+            ValueError,
+            "LoRA target '0.0': unsupported LoRA pair shapes A=(1, 6, 3) B=(5, 1)",
+        ),
+    ]
+    for adapter, error, message in cases:
+        with pytest.raises(error) as info:
+            MergedLora(model, adapter)
+        assert message in str(info.value), str(info.value)

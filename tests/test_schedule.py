@@ -62,6 +62,8 @@ def test_add_noise_per_sample_levels():
     x0 = torch.ones(2, 1, 2, 2)
     noise = torch.zeros_like(x0)
     out = add_noise(x0, noise, torch.tensor([1.0, 0.25]))
+    assert out.shape == x0.shape
+    assert predict_x0(x0, noise, torch.tensor([1.0, 0.25]), "epsilon").shape == x0.shape
     assert out[0].eq(1).all() and torch.allclose(out[1], torch.full_like(out[1], 0.5))
 
 
@@ -96,3 +98,45 @@ def test_add_noise_keeps_dtype_and_sample_prediction_is_the_output():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     z = torch.randn(2, 4, 4, 4, generator=g)
     assert torch.equal(predict_x0(z, eps, a, "sample"), eps)
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ({}, {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}),
+        (
+            {"num_train_timesteps": 500, "beta_start": 0.001, "beta_end": 0.03},
+            {
+                "num_train_timesteps": 500,
+                "beta_start": 0.001,
+                "beta_end": 0.03,
+                "beta_schedule": "scaled_linear",
+            },
+        ),
+        (
+            {"beta_schedule": "linear"},
+            {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"},
+        ),
+    ],
+)
+def test_config_keys_and_sd_defaults_match_diffusers(config, expected):
+    """Each key of a scheduler config is read, and a missing key means SD's value (not
+    diffusers' DDPMScheduler default of a linear 1e-4..0.02 schedule)."""
+    from diffusers import DDPMScheduler
+
+    reference = DDPMScheduler(**expected).alphas_cumprod.float()
+    torch.testing.assert_close(alphas_cumprod_from_config(config), reference)
+
+
+def test_schedule_arithmetic_is_float32_whatever_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert alphas_cumprod().dtype == torch.float32
+        assert alphas_cumprod(beta_schedule="linear").dtype == torch.float32
+        assert alphas_cumprod_from_config({"trained_betas": [0.1, 0.2]}).dtype == torch.float32
+        z = torch.ones(1, 1, 2, 2, dtype=torch.float32)
+        assert predict_x0(z, z, 0.5, "epsilon").dtype == torch.float32
+        assert predict_x0(z, z, torch.tensor([0.5]), "v_prediction").dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)

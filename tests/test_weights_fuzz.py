@@ -9,6 +9,7 @@ never by merging part of it into the base.
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import struct
@@ -343,6 +344,21 @@ def test_mutated_osediff_pickles_are_refused_clearly(tmp_path, base, osediff_sta
     assert "mid_block.not_there" in messages["listed module without tensors"]
     assert "incomplete" in messages["lora_A without lora_B"]
     assert "rank_vae" in messages["missing rank"]
+    assert "rank_unet is a str" in messages["rank a string"]
+    for name, field, kind in (
+        ("module list a string", "unet_lora_encoder_modules", "str"),
+        ("module list of ints", "vae_lora_encoder_modules", "list"),
+    ):
+        assert f"{field} is {kind} " in messages[name], messages[name]
+        assert messages[name].endswith("expected a list of module names"), messages[name]
+    assert messages["rank a bool"].endswith("rank_vae is a bool (True), expected an int")
+    assert "rank_vae = -4, expected 1.." in messages["rank negative"]
+    assert messages["state dict a list"].endswith("state_dict_unet is a list, expected a dict")
+    assert ": state_dict_vae: encoder." in messages["tensor replaced by a string"]
+    # values are checked where they are merged, which names the LoRA pair
+    assert "UNet LoRA: conv_in.lora_A holds NaN" in messages["NaN in a LoRA factor"]
+    top = messages["top level a list"]
+    assert "not an OSEDiff checkpoint" in top and top.endswith("found list"), top
 
     data = (tmp_path / "case0.pkl").read_bytes()
     for i, cut in enumerate((len(data) // 2, 100, 3)):
@@ -398,3 +414,95 @@ def test_damaged_base_folders_are_refused_clearly(tmp_path):
         message = str(info.value)
         assert message.startswith(f"{folder}: ") and message.count(str(folder)) == 1, message
         assert "\n" not in message
+
+
+def test_osediff_dict_missing_keys_names_them(osediff_state):
+    """A dict that passes the quick check but lacks keys: the default name and the keys."""
+    from d3sr_core.loading.osediff import OSEDIFF_KEYS
+
+    state = {k: v for k, v in osediff_state.items() if k != "rank_vae"}
+    with pytest.raises(WeightsFileError) as info:
+        osediff_to_checkpoint(state, tiny_prompt_embeds())
+    assert str(info.value) == (
+        f"<osediff>: not an OSEDiff checkpoint: missing top-level keys ['rank_vae'] "
+        f"(expected {list(OSEDIFF_KEYS)})"
+    )
+
+
+def test_non_osediff_dict_lists_its_first_six_keys(tmp_path):
+    path = tmp_path / "other.pkl"
+    torch.save({k: 0 for k in "abcdefgh"}, str(path))
+    with pytest.raises(WeightsFileError) as info:
+        read_osediff(path)
+    assert str(info.value).endswith("found ['a', 'b', 'c', 'd', 'e', 'f']")
+
+
+def _nan_conv_in(state: dict) -> None:
+    state["state_dict_unet"]["conv_in.base_layer.weight"].fill_(float("nan"))
+
+
+def _nan_vae_factor(state: dict) -> None:
+    state["state_dict_vae"][first_key(state, "state_dict_vae")].fill_(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda s: s["state_dict_unet"].update(
+                {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}
+            ),
+            "<osediff>: unexpected UNet tensor 'down_blocks.0.resnets.0.conv1.weight' "
+            "(OSEDiff stores only LoRA and conv_in)",
+        ),
+        (
+            lambda s: s.update(
+                {
+                    "state_dict_unet": {
+                        k: v for k, v in s["state_dict_unet"].items() if "lora" not in k
+                    }
+                }
+            ),
+            "<osediff>: OSEDiff checkpoint holds no UNet LoRA tensors",
+        ),
+        (_nan_conv_in, "<osediff>: UNet conv_in: "),
+        (
+            _nan_vae_factor,
+            "<osediff>: VAE LoRA: encoder.conv_in.lora_A holds NaN or infinite values",
+        ),
+        (
+            lambda s: s.update({"rank_vae": 2}),
+            "<osediff>: VAE LoRA: encoder.conv_in: rank 4, the file declares rank 2",
+        ),
+    ],
+    ids=["unexpected tensor", "no unet lora", "nan conv_in", "nan vae factor", "vae rank"],
+)
+def test_osediff_conversion_refusals_name_the_part(osediff_state, change, message):
+    state = copy.deepcopy(osediff_state)
+    change(state)
+    with pytest.raises(WeightsFileError) as info:
+        osediff_to_checkpoint(state, tiny_prompt_embeds())
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_osediff_conversion_records_what_osediff_trained(osediff_state):
+    """The converted checkpoint's config: SD2.1-base, timestep 999, epsilon, the UNet LoRA's
+    rank, peft's default alpha 8 (OSEDiff never sets one) and OSEDiff's 14 target names."""
+    config = osediff_to_checkpoint(copy.deepcopy(osediff_state), tiny_prompt_embeds()).config
+    assert (config.base, config.timestep, config.prediction_type) == ("sd21-base", 999, "epsilon")
+    assert (config.lora_rank, config.lora_alpha) == (osediff_state["rank_unet"], 8.0)
+    assert config.lora_targets == [
+        "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+        "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
+    ]  # fmt: skip
+
+
+def test_osediff_module_list_may_name_peft_base_layers(osediff_state):
+    """peft wraps a LoRA target as ``<name>.base_layer``; a module list naming that wrapper
+    refers to the LoRA of ``<name>`` (conv_in's here), not to a missing module."""
+    state = copy.deepcopy(osediff_state)
+    state["unet_lora_others_modules"].append("conv_in.base_layer")
+    osediff_to_checkpoint(state, tiny_prompt_embeds())
+    state["unet_lora_others_modules"].append("mid_block.not_there.base_layer")
+    with pytest.raises(WeightsFileError, match="mid_block.not_there"):
+        osediff_to_checkpoint(state, tiny_prompt_embeds())

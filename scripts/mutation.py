@@ -1,0 +1,237 @@
+"""Mutation testing of the numeric core, one module at a time (developer tool, not CI).
+
+mutmut (>= 3.8, ``pip install "mutmut>=3.8"``) takes its test selection from
+``[tool.mutmut]`` in ``pyproject.toml``, one selection for the whole run. Running every
+module against the union of the numeric tests costs minutes per mutant on 2 cores, so this
+driver gives each module only the fast tests that exercise it (``MODULE_TESTS``): it copies
+``d3sr_core/``, ``tests/`` and ``pyproject.toml`` into ``WORKDIR/<module>/``, rewrites that
+copy's ``[tool.mutmut]`` (``only_mutate`` = the module, ``pytest_add_cli_args_test_selection``
+= its tests), runs ``mutmut run`` there and prints generated / killed / survived / timeout /
+no-tests counts and the score. Within the selection mutmut still runs, per mutated function,
+only the tests that executed it. Mutants listed in ``EQUIVALENT`` (each with the reason it
+cannot change behaviour) are left out of the score.
+
+    OMP_NUM_THREADS=1 python scripts/mutation.py d3sr_core/models/schedule.py --max-children 1
+    python scripts/mutation.py --list                       # modules and their tests
+    cd WORKDIR/schedule && mutmut show NAME                 # a survivor's diff
+
+The work directory keeps mutmut's cache: a second run only retests what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# module -> the fast tests that check its numbers (pytest arguments, "-k" allowed).
+MODULE_TESTS: dict[str, list[str]] = {
+    "d3sr_core/models/schedule.py": ["tests/test_schedule.py"],
+    "d3sr_core/losses/gan.py": ["tests/test_gan.py"],
+    "d3sr_core/inference/alpha.py": [
+        "tests/test_alpha_and_cache.py",
+        "-k",
+        "fill_transparent or hidden_colour",
+    ],
+    "d3sr_core/losses/ea_dists.py": ["tests/test_dists.py", "-k", "ea_dists or sobel"],
+    "d3sr_core/inference/color.py": ["tests/test_color.py"],
+    "d3sr_core/loading/osediff.py": [
+        "tests/test_strength.py",
+        "tests/test_checkpoint.py",
+        "tests/test_weights_fuzz.py",
+    ],
+    "d3sr_core/loading/checkpoint.py": [
+        "tests/test_checkpoint.py",
+        "tests/test_strength.py",
+        "tests/test_weights_fuzz.py",
+    ],
+    "d3sr_core/models/generator.py": [
+        "tests/test_checkpoint.py",
+        "tests/test_strength.py",
+        "tests/test_lora.py",
+    ],
+    "d3sr_core/models/lora.py": [
+        "tests/test_lora.py",
+        "tests/test_strength.py",
+        "tests/test_checkpoint.py",
+    ],
+}
+
+# mutant name -> why it cannot change behaviour (excluded from the score). "CPU-only" ones
+# differ only when tensors live on an accelerator, which the test machines do not have.
+_S = "d3sr_core.models.schedule.x_"
+_G = "d3sr_core.losses.gan.x_"
+_C = "d3sr_core.inference.color.x_"
+_BANDS = (
+    "band size only changes memory: banding is exact (test_wavelet_in_bands_equals_whole_image)"
+)
+_E = "d3sr_core.losses.ea_dists.x_"
+_O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
+EQUIVALENT: dict[str, str] = {
+    _O + "164": "GeneratorConfig's default base is 'sd21-base'",
+    "d3sr_core.models.lora.x__param__mutmut_7": "get_submodule('') is the model itself",
+    **{
+        f"d3sr_core.models.lora.x_split_peft_state_dict__mutmut_{i}": "'weight'[:-len('.weight')] "
+        "is '' anyway"
+        for i in (21, 24, 25)
+    },
+    "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_30": "break instead of continue in the "
+    "adapter filter: a key holds only one of the two markers, nothing is left to check",
+    "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_42": "a real 1-row slice instead of a "
+    "meta one: same delta shape, only cost",
+    "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_46": "a real 1-column slice instead of a "
+    "meta one: same delta shape, only cost",
+    "d3sr_core.models.lora.x__add_scaled__mutmut_1": "float32: .float() is the tensor itself, so "
+    "copy_ of the in-place sum; half: add_ of a float32 delta is computed in float32, rounded once",
+    "d3sr_core.models.lora.x__add_scaled__mutmut_7": "copy_ casts to the parameter's dtype anyway",
+    "d3sr_core.models.lora.x_count_lora_parameters__mutmut_20": "groups divides in_channels: "
+    "in / groups is the same number as in // groups",
+    "d3sr_core.loading.osediff.x__tensor_dict__mutmut_11": "tensor_problem(finite=None) tests "
+    "`if finite and ...`: None is falsy like False",
+    _O + "166": "GeneratorConfig's default prediction_type is 'epsilon'",
+    _E + "rgb_to_gray__mutmut_7": "x[:, 2:4] of a 3-channel image is x[:, 2:3]",
+    **{
+        _E + f"sobel_magnitude__mutmut_{i}": "kornia.filters.sobel's defaults are "
+        "normalized=True, eps=1e-6: dropping the argument changes nothing"
+        for i in (20, 21, 36, 37)
+    },
+    _C + "_halo__mutmut_1": "a larger halo only adds real neighbour rows: same result",
+    _C + "_halo__mutmut_3": "a larger halo only adds real neighbour rows: same result",
+    _C + "_mean_std__mutmut_8": "var(correction=None) is the default correction, 1",
+    _C + "_mean_std__mutmut_10": "var() without correction is the default correction, 1",
+    _C + "wavelet_blur__mutmut_12": "CPU-only: _BLUR.to(device=None) stays on the CPU",
+    _C + "wavelet_blur__mutmut_14": "CPU-only: _BLUR.to() without device stays on the CPU",
+    **{_C + f"wavelet_color_fix__mutmut_{i}": _BANDS for i in (12, 14, 15, 16, 17, 18, 23, 36)},
+    **{
+        _C + f"wavelet_color_fix__mutmut_{i}": "a result buffer in the output's dtype: clamp to "
+        "[0, 1] and rounding commute, and the maths is float32 (.float()) either way"
+        for i in (28, 30)
+    },
+    _S + "_broadcast__mutmut_4": "CPU-only: as_tensor(device=None) is the CPU, like.device too",
+    _S + "_broadcast__mutmut_7": "CPU-only: as_tensor without device is the CPU, like.device too",
+    _S + "_broadcast__mutmut_9": "a 0-d abar reshaped to [1,1,1,1] broadcasts like the 0-d one "
+    "against the documented [B,C,H,W] inputs",
+    _G + "r1_penalty__mutmut_5": "retain_graph=None defaults to create_graph, which is True",
+    _G + "r1_penalty__mutmut_9": "retain_graph omitted defaults to create_graph, which is True",
+}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout"}
+STATUS.update({c: "timeout" for c in (-24, 24, 152, 255)})
+
+
+def _mutmut_section(module: str, tests: list[str]) -> str:
+    return (
+        "[tool.mutmut]\n"
+        'source_paths = ["d3sr_core"]\n'
+        f"only_mutate = {json.dumps([module])}\n"
+        'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark"]\n'
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        'process_isolation = "fork"\n'
+        "use_git_change_detection = false\n"
+    )
+
+
+def prepare(module: str, tests: list[str], workdir: Path) -> Path:
+    """Fresh copy of the sources and tests in ``workdir/<module stem>`` with the module's config."""
+    work = workdir / Path(module).stem
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("d3sr_core", "tests"):
+        shutil.rmtree(work / name, ignore_errors=True)
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (ROOT / "pyproject.toml").read_text()
+    text = re.sub(r"\[tool\.mutmut\]\n(?:(?!\[).*\n|\n)*", "", text)
+    (work / "pyproject.toml").write_text(text.rstrip() + "\n\n" + _mutmut_section(module, tests))
+    return work
+
+
+def summarise(work: Path, module: str) -> dict[str, int | float]:
+    """Counts by status from mutmut's result file for ``module`` (equivalent ones apart)."""
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    codes = meta["exit_code_by_key"]
+    counts: Counter[str] = Counter()
+    survivors = []
+    for name, code in codes.items():
+        if name in EQUIVALENT:
+            counts["equivalent"] += 1
+            continue
+        status = "not checked" if code is None else STATUS.get(code, "suspicious")
+        counts[status] += 1
+        if status != "killed" and status != "timeout":
+            survivors.append(f"{name}: {status}")
+    detected = counts["killed"] + counts["timeout"]
+    checked = detected + counts["survived"] + counts["no tests"] + counts["suspicious"]
+    result: dict[str, int | float] = {"generated": len(codes), **counts}
+    result["score %"] = round(100.0 * detected / checked, 1) if checked else 0.0
+    for line in sorted(survivors):
+        print("   ", line)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "module", nargs="?", help="path of the module to mutate, e.g. d3sr_core/models/schedule.py"
+    )
+    parser.add_argument(
+        "--tests", nargs="+", help="pytest arguments instead of MODULE_TESTS[module]"
+    )
+    parser.add_argument(
+        "--max-children", type=int, default=1, help="parallel mutant workers (default 1)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/d3sr-mutation"), help="where the copies go"
+    )
+    parser.add_argument("--fresh", action="store_true", help="discard mutmut's cache and results")
+    parser.add_argument(
+        "--summary", action="store_true", help="only print the counts of the last run"
+    )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="rerun only the last survivors (after adding tests)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the modules and their tests")
+    args = parser.parse_args()
+    if args.list or not args.module:
+        for module, tests in MODULE_TESTS.items():
+            print(f"{module}: {' '.join(tests)}")
+        return
+    tests = args.tests or MODULE_TESTS.get(args.module)
+    if not tests:
+        parser.error(
+            f"no tests known for {args.module}; pass --tests (known: {', '.join(MODULE_TESTS)})"
+        )
+    work = args.workdir / Path(args.module).stem
+    if not args.summary:
+        if args.fresh:
+            shutil.rmtree(work / "mutants", ignore_errors=True)
+        work = prepare(args.module, tests, args.workdir)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
+        if args.survivors:
+            meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
+            names = [
+                k for k, v in meta["exit_code_by_key"].items() if v == 0 and k not in EQUIVALENT
+            ]
+            if not names:
+                print(json.dumps(summarise(work, args.module)))
+                return
+            cmd += names
+        print("+", " ".join(cmd), f"(in {work}; tests: {' '.join(tests)})", flush=True)
+        subprocess.run(cmd, cwd=work, env=env, check=False)
+    print(json.dumps(summarise(work, args.module)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
