@@ -62,6 +62,7 @@ ENGINE_DEFAULTS = {
     "tile_overlap": 256,
     "vae_tile_size": "auto",
     "vae_attention_window": 1024,
+    "unet_attention_window": 512,
     "color_fix": "wavelet",
     "max_output_pixels": 256 * 1024 * 1024,
 }
@@ -190,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="VAE attention is global up to N pixels per side, windowed beyond "
         f"(linear cost; default {ENGINE_DEFAULTS['vae_attention_window']}; 0 = always global)",
+    )
+    perf.add_argument(
+        "--unet-attention-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="UNet self-attention is global over UNet tiles up to N pixels per side and "
+        "windowed beyond (each position sees the N px around it: linear cost; default "
+        f"{ENGINE_DEFAULTS['unet_attention_window']} = the training crop; 0 = always global)",
     )
     perf.add_argument(
         "--memory-budget",
@@ -414,6 +424,7 @@ OPTION_FLAGS = {
     "tile_overlap": "--tile-overlap",
     "vae_tile_size": "--vae-tile",
     "vae_attention_window": "--vae-attention-window",
+    "unet_attention_window": "--unet-attention-window",
     "color_fix": "--color-fix",
     "memory_budget_bytes": "--memory-budget",
 }
@@ -446,6 +457,7 @@ def build_options(args):
         "tile_overlap": args.tile_overlap,
         "vae_tile_size": args.vae_tile,
         "vae_attention_window": args.vae_attention_window,
+        "unet_attention_window": args.unet_attention_window,
         "color_fix": args.color_fix,
         "memory_budget_bytes": max(1, int(budget * 2**30)) if budget else None,
     }
@@ -473,6 +485,7 @@ def _flag_message(message: str, args) -> str:
         "--tile-overlap": args.tile_overlap,
         "--vae-tile": args.vae_tile,
         "--vae-attention-window": args.vae_attention_window,
+        "--unet-attention-window": args.unet_attention_window,
     }
     for field_name, flag in OPTION_FLAGS.items():
         if message.startswith(field_name + " "):

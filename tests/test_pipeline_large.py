@@ -184,6 +184,8 @@ def test_one_pixel_image_works(pipe):
         (torch.rand(1, 3, 4, 4), {"color_fix": "lab"}, "color_fix"),
         (torch.rand(1, 3, 4, 4), {"vae_attention_window": -8}, "vae_attention_window"),
         (torch.rand(1, 3, 4, 4), {"vae_attention_window": 1.5}, "vae_attention_window"),
+        (torch.rand(1, 3, 4, 4), {"unet_attention_window": -8}, "unet_attention_window"),
+        (torch.rand(1, 3, 4, 4), {"unet_attention_window": "64"}, "unet_attention_window"),
         (torch.rand(1, 3, 4, 4), {"memory_budget_bytes": 0}, "memory_budget_bytes"),
     ],
 )
@@ -235,3 +237,18 @@ def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
     )
     assert seen == [("whole_encode", None), ("whole_decode", None)]
     assert not torch.equal(glob, whole), "a window smaller than the 10x14 latent changes it"
+
+
+def test_unet_attention_window_only_beyond_the_window(pipe):
+    """Default on: a window covering the UNet tile changes nothing (bit for bit), a smaller
+    one windows the self-attention; the UNet is restored after each call."""
+    x = _image(20, 28)  # x4 -> a 10x14 latent
+    base = dict(scale=4, tile_size=None, color_fix="none")
+    glob = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=0, **base))
+    assert UpscaleOptions().unet_attention_window == 512
+    assert torch.equal(pipe.upscale_tensor(x, UpscaleOptions(**base)), glob)
+    covering = UpscaleOptions(unet_attention_window=112, **base)  # 14 latents: covers 10x14
+    assert torch.equal(pipe.upscale_tensor(x, covering), glob)
+    windowed = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=64, **base))
+    assert torch.isfinite(windowed).all() and not torch.equal(windowed, glob)
+    assert not hasattr(pipe.generator.unet, "_d3sr_window"), "processors restored"
