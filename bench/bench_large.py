@@ -31,7 +31,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tiling import ROOT, _image, build_generator, child_rss, run_script  # noqa: E402
+from bench_tiling import (  # noqa: E402
+    ROOT,
+    _image,
+    _reset_peak_rss,
+    _status_kib,
+    build_generator,
+    child_rss,
+    run_script,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -171,12 +179,19 @@ def child_unet(size: int, precision: str, window: int, repeat: int) -> dict:
     now["window"] = None  # warm-up on a small image: oneDNN primitives, weight caches
     pipe.upscale_tensor(torch.rand(1, 3, 32, 32), UpscaleOptions(color_fix="none"))
     image = torch.rand(1, 3, size // 4, size // 4)
+    _reset_peak_rss()  # the peak of the runs, not of building the fp32 model
     for _ in range(repeat):
         for w in (window, 0):
             now["window"] = w
             pipe.upscale_tensor(image, UpscaleOptions(unet_attention_window=w, color_fix="none"))
     diff = float((outs[window] - outs[0]).abs().max())
-    return {"seconds": {str(k): seconds[k] for k in (window, 0)}, "max_abs_diff": diff}
+    weights = sum(p.numel() * p.element_size() for p in pipe.generator.parameters())
+    peak = _status_kib("VmHWM") * 1024 - weights
+    return {
+        "seconds": {str(k): seconds[k] for k in (window, 0)},
+        "max_abs_diff": diff,
+        "peak_minus_weights_gb": peak / 1e9,
+    }
 
 
 def psnr(a, b) -> float:
@@ -266,7 +281,7 @@ def main() -> None:
         print(
             f"\n## UNet stage, precision {args.precision}, 1 thread, min of {args.repeat}, "
             f"thread CPU s per output MP\n| output | window {args.window} px | global | "
-            "ratio | max abs diff of x0 |\n|---|---|---|---|---|"
+            "ratio | max abs diff of x0 | peak RSS - weights |\n|---|---|---|---|---|---|"
         )
         for size in [int(v) for v in args.unet_window.split(",")]:
             child = ["--child-unet", str(size), "--precision", args.precision]
@@ -275,7 +290,7 @@ def main() -> None:
             win, glob = r["seconds"][str(args.window)] / mp, r["seconds"]["0"] / mp
             print(
                 f"| {size}² | {win:.1f} | {glob:.1f} | {win / glob:.2f} | "
-                f"{r['max_abs_diff']:.3g} |",
+                f"{r['max_abs_diff']:.3g} | {r['peak_minus_weights_gb']:.2f} GB |",
                 flush=True,
             )
         return

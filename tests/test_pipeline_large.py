@@ -252,3 +252,23 @@ def test_unet_attention_window_only_beyond_the_window(pipe):
     windowed = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=64, **base))
     assert torch.isfinite(windowed).all() and not torch.equal(windowed, glob)
     assert not hasattr(pipe.generator.unet, "_d3sr_window"), "processors restored"
+
+
+def test_windowed_unet_attention_lifts_the_unet_tile_cap(pipe, monkeypatch):
+    """With the window (default) "auto" UNet tiles are limited by the budget alone; with
+    global attention by AUTO_MAX_TILE (128 latents) as well."""
+    from d3sr_core.inference import pipeline as pipeline_module
+    from d3sr_core.inference.tiling import AUTO_MAX_TILE
+
+    seen = []
+    real = pipeline_module.plan_latent_tiles
+
+    def spy(*a, **k):
+        seen.append(k["max_tile"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline_module, "plan_latent_tiles", spy)
+    x = _image(8, 8)
+    pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none"))
+    pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none", unet_attention_window=0))
+    assert seen == [None, AUTO_MAX_TILE]

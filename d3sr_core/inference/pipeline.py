@@ -30,6 +30,7 @@ from .alpha import fill_transparent
 from .color import COLOR_FIXES, apply_color_fix
 from .memory import resolve_budget, run_with_oom_retry
 from .tiling import (
+    AUTO_MAX_TILE,
     attention_bytes,
     plan_latent_tiles,
     tiled_model_output,
@@ -273,6 +274,7 @@ class D3SRPipeline:
         _, _, h, w = latent.shape
         tile = opts.tile_size
         overlap = max(0, int(opts.tile_overlap)) // LATENT_FACTOR
+        window = _latent_window(opts.unet_attention_window)
 
         def attempt(shrink: float) -> Tensor:
             budget = int(run.budget * shrink)
@@ -290,6 +292,8 @@ class D3SRPipeline:
                 unet_bytes_per_latent_pixel(g.unet, g.dtype),
                 self._attention_cost(),
                 max_batch=8 if self.device.type != "cpu" else 1,
+                # windowed attention: the context no longer grows with the tile
+                max_tile=None if window else AUTO_MAX_TILE,
             )
             if len(tiles) > 1:
                 logger.debug(
@@ -299,7 +303,7 @@ class D3SRPipeline:
                     tiles[0].w,
                     batch,
                 )
-            with attention_window(g.unet, _latent_window(opts.unet_attention_window)):
+            with attention_window(g.unet, window):
                 out = tiled_model_output(
                     self._predict_guarded,
                     latent,
