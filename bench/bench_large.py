@@ -12,11 +12,23 @@ One command prints
    minimum of ``--repeat`` interleaved runs, thread CPU time of one thread (robust to a loaded
    machine) and wall time (goal: <= 1.2).
 
+Two more modes, each on its own:
+
+3. ``--profile SIZE``: torch.profiler CPU op shares of one default upscale (after a warm-up
+   run): convolutions, matrix products + attention, everything else (goal 3: <= 15 %), the
+   top ops; ``--save`` / ``--reference`` compare the output with an earlier run's (PSNR).
+4. ``--unet-window SIZES``: the UNet stage's thread CPU seconds per output MP with the
+   self-attention windowed at ``--window`` px (the default) and global, the largest x0
+   difference, and the runs' peak RSS minus the weights.
+
     python bench/bench_large.py                       # 512..2048 + the ratio (~15 min, 2 cores)
     python bench/bench_large.py --sizes 512,1024,2048,4096
     python bench/bench_large.py --precision fp32 --skip-ratio
+    python bench/bench_large.py --profile 512 [--threads 2]
+    python bench/bench_large.py --unet-window 1024,2048
 
 Wall times are sensitive to other processes; the load average is printed with each row.
+The profiler's per-op times are wall-clock too: run ``--profile`` on a quiet machine.
 """
 
 from __future__ import annotations
