@@ -68,7 +68,8 @@ class UpscaleOptions:
         seed: seeds the VAE posterior sample when the checkpoint's latent mode is ``sample``.
         max_output_pixels: refuse (before any work) outputs larger than this.
         tile_size: UNet latent tile in *output* pixels (multiple of 8, >= 64); ``"auto"``
-            picks it from the memory budget (at most 1024); None or 0 never tiles.
+            picks it from the memory budget (at most 1024 while the UNet attention is global,
+            see ``unet_attention_window``); None or 0 never tiles.
         tile_overlap: minimum overlap between UNet tiles, output pixels (clamped to half a tile).
         vae_tile_size: VAE tile side in pixels of the full-resolution image (>= 32);
             ``"auto"`` runs the VAE whole when it fits the budget, else in tiles that fit;
