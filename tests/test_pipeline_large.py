@@ -242,12 +242,12 @@ def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
 def test_unet_attention_window_only_beyond_the_window(pipe):
     """Default on: a window covering the UNet tile changes nothing (bit for bit), a smaller
     one windows the self-attention; the UNet is restored after each call."""
-    x = _image(20, 28)  # x4 -> a 10x14 latent
+    x = _image(12, 20)  # x4 -> a 6x10 latent
     base = dict(scale=4, tile_size=None, color_fix="none")
     glob = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=0, **base))
     assert UpscaleOptions().unet_attention_window == 512
     assert torch.equal(pipe.upscale_tensor(x, UpscaleOptions(**base)), glob)
-    covering = UpscaleOptions(unet_attention_window=112, **base)  # 14 latents: covers 10x14
+    covering = UpscaleOptions(unet_attention_window=80, **base)  # 10 latents: covers 6x10
     assert torch.equal(pipe.upscale_tensor(x, covering), glob)
     windowed = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=64, **base))
     assert torch.isfinite(windowed).all() and not torch.equal(windowed, glob)
