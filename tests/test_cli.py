@@ -261,6 +261,8 @@ def test_options_reach_the_engine():
             "auto",
             "--vae-attention-window",
             "0",
+            "--unet-attention-window",
+            "256",
             "--color-fix",
             "wavelet",
             "--memory-budget",
@@ -277,11 +279,13 @@ def test_options_reach_the_engine():
         tile_overlap=32,
         vae_tile_size="auto",
         vae_attention_window=0,
+        unet_attention_window=256,
         color_fix="wavelet",
         memory_budget_bytes=int(1.5 * 2**30),
     )
     defaults = cli.build_options(cli.build_parser().parse_args(["upscale", "x.png", "-o", "o"]))
     assert defaults.vae_attention_window == UpscaleOptions().vae_attention_window == 1024
+    assert defaults.unet_attention_window == UpscaleOptions().unet_attention_window == 512
 
 
 def test_missing_weights_says_what_to_put_where(tmp_path, clean_env, capsys):

@@ -184,6 +184,8 @@ def test_one_pixel_image_works(pipe):
         (torch.rand(1, 3, 4, 4), {"color_fix": "lab"}, "color_fix"),
         (torch.rand(1, 3, 4, 4), {"vae_attention_window": -8}, "vae_attention_window"),
         (torch.rand(1, 3, 4, 4), {"vae_attention_window": 1.5}, "vae_attention_window"),
+        (torch.rand(1, 3, 4, 4), {"unet_attention_window": -8}, "unet_attention_window"),
+        (torch.rand(1, 3, 4, 4), {"unet_attention_window": "64"}, "unet_attention_window"),
         (torch.rand(1, 3, 4, 4), {"memory_budget_bytes": 0}, "memory_budget_bytes"),
     ],
 )
@@ -235,3 +237,38 @@ def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
     )
     assert seen == [("whole_encode", None), ("whole_decode", None)]
     assert not torch.equal(glob, whole), "a window smaller than the 10x14 latent changes it"
+
+
+def test_unet_attention_window_only_beyond_the_window(pipe):
+    """Default on: a window covering the UNet tile changes nothing (bit for bit), a smaller
+    one windows the self-attention; the UNet is restored after each call."""
+    x = _image(12, 20)  # x4 -> a 6x10 latent
+    base = dict(scale=4, tile_size=None, color_fix="none")
+    glob = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=0, **base))
+    assert UpscaleOptions().unet_attention_window == 512
+    assert torch.equal(pipe.upscale_tensor(x, UpscaleOptions(**base)), glob)
+    covering = UpscaleOptions(unet_attention_window=80, **base)  # 10 latents: covers 6x10
+    assert torch.equal(pipe.upscale_tensor(x, covering), glob)
+    windowed = pipe.upscale_tensor(x, UpscaleOptions(unet_attention_window=64, **base))
+    assert torch.isfinite(windowed).all() and not torch.equal(windowed, glob)
+    assert not hasattr(pipe.generator.unet, "_d3sr_window"), "processors restored"
+
+
+def test_windowed_unet_attention_lifts_the_unet_tile_cap(pipe, monkeypatch):
+    """With the window (default) "auto" UNet tiles are limited by the budget alone; with
+    global attention by AUTO_MAX_TILE (128 latents) as well."""
+    from d3sr_core.inference import pipeline as pipeline_module
+    from d3sr_core.inference.tiling import AUTO_MAX_TILE
+
+    seen = []
+    real = pipeline_module.plan_latent_tiles
+
+    def spy(*a, **k):
+        seen.append(k["max_tile"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline_module, "plan_latent_tiles", spy)
+    x = _image(8, 8)
+    pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none"))
+    pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none", unet_attention_window=0))
+    assert seen == [None, AUTO_MAX_TILE]

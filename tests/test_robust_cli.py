@@ -102,6 +102,7 @@ def test_output_target_checks_before_loading(tmp_path, capsys):
         (["--vae-tile", "16"], "--vae-tile"),
         (["--tile-overlap", "-1"], "--tile-overlap"),
         (["--vae-attention-window", "-5"], "--vae-attention-window"),
+        (["--unet-attention-window", "-5"], "--unet-attention-window"),
         (["--quality", "101"], "--quality"),
         (["--strength", "nan"], "--strength"),
         (["--strength", "-1"], "--strength"),
@@ -134,6 +135,7 @@ def test_help_shows_the_engine_defaults_and_readme_agrees():
         ("--color-fix", f"default {defaults.color_fix}"),
         ("--tile-overlap", f"default {defaults.tile_overlap}"),
         ("--vae-attention-window", f"default {defaults.vae_attention_window}"),
+        ("--unet-attention-window", f"default {defaults.unet_attention_window}"),
         ("--tile N|auto", f"default {defaults.tile_size}"),
         ("--max-output-mp", f"default {defaults.max_output_pixels / 1e6:.0f}"),
         ("--quality", "default 95"),
@@ -148,6 +150,7 @@ def test_help_shows_the_engine_defaults_and_readme_agrees():
     assert rows["`--color-fix none\\|adain\\|wavelet`"] == defaults.color_fix
     assert rows["`--tile-overlap N`"] == str(defaults.tile_overlap)
     assert rows["`--vae-attention-window N`"] == str(defaults.vae_attention_window)
+    assert rows["`--unet-attention-window N`"] == str(defaults.unet_attention_window)
     assert rows["`--tile N\\|auto`"] == rows["`--vae-tile N\\|auto`"] == defaults.tile_size
 
 

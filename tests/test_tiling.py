@@ -163,6 +163,11 @@ def test_plan_respects_budget_and_explicit_sizes():
     assert never == [Tile(0, 0, 300, 200)]
     fixed, _ = plan_latent_tiles(300, 200, 64, 16, 10**12, 1)
     assert max(t.h for t in fixed) <= 64 and max(t.w for t in fixed) <= 64
+    # windowed attention lifts the 128 cap: the budget alone decides
+    whole, _ = plan_latent_tiles(300, 200, "auto", 32, 10**12, 1000, max_tile=None)
+    assert whole == [Tile(0, 0, 300, 200)]
+    fits, _ = plan_latent_tiles(300, 300, "auto", 32, 200 * 200 * 1000, 1000, max_tile=None)
+    assert 128 < fits[0].h and fits[0].h * fits[0].w * 1000 <= 200 * 200 * 1000
 
 
 # ---- through the pipeline --------------------------------------------------------------------

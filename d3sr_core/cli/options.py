@@ -15,6 +15,7 @@ OPTION_FLAGS = {
     "tile_overlap": "--tile-overlap",
     "vae_tile_size": "--vae-tile",
     "vae_attention_window": "--vae-attention-window",
+    "unet_attention_window": "--unet-attention-window",
     "color_fix": "--color-fix",
     "memory_budget_bytes": "--memory-budget",
 }
@@ -47,6 +48,7 @@ def build_options(args):
         "tile_overlap": args.tile_overlap,
         "vae_tile_size": args.vae_tile,
         "vae_attention_window": args.vae_attention_window,
+        "unet_attention_window": args.unet_attention_window,
         "color_fix": args.color_fix,
         "memory_budget_bytes": max(1, int(budget * 2**30)) if budget else None,
     }
@@ -74,6 +76,7 @@ def _flag_message(message: str, args) -> str:
         "--tile-overlap": args.tile_overlap,
         "--vae-tile": args.vae_tile,
         "--vae-attention-window": args.vae_attention_window,
+        "--unet-attention-window": args.unet_attention_window,
     }
     for field_name, flag in OPTION_FLAGS.items():
         if message.startswith(field_name + " "):

@@ -25,6 +25,7 @@ ENGINE_DEFAULTS = {
     "tile_overlap": 256,
     "vae_tile_size": "auto",
     "vae_attention_window": 1024,
+    "unet_attention_window": 512,
     "color_fix": "wavelet",
     "max_output_pixels": 256 * 1024 * 1024,
 }
@@ -153,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="VAE attention is global up to N pixels per side, windowed beyond "
         f"(linear cost; default {ENGINE_DEFAULTS['vae_attention_window']}; 0 = always global)",
+    )
+    perf.add_argument(
+        "--unet-attention-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="UNet self-attention is global over UNet tiles up to N pixels per side and "
+        "windowed beyond (each position sees the N px around it: linear cost; default "
+        f"{ENGINE_DEFAULTS['unet_attention_window']} = the training crop; 0 = always global)",
     )
     perf.add_argument(
         "--memory-budget",

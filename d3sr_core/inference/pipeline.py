@@ -30,11 +30,13 @@ from .alpha import fill_transparent
 from .color import COLOR_FIXES, apply_color_fix
 from .memory import resolve_budget, run_with_oom_retry
 from .tiling import (
+    AUTO_MAX_TILE,
     attention_bytes,
     plan_latent_tiles,
     tiled_model_output,
     unet_bytes_per_latent_pixel,
 )
+from .unet_attention import attention_window
 
 logger = logging.getLogger("d3sr")
 
@@ -66,7 +68,8 @@ class UpscaleOptions:
         seed: seeds the VAE posterior sample when the checkpoint's latent mode is ``sample``.
         max_output_pixels: refuse (before any work) outputs larger than this.
         tile_size: UNet latent tile in *output* pixels (multiple of 8, >= 64); ``"auto"``
-            picks it from the memory budget (at most 1024); None or 0 never tiles.
+            picks it from the memory budget (at most 1024 while the UNet attention is global,
+            see ``unet_attention_window``); None or 0 never tiles.
         tile_overlap: minimum overlap between UNet tiles, output pixels (clamped to half a tile).
         vae_tile_size: VAE tile side in pixels of the full-resolution image (>= 32);
             ``"auto"`` runs the VAE whole when it fits the budget, else in tiles that fit;
@@ -75,6 +78,11 @@ class UpscaleOptions:
             output pixels per side and windowed (each query block attends to this many pixels
             around it) beyond, so cost stays linear in pixels; None or 0 = always global
             (quadratic: about 45 s per VAE pass at 2048x2048 on 2 CPU cores).
+        unet_attention_window: the UNet's self-attention is global over UNet tiles up to this
+            many output pixels per side (512 = SD2.1's 64x64-latent training crop) and
+            windowed beyond (:mod:`.unet_attention`: each position attends to the window
+            around it), so its cost stays linear in the tile's pixels; None or 0 = always
+            global. Changes the output only for tiles larger than the window.
         color_fix: ``"none"`` | ``"adain"`` | ``"wavelet"`` - match colours to the input.
         memory_budget_bytes: activation memory the stages may use; None = a share of the free
             device memory (80 % of a GPU's, 25 % of the RAM's).
@@ -93,6 +101,7 @@ class UpscaleOptions:
     tile_overlap: int = 256
     vae_tile_size: int | str | None = "auto"
     vae_attention_window: int | None = 1024
+    unet_attention_window: int | None = 512
     color_fix: str = "wavelet"
     memory_budget_bytes: int | None = None
     prompt_embeds: Tensor | None = None
@@ -266,6 +275,7 @@ class D3SRPipeline:
         _, _, h, w = latent.shape
         tile = opts.tile_size
         overlap = max(0, int(opts.tile_overlap)) // LATENT_FACTOR
+        window = _latent_window(opts.unet_attention_window)
 
         def attempt(shrink: float) -> Tensor:
             budget = int(run.budget * shrink)
@@ -283,6 +293,8 @@ class D3SRPipeline:
                 unet_bytes_per_latent_pixel(g.unet, g.dtype),
                 self._attention_cost(),
                 max_batch=8 if self.device.type != "cpu" else 1,
+                # windowed attention: the context no longer grows with the tile
+                max_tile=None if window else AUTO_MAX_TILE,
             )
             if len(tiles) > 1:
                 logger.debug(
@@ -292,13 +304,14 @@ class D3SRPipeline:
                     tiles[0].w,
                     batch,
                 )
-            out = tiled_model_output(
-                self._predict_guarded,
-                latent,
-                tiles,
-                batch,
-                None if tick is None else lambda d, t: tick(d / t),
-            )
+            with attention_window(g.unet, window):
+                out = tiled_model_output(
+                    self._predict_guarded,
+                    latent,
+                    tiles,
+                    batch,
+                    None if tick is None else lambda d, t: tick(d / t),
+                )
             return g.to_x0(latent, out)
 
         return self._retry(attempt, "UNet", run)
@@ -353,7 +366,7 @@ class D3SRPipeline:
         """``kind`` ("encode" / "decode") through :mod:`.tiled_vae`, whole or in tiles as
         :meth:`_vae_plan` decided, with the options' attention window."""
         vae = self.generator.vae
-        window = _latent_window(run.options)
+        window = _latent_window(run.options.vae_attention_window)
         if mode == "whole":
             whole = getattr(tiled_vae, f"whole_{kind}")
             return self._vae_guard(lambda: whole(vae, x, window), kind)
@@ -527,9 +540,8 @@ class _upcast:  # noqa: N801 - used as a context manager
         return False
 
 
-def _latent_window(options: UpscaleOptions) -> int | None:
-    """The VAE attention window in latent positions (None = global)."""
-    window = options.vae_attention_window
+def _latent_window(window: int | None) -> int | None:
+    """An attention window option (output pixels, None/0 = global) in latent positions."""
     return None if not window else max(1, window // LATENT_FACTOR)
 
 
@@ -564,14 +576,14 @@ def validate_options(options: UpscaleOptions) -> None:
         raise InvalidImageError(
             f"tile_overlap must be an int >= 0 (output pixels), got {overlap!r}"
         )
-    window = options.vae_attention_window
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 0
-    ):
-        raise InvalidImageError(
-            f"vae_attention_window must be an int >= 0 (output pixels; 0 = global) or None, "
-            f"got {window!r}"
-        )
+    for name in ("vae_attention_window", "unet_attention_window"):
+        window = getattr(options, name)
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 0
+        ):
+            raise InvalidImageError(
+                f"{name} must be an int >= 0 (output pixels; 0 = global) or None, got {window!r}"
+            )
     if options.color_fix not in COLOR_FIXES:
         raise InvalidImageError(
             f"color_fix must be one of {COLOR_FIXES}, got {options.color_fix!r}"

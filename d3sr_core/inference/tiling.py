@@ -153,9 +153,11 @@ def tiled_model_output(
 
 # ---- choosing tile size and batch from a memory budget -------------------------------------
 
-# The largest latent tile "auto" picks: D3SR is trained on 512 px crops (64 latent px); tiles
-# of up to 2x that keep the self-attention close to what the model saw while keeping the
-# overlap overhead small.
+# The largest latent tile "auto" picks while the UNet's self-attention is global: D3SR is
+# trained on 512 px crops (64 latent px); tiles of up to 2x that keep the self-attention close
+# to what the model saw while keeping the overlap overhead small. With windowed attention
+# (:mod:`.unet_attention`) the context is bounded by the window whatever the tile, so only
+# the memory budget limits the tile (``max_tile=None``): fewer tiles, less overlap work.
 AUTO_MAX_TILE = 128
 MIN_TILE = 16
 
@@ -187,6 +189,7 @@ def plan_latent_tiles(
     bytes_per_pixel: int,
     attention_per_tokens: Callable[[int], int] | None = None,
     max_batch: int = 8,
+    max_tile: int | None = AUTO_MAX_TILE,
 ) -> tuple[list[Tile], int]:
     """Tiles and batch size for a ``height x width`` latent.
 
@@ -196,6 +199,8 @@ def plan_latent_tiles(
         budget: activation bytes available.
         bytes_per_pixel: :func:`unet_bytes_per_latent_pixel`.
         attention_per_tokens: extra bytes for ``n`` tokens (math attention backends).
+        max_tile: the largest tile ``"auto"`` picks (latent px); None = the whole latent
+            when the budget allows it.
 
     Returns:
         ``(tiles, batch_size)``.
@@ -208,7 +213,7 @@ def plan_latent_tiles(
     if tile_size is None or tile_size == 0:
         return [Tile(0, 0, height, width)], 1
     if tile_size == "auto":
-        tile = AUTO_MAX_TILE
+        tile = max_tile if max_tile is not None else -(-max(height, width) // 8) * 8
         while tile > MIN_TILE and cost(tile + tile // 16, tile + tile // 16) > budget:
             tile -= 8
     else:

@@ -16,12 +16,17 @@ at the borders, :func:`~d3sr_core.inference.tiled_vae.attention_spans`), so ther
 window seams. At lower UNet levels (latent / 2, / 4, / 8) the window shrinks with the
 resolution, i.e. it always spans the same image area.
 
-Use :func:`enable_windowed_attention` / :func:`disable_windowed_attention` on a diffusers
-``UNet2DConditionModel``; only long-stable ``Attention`` attributes (``to_q/k/v``,
+The pipeline does this by default beyond 512 px UNet tiles (``UpscaleOptions.
+unet_attention_window``, ``--unet-attention-window``) through :func:`attention_window`; by
+hand: :func:`enable_windowed_attention` / :func:`disable_windowed_attention` on a diffusers
+``UNet2DConditionModel``. Only long-stable ``Attention`` attributes (``to_q/k/v``,
 ``to_out``, ``heads``, ``scale``) are read.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +89,9 @@ class WindowedSelfAttnProcessor:
             or getattr(attn, "spatial_norm", None) is not None
             or getattr(attn, "norm_q", None) is not None
         )
+        if not plain:
+            h, w, k = self.shape.level(hidden_states.shape[1])
+            plain = max(h, w) <= level_window(self.window, k)  # covered: global attention
         if plain:
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
@@ -91,12 +99,18 @@ class WindowedSelfAttnProcessor:
         return windowed_self_attention(attn, hidden_states, self.shape, self.window)
 
 
+def level_window(window: int, k: int) -> int:
+    """The window ``k`` UNet levels below the latent: ``ceil(window / 2**k)``, rounded up
+    like the latent's own size, so a window covering the latent covers every level."""
+    return -(-window // 2**k)
+
+
 def windowed_self_attention(attn: nn.Module, x: Tensor, shape: _LatentShape, window: int) -> Tensor:
     """Self-attention of a diffusers ``Attention`` over ``x`` ``[B, L, C]`` (``L`` positions of
-    a latent grid) within windows of ``window >> level`` positions per side."""
+    a latent grid) within windows of :func:`level_window` positions per side."""
     b, length, _ = x.shape
     h, w, k = shape.level(length)
-    win = max(1, window >> k)
+    win = level_window(window, k)
     heads = int(attn.heads)
     q, key, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     d = q.shape[-1] // heads
@@ -154,6 +168,34 @@ def enable_windowed_attention(unet: nn.Module, window: int = TRAINING_WINDOW) ->
         raise ValueError(f"{type(unet).__name__} has no self-attention (attn1) to window")
     hook = unet.register_forward_pre_hook(record, with_kwargs=True)
     unet._d3sr_window = {"saved": saved, "procs": procs, "hook": hook}
+
+
+def current_window(unet: nn.Module) -> int | None:
+    """The window :func:`enable_windowed_attention` set on ``unet`` (None: global attention)."""
+    state = getattr(unet, "_d3sr_window", None)
+    return None if state is None else state["procs"][0].window
+
+
+@contextmanager
+def attention_window(unet: nn.Module, window: int | None) -> Iterator[None]:
+    """Run ``unet`` with its self-attention windowed at ``window`` latent positions (None:
+    global), restoring the previous state afterwards (the pipeline's per-call option)."""
+    previous = current_window(unet)
+    has_self_attention = any(n.endswith("attn1") for n, _ in unet.named_modules())
+    if window == previous or not has_self_attention:
+        yield
+        return
+    if window is None:
+        disable_windowed_attention(unet)
+    else:
+        enable_windowed_attention(unet, window)
+    try:
+        yield
+    finally:
+        if previous is None:
+            disable_windowed_attention(unet)
+        else:
+            enable_windowed_attention(unet, previous)
 
 
 def disable_windowed_attention(unet: nn.Module) -> None:

@@ -105,7 +105,7 @@ from .planner import (
     plan_checkpoints,
 )
 from .program import decoder_program, encoder_program
-from .runner import TRIM_INTERVAL_S, RunReport, Tick, TiledVAEConfig, TiledVAERunner
+from .runner import RunReport, Tick, TiledVAEConfig, TiledVAERunner
 from .whole import _program, estimate_untiled_bytes, run_whole, whole_decode, whole_encode
 
 __all__ = [
@@ -123,7 +123,6 @@ __all__ = [
     "Region",
     "Residual",
     "RunReport",
-    "TRIM_INTERVAL_S",
     "Tick",
     "TiledVAEConfig",
     "TiledVAERunner",

@@ -3,7 +3,6 @@ following the checkpoint plan."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,9 +32,6 @@ from .ops import (
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
 
 Tick = Callable[[float], None]
-
-# How often (seconds) a CPU run hands freed heap memory back to the OS between tiles.
-TRIM_INTERVAL_S = 0.1
 
 
 @dataclass
@@ -175,7 +171,6 @@ class TiledVAERunner:
         fmt = self._memory_format()
         # The checkpoint: boundary index, element ids and id -> whole-image tensor.
         ck_index, ck_ids, ck_store = 0, [0], {0: x}
-        last_trim = time.monotonic()
         budget = self.config.budget
         floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
         # Keeping a checkpoint saves recomputing everything since the last one in every
@@ -260,16 +255,17 @@ class TiledVAERunner:
                     bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
                 self.report.tiles += 1
-                now = time.monotonic()
-                if now - last_trim > TRIM_INTERVAL_S:
-                    release_host_memory(x.device)
-                    last_trim = now
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
             if in_place:
                 for done in bands:
                     _write_band(store[new_id], done)
             del bands
+            # The next pass's tiles have other shapes: hand the freed heap back to the OS
+            # once per pass. Within a pass the tiles' shapes repeat and reuse the freed
+            # blocks; trimming between tiles (every 0.1 s before) made every tile fault its
+            # memory back in: 25 % of a tiled decode's CPU time for the same peak RSS.
+            release_host_memory(x.device)
             self.report.passes += 1
             self.report.tile_sizes.append(tile)
             if in_place:
