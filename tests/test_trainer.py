@@ -297,23 +297,38 @@ def test_two_processes_agree_on_weights(assets):
 # --------------------------------------------------------------------------- launch modes
 
 
-@pytest.mark.parametrize("mode", ["FSDP", "DEEPSPEED"])
-def test_fsdp_and_deepspeed_are_rejected_before_models_load(assets, tmp_path, mode, monkeypatch):
-    """`accelerate launch --use_fsdp / --use_deepspeed` (or an accelerate config choosing them)
-    is a clear error naming the mode, before the Accelerator or any model is built (on the CPU
-    accelerate itself would fail in its FSDP plugin or quietly run data parallel)."""
+def test_fsdp_is_rejected_before_models_load(assets, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` (or an accelerate config choosing FSDP) is a clear error
+    naming the mode and pointing to DeepSpeed ZeRO-2, before the Accelerator or any model is
+    built (on the CPU accelerate itself would fail in its FSDP plugin)."""
     from accelerate.utils import DistributedType
 
-    from trainer.train import MODE_ENV, check_launch_mode
+    from trainer.train import check_launch_mode
 
-    with pytest.raises(ConfigError, match=f"{mode}.*not supported.*--multi_gpu"):
-        check_launch_mode(getattr(DistributedType, mode))
-    check_launch_mode(DistributedType.MULTI_GPU)
-    check_launch_mode(DistributedType.MULTI_CPU)
-    monkeypatch.setenv(MODE_ENV[mode], "true")
+    with pytest.raises(ConfigError, match="FSDP.*not supported.*accelerate_deepspeed_zero2"):
+        check_launch_mode(DistributedType.FSDP)
+    for ok in ("MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
+        check_launch_mode(getattr(DistributedType, ok))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg = _config(assets, tmp_path / "o")
     cfg["model"]["base"] = str(tmp_path / "no-base")  # would fail later, if reached
-    with pytest.raises(ConfigError, match=f"accelerate {mode} \\({MODE_ENV[mode]}=true\\)"):
+    with pytest.raises(ConfigError, match="accelerate FSDP \\(ACCELERATE_USE_FSDP=true\\)"):
+        train(config_from_dict(cfg))
+    assert not (tmp_path / "o").exists()
+
+
+def test_deepspeed_launch_without_deepspeed_is_a_clear_error(assets, tmp_path, monkeypatch):
+    """A DeepSpeed launch where the package is missing stops before any model loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed (tests/test_trainer_deepspeed.py covers it)")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = _config(assets, tmp_path / "o")
+    cfg["model"]["base"] = str(tmp_path / "no-base")
+    with pytest.raises(
+        ConfigError, match="deepspeed package is not installed.*d3sr\\[deepspeed\\]"
+    ):
         train(config_from_dict(cfg))
     assert not (tmp_path / "o").exists()
 

@@ -12,7 +12,8 @@ Every config field can be set in the YAML file or overridden as ``--section.fiel
 ``mse_weight * MSE + ea_dists_weight * EA-DISTS + adv_weight * GAN`` (paper: MSE +
 lambda2 EA-DISTS + lambda1 adv); the discriminator (SDXL-base down + mid blocks, LoRA + patch
 head) judges noised latents of HR images (real) and of the generator's output (fake).
-Several processes are data parallel (DDP); DeepSpeed and FSDP launches stop with an error.
+Several processes are data parallel (DDP) or DeepSpeed ZeRO-2 (accelerate's DeepSpeed config,
+trainer/configs/accelerate_deepspeed_zero2.yaml); FSDP launches stop with an error.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from trainer.config import (
     build_config,
     overrides_from_args,
 )
+from trainer.distributed_backend import make_backend
 from trainer.models import seed_for
 from trainer.validation import load_validation, validate
 
@@ -128,22 +130,17 @@ def _fault(stage: str, step: int) -> None:
 # --------------------------------------------------------------------------- launch mode
 
 # Why each accelerate mode this trainer rejects cannot work with it (checked before any model
-# loads). Plain data parallel (`accelerate launch --multi_gpu`, one or many machines) is the
-# supported way to use several GPUs: only the LoRA / discriminator head / prompt train, so
-# sharding their gradients and optimizer state (ZeRO-2, FSDP) would save well under 1 GiB per
-# GPU at full size (see README "Training").
+# loads). Data parallel (`accelerate launch --multi_gpu`) and DeepSpeed ZeRO 0-2 (see
+# trainer/distributed_backend.py) are the supported ways to use several GPUs.
 UNSUPPORTED_MODES = {
-    "DEEPSPEED": (
-        "DeepSpeed is not supported: this trainer updates two models (generator LoRA and "
-        "discriminator) with two optimizers in alternating steps, and accelerate's DeepSpeed "
-        "integration takes one model per Accelerator (prepare() of both fails) and sends every "
-        "accelerator.backward() to the first engine it wrapped"
-    ),
     "FSDP": (
         "FSDP is not supported: the trainer calls parts of the models outside their wrapped "
         "forward (the frozen VAE encoder for the real latents, the discriminator in the "
         "generator step, validation on the main process) and saves, averages (EMA) and exports "
-        "the trainable tensors of the local module, which FSDP would hold as shards"
+        "the trainable tensors of the local module, which FSDP would hold as shards; and "
+        "accelerate does not run FSDP on CPU processes, so no FSDP path could be tested here. "
+        "To shard gradients and optimizer states use DeepSpeed ZeRO-2 (`accelerate launch "
+        "--config_file trainer/configs/accelerate_deepspeed_zero2.yaml ...`)"
     ),
     "MEGATRON_LM": "Megatron-LM is not supported (it is for transformer language models)",
 }
@@ -162,7 +159,7 @@ def check_launch_mode(distributed_type: object = None) -> None:
     or quietly run data parallel) and again with its ``distributed_type``.
 
     Raises:
-        ConfigError: DeepSpeed, FSDP or Megatron-LM, naming the mode and why.
+        ConfigError: FSDP or Megatron-LM, naming the mode and why.
     """
     if distributed_type is None:
         modes = [m for m, env in MODE_ENV.items() if os.environ.get(env, "").lower() == "true"]
@@ -171,8 +168,8 @@ def check_launch_mode(distributed_type: object = None) -> None:
     for mode in modes:
         if mode in UNSUPPORTED_MODES:
             raise ConfigError(
-                f"accelerate {mode} ({MODE_ENV[mode]}=true): {UNSUPPORTED_MODES[mode]}. Launch "
-                "data parallel instead (`accelerate launch --multi_gpu ...` or `accelerate "
+                f"accelerate {mode} ({MODE_ENV[mode]}=true): {UNSUPPORTED_MODES[mode]}. Or "
+                "launch data parallel (`accelerate launch --multi_gpu ...` or `accelerate "
                 "launch --config_file trainer/configs/accelerate_multi_gpu.yaml ...`) and save "
                 "memory with train.mixed_precision bf16 and train.grad_checkpointing true."
             )
@@ -369,14 +366,22 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         except ImportError:
             logger.info("TensorBoard is not installed: logging to logs/metrics.jsonl only")
     check_launch_mode()
+    backend = make_backend(cfg)  # DeepSpeed config errors: here, before any model loads
+    extra = backend.accelerator_kwargs()
     accelerator = Accelerator(
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=t.mixed_precision,
-        log_with=trackers,
-        project_config=ProjectConfiguration(
-            project_dir=str(out_dir), logging_dir=str(out_dir / "logs")
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        **{
+            "gradient_accumulation_steps": t.grad_accum,
+            "mixed_precision": t.mixed_precision,
+            "log_with": trackers,
+            "project_config": ProjectConfiguration(
+                project_dir=str(out_dir), logging_dir=str(out_dir / "logs")
+            ),
+            **extra,
+            "kwargs_handlers": [
+                DistributedDataParallelKwargs(find_unused_parameters=False),
+                *extra.get("kwargs_handlers", []),
+            ],
+        }
     )
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -428,7 +433,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     }
     ema = EMA(generator.trainable_state_dict(), t.ema_decay) if t.ema_decay > 0 else None
     state = TrainState(scheds, ema)
-    gen_w, disc_w, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
+    gen_w, disc_w = backend.prepare(accelerator, generator, disc, opt_g, opt_d)
     accelerator.register_for_checkpointing(state)
 
     def save_hook(models, weights, output_dir):
@@ -455,6 +460,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         from d3sr_core.loading.files import read_state_dict
 
         models.clear()  # our own files, not accelerate's model.safetensors
+        if backend.loads_weights:  # DeepSpeed engines restore theirs (with the fp32 master)
+            return
         src = Path(input_dir)
         generator.load_trainable_state_dict(
             read_state_dict(src / "generator_trainable.safetensors"), str(src)
@@ -464,7 +471,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        accelerator.load_state(str(resume_dir), **backend.load_kwargs)
         if state.step != start_step:
             raise CheckpointError(f"{resume_dir}: meta says step {start_step}, state {state.step}")
         if main:
@@ -479,7 +486,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **backend.save_kwargs)
         accelerator.wait_for_everyone()
         if main:
             finalize(tmp, {"step": step, "world_size": world, "time": time.time()})
@@ -504,6 +511,11 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         with open(metrics_log, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
+    def run_validation(at: int) -> dict:
+        return validate(
+            cfg, generator, ema, val_set, ea, accelerator, at, log, out_dir, backend.autocast
+        )
+
     degradation = cfg.degradation()
     dc = cfg.discriminator
     lw = cfg.loss
@@ -516,7 +528,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     sums: dict = {}
     count = 0
     if step == 0 and t.val_every:  # the untrained model's numbers, to compare against
-        validate(cfg, generator, ema, val_set, ea, accelerator, 0, log, out_dir)
+        run_validation(0)
     while step < t.max_steps:
         for micro in range(micro_per_step):
             batch = next(data_iter)
@@ -535,11 +547,11 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                 seed_for(t.seed, step, micro, rank) % 2**63
             )
             b = hr.shape[0]
-            with accelerator.accumulate(gen_w, disc_w):
-                # ---- generator step. The discriminator is frozen (and called without DDP)
-                # for the forward AND the backward: with gradient checkpointing its blocks are
-                # recomputed in backward, which must see the same requires_grad state.
-                with frozen(disc), accelerator.autocast():
+            with backend.accumulate():
+                # ---- generator step. The discriminator is frozen (and called without DDP /
+                # its engine) for the forward AND the backward: with gradient checkpointing its
+                # blocks are recomputed in backward, which must see the same requires_grad state.
+                with frozen(disc), backend.autocast():
                     sr, sr_latent = gen_w(x)
                     mse = F.mse_loss(sr.float(), target)
                     ea_loss = (
@@ -553,18 +565,13 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                     loss_g = (
                         lw.mse_weight * mse + lw.ea_dists_weight * ea_loss + lw.adv_weight * adv
                     )
-                    accelerator.backward(loss_g)
-                if accelerator.sync_gradients and o.grad_clip > 0:
-                    accelerator.clip_grad_norm_(
-                        [p for _, p in generator.trainable_named_parameters()], o.grad_clip
-                    )
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
+                    backend.backward("g", loss_g)
+                backend.step("g")
                 # ---- discriminator step (skipped without an adversarial term, e.g. an
                 # MSE/EA-DISTS warm-up): real = VAE latent of HR, fake = generator latent
                 d_values = {}
                 if lw.adv_weight:
-                    with accelerator.autocast():
+                    with backend.autocast():
                         real_latent = generator.encode(target)
                         latents = torch.cat([real_latent, sr_latent.detach()])
                         t_d = disc.sample_timesteps(2 * b, device, g)
@@ -580,13 +587,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
                             loss_d = loss_d + dc.r1_gamma * approximate_r1_penalty(
                                 logits[:b], perturbed
                             )
-                    accelerator.backward(loss_d)
-                    if accelerator.sync_gradients and o.grad_clip > 0:
-                        accelerator.clip_grad_norm_(
-                            [p for p in disc.parameters() if p.requires_grad], o.grad_clip
-                        )
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
+                    backend.backward("d", loss_d)
+                    backend.step("d")
                     d_values = {
                         "loss_d": loss_d.item(),
                         "d_real": logits[:b].float().mean().item(),
@@ -622,11 +624,11 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             log({**last, "lr_g": scheds["g"].get_last_lr()[0]}, step)
             sums, count = {}, 0
         if t.val_every and step % t.val_every == 0 and step != t.max_steps:
-            validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir)
+            run_validation(step)
         if step % t.ckpt_every == 0 or step == t.max_steps:
             save(step)
     bar.close()
-    final_val = validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir)
+    final_val = run_validation(step)
     checksum = _checksums(generator, disc, accelerator)
     summary = {
         "step": step,
@@ -645,11 +647,15 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
 
 
 def _checksums(generator, disc, accelerator) -> list[list[float]]:
-    """Per process ``[sum, sum of squares]`` of the trainable generator/discriminator weights."""
+    """Per process, for the generator then the discriminator: ``[sum, sum of squares]`` of the
+    trainable weights and the sum of the frozen ones."""
     vals = []
     for module in (generator, disc):
         params = [p.detach().double() for p in module.parameters() if p.requires_grad]
         vals += [sum(float(p.sum()) for p in params), sum(float(p.pow(2).sum()) for p in params)]
+        vals.append(
+            sum(float(p.double().sum()) for p in module.parameters() if not p.requires_grad)
+        )
     local = torch.tensor([vals], dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(local).cpu()
     return gathered.tolist()

@@ -58,8 +58,11 @@ def load_validation(cfg: Config) -> list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir) -> dict:
-    """PSNR / SSIM (Y, border = scale) and DISTS of the (EMA) generator on the held-out set."""
+def validate(
+    cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir, autocast=None
+) -> dict:
+    """PSNR / SSIM (Y, border = scale) and DISTS of the (EMA) generator on the held-out set.
+    ``autocast``: the mixed-precision context factory (default ``accelerator.autocast``)."""
     from d3sr_core.metrics import mean_finite, psnr_y, ssim_y
 
     result: dict = {}
@@ -72,7 +75,7 @@ def validate(cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir) 
         generator.eval()
         psnrs, ssims, dists_vals, rows = [], [], [], []
         device = accelerator.device
-        with ctx, accelerator.autocast():
+        with ctx, (autocast or accelerator.autocast)():
             for _, lr, hr in val_set:
                 up = F.interpolate(
                     lr.to(device), size=hr.shape[-2:], mode="bicubic", align_corners=False

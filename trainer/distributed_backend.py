@@ -1,0 +1,279 @@
+"""How the trainer prepares and steps its two networks under accelerate.
+
+The training loop talks to one :class:`Backend`: ``prepare`` the generator and the
+discriminator with their optimizers, ``accumulate()`` around a micro-step, ``autocast()``
+around forwards, ``backward(name, loss)`` and ``step(name)`` per network (``"g"`` or ``"d"``).
+
+* :class:`DataParallelBackend` - one process or several (DDP, ``accelerate launch --multi_gpu``):
+  accelerate's own ``prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``.
+* :class:`DeepSpeedBackend` - DeepSpeed ZeRO stage 0-2 through accelerate's DeepSpeed config
+  (``accelerate launch --config_file trainer/configs/accelerate_deepspeed_zero2.yaml``). The
+  trainer updates two networks with two optimizers in alternating steps, and accelerate ties
+  ``accelerator.backward()`` to the FIRST engine it built; so each network gets its own
+  engine (accelerate's multi-plugin API: one ``DeepSpeedPlugin`` per network, both read from
+  the launcher's config) and each loss goes to its own engine's ``backward`` / ``step``. The
+  engine accumulates gradients, clips (``gradient_clipping`` = ``optim.grad_clip``) and
+  steps at the accumulation boundary itself.
+
+ZeRO-2 shards the trainable parameters' gradients and AdamW states across processes; every
+process keeps the full parameters, so EMA, validation, checkpoint files and the D3SR export
+read the local module as with DDP. ZeRO-3 (sharded parameters) is refused: the trainer calls
+parts of the networks outside their engine (the VAE encoder for real latents, the
+discriminator during the generator step, validation) and reads the trainable tensors of the
+local module, which ZeRO-3 would hold as empty shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from trainer.config import Config, ConfigError
+
+logger = logging.getLogger("d3sr.train")
+
+NETWORKS = ("generator", "discriminator")  # DeepSpeed plugin names; "g" / "d" in the loop
+_SHORT = {"g": "generator", "d": "discriminator"}
+ACCELERATE_CONFIG_HINT = (
+    "the DeepSpeed section of the accelerate config (`deepspeed_config:` of the file given to "
+    "`accelerate launch --config_file`, or its --deepspeed_config_file)"
+)
+
+
+def uses_deepspeed() -> bool:
+    """Whether ``accelerate launch`` asked for DeepSpeed (flag or config file)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+class Backend:
+    """The interface the training loop uses (see the module docstring)."""
+
+    name = "base"
+    #: kwargs for ``accelerator.save_state`` / ``load_state``
+    save_kwargs: dict = {}
+    load_kwargs: dict = {}
+    #: whether ``load_state`` restores the networks' weights itself (our load hook then does not)
+    loads_weights = False
+
+    def accelerator_kwargs(self) -> dict:
+        """Extra keyword arguments for ``Accelerator(...)``."""
+        return {}
+
+    def prepare(self, accelerator, generator: nn.Module, disc: nn.Module, opt_g, opt_d):
+        """Returns the wrapped ``(generator, discriminator)`` to call in the loop."""
+        raise NotImplementedError
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def backward(self, which: str, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, which: str) -> None:
+        """Optimizer step of network ``which`` (``"g"``/``"d"``) when the accumulation window
+        is complete (clipped to ``optim.grad_clip``), then clear its gradients."""
+        raise NotImplementedError
+
+
+class DataParallelBackend(Backend):
+    """One process or DDP: everything through accelerate."""
+
+    name = "data parallel"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def prepare(self, accelerator, generator, disc, opt_g, opt_d):
+        self.accelerator = accelerator
+        gen_w, disc_w, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
+        self.wrapped = {"g": gen_w, "d": disc_w}
+        self.optimizers = {"g": opt_g, "d": opt_d}
+        self.params = {
+            "g": [p for _, p in generator.trainable_named_parameters()],
+            "d": [p for p in disc.parameters() if p.requires_grad],
+        }
+        return gen_w, disc_w
+
+    def accumulate(self):
+        return self.accelerator.accumulate(self.wrapped["g"], self.wrapped["d"])
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, which, loss):
+        self.accelerator.backward(loss)
+
+    def step(self, which):
+        clip = self.cfg.optim.grad_clip
+        if self.accelerator.sync_gradients and clip > 0:
+            self.accelerator.clip_grad_norm_(self.params[which], clip)
+        self.optimizers[which].step()  # accelerate skips it inside an accumulation window
+        self.optimizers[which].zero_grad(set_to_none=True)
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO 0-2: one engine per network (see the module docstring)."""
+
+    name = "DeepSpeed"
+    # frozen base weights (GBs) are not written into DeepSpeed's model-state files; they come
+    # from model.base at resume, as with data parallel
+    save_kwargs = {"exclude_frozen_parameters": True}
+    load_kwargs = {"load_module_strict": False}
+    loads_weights = True
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.plugins = deepspeed_plugins(cfg)
+        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+
+    def accelerator_kwargs(self) -> dict:
+        # DeepSpeed's own bf16 mode would cast the trainable LoRA to bf16 (fp32 master copy in
+        # the optimizer); the trainer keeps trainable tensors in float32 and autocasts (below),
+        # exactly as with data parallel, so DeepSpeed runs in its fp32 mode.
+        kwargs = {"deepspeed_plugins": self.plugins, "mixed_precision": "no"}
+        if not _has_accelerator():
+            # CPU processes (tests): accelerate finds no default process-group backend for the
+            # CPU, lets DeepSpeed initialise one, and then counts every process as rank 0 of 1
+            # (each one "main", all reading the same data shard). Naming gloo makes it read the
+            # rank and world size from the process group.
+            from accelerate.utils import InitProcessGroupKwargs
+
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        return kwargs
+
+    def prepare(self, accelerator, generator, disc, opt_g, opt_d):
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        state = accelerator.state
+        engines = {}
+        for short, module, opt in (("g", generator, opt_g), ("d", disc, opt_d)):
+            state.select_deepspeed_plugin(_SHORT[short])
+            with _quiet("accelerate"):  # "a wrapped engine is tied..." (we never use it)
+                engines[short], _ = accelerator.prepare(module, opt)
+        state.select_deepspeed_plugin(_SHORT["g"])
+        self.engines = engines
+        stages = {k: e.zero_optimization_stage() for k, e in engines.items()}
+        logger.info(
+            "DeepSpeed ZeRO stage %d, one engine per network, %d processes",
+            stages["g"], accelerator.num_processes,
+        )  # fmt: skip
+        return engines["g"], engines["d"]
+
+    def accumulate(self):
+        return contextlib.nullcontext()  # each engine counts its micro-steps
+
+    def autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+
+    def backward(self, which, loss):
+        self.engines[which].backward(loss)  # scales by 1/gradient_accumulation_steps
+
+    def step(self, which):
+        self.engines[which].step()  # steps (and clips) only at the accumulation boundary
+
+
+def _has_accelerator() -> bool:
+    from accelerate.utils import get_torch_accelerator_backend
+
+    return get_torch_accelerator_backend()[0] not in (None, "cpu")
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def deepspeed_plugins(cfg: Config) -> dict:
+    """One accelerate ``DeepSpeedPlugin`` per network, both from the launcher's DeepSpeed config,
+    with the values the trainer owns filled in (``"auto"`` entries) or checked.
+
+    Raises:
+        ConfigError: DeepSpeed is not installed, ZeRO-3, DeepSpeed's own optimizer/scheduler or
+            bf16/fp16 sections, train.mixed_precision fp16, or a value that contradicts the
+            trainer config (micro-batch, gradient accumulation, clipping).
+    """
+    t, o = cfg.train, cfg.optim
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "accelerate was launched with DeepSpeed but the deepspeed package is not "
+            "installed: pip install 'd3sr[deepspeed]' (or pip install deepspeed)"
+        ) from None
+    from accelerate.utils import DeepSpeedPlugin
+
+    if t.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision fp16 is not supported with DeepSpeed (the trainer autocasts "
+            "with float32 trainable weights and DeepSpeed's fp32 mode has no loss scaler): use "
+            "bf16 or no"
+        )
+    plugins = {}
+    for name in NETWORKS:
+        plugin = DeepSpeedPlugin()  # reads the launcher's environment (accelerate config)
+        ds = plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ConfigError(
+                "DeepSpeed ZeRO stage 3 is not supported: it shards the parameters, but the "
+                "trainer calls parts of the networks outside their DeepSpeed engine (VAE "
+                "encoder, discriminator in the generator step, validation) and reads the full "
+                "trainable tensors for EMA, checkpoints and export. Use zero_stage 2 "
+                "(trainer/configs/accelerate_deepspeed_zero2.yaml): the trainable LoRA is small, "
+                "ZeRO-2 already shards its gradients and optimizer states"
+            )
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ConfigError(
+                    f"remove the '{key}' section from {ACCELERATE_CONFIG_HINT}: the trainer "
+                    "builds AdamW and its learning-rate schedule from the optim.* fields"
+                )
+        for key in ("bf16", "fp16"):
+            enabled = str(ds.get(key, {}).get("enabled", "auto")).lower()
+            if enabled not in ("auto", "false"):
+                raise ConfigError(
+                    f"'{key}.enabled: {enabled}' in {ACCELERATE_CONFIG_HINT}: set mixed "
+                    "precision with train.mixed_precision instead (the trainer keeps its "
+                    "trainable weights in float32 and autocasts; DeepSpeed's own mode would "
+                    "train the LoRA in half precision)"
+                )
+        values = {
+            "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": float(o.grad_clip),
+        }
+        for key, value in values.items():
+            if ds.get(key) is None:  # absent from a JSON config: DeepSpeed's default would win
+                ds[key] = value
+        mismatches: list[str] = []
+        for key in values:  # fills "auto", records contradictions
+            plugin.fill_match(key, mismatches, must_match=True, **values)
+        if mismatches:
+            raise ConfigError(
+                f"{ACCELERATE_CONFIG_HINT} contradicts the trainer config "
+                f"({'; '.join(m.lstrip('- ') for m in mismatches)}). Leave these entries 'auto' "
+                "(or out): the trainer fills them from train.batch_size, train.grad_accum and "
+                "optim.grad_clip"
+            )
+        plugins[name] = plugin
+    return plugins
+
+
+def make_backend(cfg: Config) -> Backend:
+    """The backend for how this process was launched (checked before any model loads)."""
+    return DeepSpeedBackend(cfg) if uses_deepspeed() else DataParallelBackend(cfg)
