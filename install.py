@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
 HOST_OWNED = ("torch", "torchvision", "transformers", "accelerate")
-EXTRAS = ("test", "train", "metrics", "tensorboard", "iqa")
+EXTRAS = ("test", "train", "metrics", "tensorboard", "iqa", "deepspeed")
 
 
 def installed_version(name: str) -> str | None:

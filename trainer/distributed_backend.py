@@ -213,9 +213,18 @@ def deepspeed_plugins(cfg: Config) -> dict:
     except ImportError:
         raise ConfigError(
             "accelerate was launched with DeepSpeed but the deepspeed package is not "
-            "installed: pip install 'd3sr[deepspeed]' (or pip install deepspeed)"
+            "installed: python install.py --extras deepspeed (or pip install deepspeed)"
         ) from None
+    import inspect
+
+    from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
+
+    if "deepspeed_plugins" not in inspect.signature(Accelerator).parameters:
+        raise ConfigError(
+            "DeepSpeed needs an accelerate with several DeepSpeed plugins per Accelerator "
+            "(`deepspeed_plugins=`, accelerate 1.x; tested with 1.16): pip install -U accelerate"
+        )
 
     if t.mixed_precision == "fp16":
         raise ConfigError(
