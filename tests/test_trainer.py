@@ -263,6 +263,28 @@ def test_resume_errors(assets, tmp_path):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
 
 
+def test_resume_needs_the_kind_of_run_that_wrote_the_checkpoint(tmp_path):
+    """DeepSpeed keeps optimizer states in pytorch_model*/ (one shard per process), data
+    parallel in optimizer*.bin: resuming one with the other is a clear error, not a silent
+    restart of the optimizers."""
+    from trainer.checkpoints import CheckpointError
+    from trainer.distributed_backend import check_resume
+
+    ddp, ds = tmp_path / "step-00000001", tmp_path / "step-00000002"
+    ddp.mkdir()
+    (ds / "pytorch_model").mkdir(parents=True)
+    check_resume(ddp, {"world_size": 2}, 4, deepspeed=False)  # DDP may change process count
+    check_resume(ds, {"world_size": 2}, 2, deepspeed=True)
+    with pytest.raises(CheckpointError, match="step-00000001: written by a data-parallel run"):
+        check_resume(ddp, {"world_size": 2}, 2, deepspeed=True)
+    with pytest.raises(CheckpointError, match="step-00000002: written by a DeepSpeed run"):
+        check_resume(ds, {"world_size": 2}, 2, deepspeed=False)
+    with pytest.raises(
+        CheckpointError, match="2 DeepSpeed processes, resumed by 4.*--num_processes 2"
+    ):
+        check_resume(ds, {"world_size": 2}, 4, deepspeed=True)
+
+
 # --------------------------------------------------------------------------- two processes
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -281,6 +282,38 @@ def deepspeed_plugins(cfg: Config) -> dict:
             )
         plugins[name] = plugin
     return plugins
+
+
+def check_resume(checkpoint: Path, meta: dict, world_size: int, deepspeed: bool) -> None:
+    """A checkpoint is resumed by the kind of run that wrote it (DeepSpeed engines keep their
+    optimizer states in ``pytorch_model*/``, data parallel in ``optimizer*.bin``), and a
+    DeepSpeed one by as many processes (one AdamW shard per process).
+
+    Raises:
+        CheckpointError: naming the folder, what wrote it and how to resume it.
+    """
+    from trainer.checkpoints import CheckpointError
+
+    by_deepspeed = (checkpoint / "pytorch_model").is_dir()
+    if deepspeed and not by_deepspeed:
+        raise CheckpointError(
+            f"{checkpoint}: written by a data-parallel run (no DeepSpeed engine states in "
+            "pytorch_model/); resume it without DeepSpeed, or start a new run with "
+            "model.init_from pointing at its d3sr.safetensors"
+        )
+    if not deepspeed and by_deepspeed:
+        raise CheckpointError(
+            f"{checkpoint}: written by a DeepSpeed run (optimizer states in pytorch_model*/); "
+            "resume it with the same DeepSpeed accelerate config, or start a new run with "
+            "model.init_from pointing at its d3sr.safetensors"
+        )
+    saved = meta.get("world_size")
+    if deepspeed and saved is not None and int(saved) != world_size:
+        raise CheckpointError(
+            f"{checkpoint}: written by {saved} DeepSpeed processes, resumed by {world_size}; "
+            "ZeRO keeps one optimizer shard per process, so resume with --num_processes "
+            f"{saved} (or start a new run with model.init_from pointing at its d3sr.safetensors)"
+        )
 
 
 def make_backend(cfg: Config) -> Backend:

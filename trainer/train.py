@@ -54,7 +54,7 @@ from trainer.config import (
     build_config,
     overrides_from_args,
 )
-from trainer.distributed_backend import make_backend
+from trainer.distributed_backend import DeepSpeedBackend, check_resume, make_backend
 from trainer.models import seed_for
 from trainer.validation import load_validation, validate
 
@@ -393,7 +393,10 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
 
     # Everything that can fail on the user's files fails here, before any model is loaded.
     resume_dir = resolve_resume(resume, out_dir)
-    start_step = int(read_meta(resume_dir)["step"]) if resume_dir else 0
+    meta = read_meta(resume_dir) if resume_dir else {"step": 0}
+    if resume_dir is not None:
+        check_resume(resume_dir, meta, world, isinstance(backend, DeepSpeedBackend))
+    start_step = int(meta["step"])
     micro_per_step = t.grad_accum
     dataset, loader = build_data(
         cfg, rank, world, start=start_step * micro_per_step * t.batch_size * world
