@@ -226,7 +226,7 @@ def test_zero2_bf16_checkpointing_r1_device_degradation(assets):
 def _ds_env(monkeypatch, **env: str) -> None:
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     for key in list(os.environ):
-        if key.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_")):
+        if key.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_", "ACCELERATE_USE_CPU")):
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -255,6 +255,7 @@ def test_deepspeed_config_is_filled_from_the_trainer_config(assets, monkeypatch,
         ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, None, {},
          "contradicts the trainer config.*gradient_accumulation_steps=4"),
         ({}, None, {"mixed_precision": "fp16"}, "fp16 is not supported with DeepSpeed"),
+        ({"ACCELERATE_USE_CPU": "1"}, None, {}, "makes accelerate drop DeepSpeed"),
         ({}, {"bf16": {"enabled": True}}, {}, "'bf16.enabled: true'.*train.mixed_precision"),
         ({}, {"optimizer": {"type": "Adam"}}, {}, "remove the 'optimizer' section"),
     ],

@@ -227,6 +227,14 @@ def deepspeed_plugins(cfg: Config) -> dict:
             "(`deepspeed_plugins=`, accelerate 1.x; tested with 1.16): pip install -U accelerate"
         )
 
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise ConfigError(
+            "accelerate was launched with DeepSpeed and ACCELERATE_USE_CPU (or --cpu), which "
+            "makes accelerate drop DeepSpeed: leave ACCELERATE_USE_CPU out (on a machine "
+            "without GPUs DeepSpeed uses its CPU back-end by itself)"
+        )
     if t.mixed_precision == "fp16":
         raise ConfigError(
             "train.mixed_precision fp16 is not supported with DeepSpeed (the trainer autocasts "
