@@ -60,9 +60,14 @@ class Backend:
     #: whether ``load_state`` restores the networks' weights itself (our load hook then does not)
     loads_weights = False
 
-    def accelerator_kwargs(self) -> dict:
-        """Extra keyword arguments for ``Accelerator(...)``."""
-        return {}
+    def accelerator_kwargs(self, kwargs: dict) -> dict:
+        """The ``Accelerator(...)`` keyword arguments, from the trainer's ``kwargs``."""
+        return kwargs
+
+    def check_resume(self, checkpoint: Path, meta: dict, world_size: int) -> None:
+        """Raises :class:`~trainer.checkpoints.CheckpointError` when this kind of run cannot
+        resume ``checkpoint`` (see :func:`check_resume`)."""
+        check_resume(checkpoint, meta, world_size, deepspeed=isinstance(self, DeepSpeedBackend))
 
     def prepare(self, accelerator, generator: nn.Module, disc: nn.Module, opt_g, opt_d):
         """Returns the wrapped ``(generator, discriminator)`` to call in the loop."""
@@ -134,11 +139,11 @@ class DeepSpeedBackend(Backend):
         self.plugins = deepspeed_plugins(cfg)
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
 
-    def accelerator_kwargs(self) -> dict:
+    def accelerator_kwargs(self, kwargs: dict) -> dict:
         # DeepSpeed's own bf16 mode would cast the trainable LoRA to bf16 (fp32 master copy in
         # the optimizer); the trainer keeps trainable tensors in float32 and autocasts (below),
         # exactly as with data parallel, so DeepSpeed runs in its fp32 mode.
-        kwargs = {"deepspeed_plugins": self.plugins, "mixed_precision": "no"}
+        kwargs = {**kwargs, "deepspeed_plugins": self.plugins, "mixed_precision": "no"}
         if not _has_accelerator():
             # CPU processes (tests): accelerate finds no default process-group backend for the
             # CPU, lets DeepSpeed initialise one, and then counts every process as rank 0 of 1
@@ -146,7 +151,8 @@ class DeepSpeedBackend(Backend):
             # rank and world size from the process group.
             from accelerate.utils import InitProcessGroupKwargs
 
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            handlers = kwargs.get("kwargs_handlers", [])
+            kwargs["kwargs_handlers"] = [*handlers, InitProcessGroupKwargs(backend="gloo")]
         return kwargs
 
     def prepare(self, accelerator, generator, disc, opt_g, opt_d):

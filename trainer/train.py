@@ -54,7 +54,7 @@ from trainer.config import (
     build_config,
     overrides_from_args,
 )
-from trainer.distributed_backend import DeepSpeedBackend, check_resume, make_backend
+from trainer.distributed_backend import make_backend
 from trainer.models import seed_for
 from trainer.validation import load_validation, validate
 
@@ -367,21 +367,18 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             logger.info("TensorBoard is not installed: logging to logs/metrics.jsonl only")
     check_launch_mode()
     backend = make_backend(cfg)  # DeepSpeed config errors: here, before any model loads
-    extra = backend.accelerator_kwargs()
     accelerator = Accelerator(
-        **{
-            "gradient_accumulation_steps": t.grad_accum,
-            "mixed_precision": t.mixed_precision,
-            "log_with": trackers,
-            "project_config": ProjectConfiguration(
-                project_dir=str(out_dir), logging_dir=str(out_dir / "logs")
-            ),
-            **extra,
-            "kwargs_handlers": [
-                DistributedDataParallelKwargs(find_unused_parameters=False),
-                *extra.get("kwargs_handlers", []),
-            ],
-        }
+        **backend.accelerator_kwargs(
+            {
+                "gradient_accumulation_steps": t.grad_accum,
+                "mixed_precision": t.mixed_precision,
+                "log_with": trackers,
+                "project_config": ProjectConfiguration(
+                    project_dir=str(out_dir), logging_dir=str(out_dir / "logs")
+                ),
+                "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)],
+            }
+        )
     )
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -395,7 +392,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     resume_dir = resolve_resume(resume, out_dir)
     meta = read_meta(resume_dir) if resume_dir else {"step": 0}
     if resume_dir is not None:
-        check_resume(resume_dir, meta, world, isinstance(backend, DeepSpeedBackend))
+        backend.check_resume(resume_dir, meta, world)
     start_step = int(meta["step"])
     micro_per_step = t.grad_accum
     dataset, loader = build_data(
