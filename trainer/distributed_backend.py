@@ -6,7 +6,7 @@ around forwards, ``backward(name, loss)`` and ``step(name)`` per network (``"g"`
 
 * :class:`DataParallelBackend` - one process or several (DDP, ``accelerate launch --multi_gpu``):
   accelerate's own ``prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``.
-* :class:`DeepSpeedBackend` - DeepSpeed ZeRO stage 0-2 through accelerate's DeepSpeed config
+* :class:`DeepSpeedBackend` - DeepSpeed ZeRO (stages 0-3) through accelerate's DeepSpeed config
   (``accelerate launch --config_file trainer/configs/accelerate_deepspeed_zero2.yaml``). The
   trainer updates two networks with two optimizers in alternating steps, and accelerate ties
   ``accelerator.backward()`` to the FIRST engine it built; so each network gets its own
@@ -16,11 +16,13 @@ around forwards, ``backward(name, loss)`` and ``step(name)`` per network (``"g"`
   steps at the accumulation boundary itself.
 
 ZeRO-2 shards the trainable parameters' gradients and AdamW states across processes; every
-process keeps the full parameters, so EMA, validation, checkpoint files and the D3SR export
-read the local module as with DDP. ZeRO-3 (sharded parameters) is refused: the trainer calls
-parts of the networks outside their engine (the VAE encoder for real latents, the
-discriminator during the generator step, validation) and reads the trainable tensors of the
-local module, which ZeRO-3 would hold as empty shards.
+process keeps the whole parameters, so EMA, validation, checkpoint files and the D3SR export
+read the local module as with DDP. ZeRO-3 also shards the parameters (frozen ones included):
+the parts of the networks the trainer calls outside their engine (VAE encoder, discriminator
+in the generator step) still work because ZeRO-3 gathers parameters in hooks on every
+sub-module, but a forward becomes a collective (validation then runs on every process:
+``collective_forward``), and whoever reads or writes trainable tensors directly (EMA,
+checkpoint files, export, checksums) does so inside ``gathered(...)`` on every process.
 """
 
 from __future__ import annotations
@@ -87,6 +89,17 @@ class Backend:
         is complete (clipped to ``optim.grad_clip``), then clear its gradients."""
         raise NotImplementedError
 
+    #: whether a forward is a collective (ZeRO-3 gathers parameters in it): validation must
+    #: then run on every process, not only the main one
+    collective_forward = False
+
+    def gathered(
+        self, params: list[nn.Parameter], modify: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Make ``params`` whole for reading (and, with ``modify``, writing) inside the block;
+        a no-op unless they are sharded (ZeRO-3), where EVERY process must enter it."""
+        return contextlib.nullcontext()
+
 
 class DataParallelBackend(Backend):
     """One process or DDP: everything through accelerate."""
@@ -125,7 +138,7 @@ class DataParallelBackend(Backend):
 
 
 class DeepSpeedBackend(Backend):
-    """DeepSpeed ZeRO 0-2: one engine per network (see the module docstring)."""
+    """DeepSpeed ZeRO 0-3: one engine per network (see the module docstring)."""
 
     name = "DeepSpeed"
     # frozen base weights (GBs) are not written into DeepSpeed's model-state files; they come
@@ -138,6 +151,8 @@ class DeepSpeedBackend(Backend):
         self.cfg = cfg
         self.plugins = deepspeed_plugins(cfg)
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+        stage = self.plugins["generator"].deepspeed_config["zero_optimization"].get("stage", 0)
+        self.collective_forward = int(stage) == 3
 
     def accelerator_kwargs(self, kwargs: dict) -> dict:
         # DeepSpeed's own bf16 mode would cast the trainable LoRA to bf16 (fp32 master copy in
@@ -187,6 +202,14 @@ class DeepSpeedBackend(Backend):
     def step(self, which):
         self.engines[which].step()  # steps (and clips) only at the accumulation boundary
 
+    def gathered(self, params, modify=False):
+        if not self.collective_forward:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        # modify: rank 0's values are scattered back to every shard on exit
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+
 
 def _has_accelerator() -> bool:
     from accelerate.utils import get_torch_accelerator_backend
@@ -210,7 +233,7 @@ def deepspeed_plugins(cfg: Config) -> dict:
     with the values the trainer owns filled in (``"auto"`` entries) or checked.
 
     Raises:
-        ConfigError: DeepSpeed is not installed, ZeRO-3, DeepSpeed's own optimizer/scheduler or
+        ConfigError: DeepSpeed is not installed, DeepSpeed's own optimizer/scheduler or
             bf16/fp16 sections, train.mixed_precision fp16, or a value that contradicts the
             trainer config (micro-batch, gradient accumulation, clipping).
     """
@@ -251,16 +274,6 @@ def deepspeed_plugins(cfg: Config) -> dict:
     for name in NETWORKS:
         plugin = DeepSpeedPlugin()  # reads the launcher's environment (accelerate config)
         ds = plugin.deepspeed_config
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:
-            raise ConfigError(
-                "DeepSpeed ZeRO stage 3 is not supported: it shards the parameters, but the "
-                "trainer calls parts of the networks outside their DeepSpeed engine (VAE "
-                "encoder, discriminator in the generator step, validation) and reads the full "
-                "trainable tensors for EMA, checkpoints and export. Use zero_stage 2 "
-                "(trainer/configs/accelerate_deepspeed_zero2.yaml): the trainable LoRA is small, "
-                "ZeRO-2 already shards its gradients and optimizer states"
-            )
         for key in ("optimizer", "scheduler"):
             if key in ds:
                 raise ConfigError(

@@ -85,7 +85,7 @@ class TrainableGenerator(nn.Module):
     @torch.no_grad()
     def upscale(self, lr_up: Tensor) -> Tensor:
         """Inference output as the pipeline gives it: clamped to [-1, 1]."""
-        return self.forward(lr_up)[0].clamp(-1, 1)
+        return self(lr_up)[0].clamp(-1, 1)  # __call__: ZeRO-3 gathers parameters in its hooks
 
     # ---- state -------------------------------------------------------------------------
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -206,14 +206,20 @@ class EMA:
         self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
 
     @contextlib.contextmanager
-    def swapped_into(self, model: TrainableGenerator):
-        """Temporarily use the EMA weights in ``model`` (validation, export)."""
-        backup = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-        model.load_trainable_state_dict(self.shadow, "EMA")
+    def swapped_into(self, model: TrainableGenerator, gathered=None):
+        """Temporarily use the EMA weights in ``model`` (validation, export). ``gathered``:
+        ``gathered(params, modify=True)`` context that makes sharded parameters writable
+        (ZeRO-3, see trainer/distributed_backend.py); every process must then call this."""
+        gathered = gathered or (lambda params, modify: contextlib.nullcontext())
+        params = [p for _, p in model.trainable_named_parameters()]
+        with gathered(params, modify=True):
+            backup = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+            model.load_trainable_state_dict(self.shadow, "EMA")
         try:
             yield model
         finally:
-            model.load_trainable_state_dict(backup, "backup")
+            with gathered(params, modify=True):
+                model.load_trainable_state_dict(backup, "backup")
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ Every config field can be set in the YAML file or overridden as ``--section.fiel
 ``mse_weight * MSE + ea_dists_weight * EA-DISTS + adv_weight * GAN`` (paper: MSE +
 lambda2 EA-DISTS + lambda1 adv); the discriminator (SDXL-base down + mid blocks, LoRA + patch
 head) judges noised latents of HR images (real) and of the generator's output (fake).
-Several processes are data parallel (DDP) or DeepSpeed ZeRO-2 (accelerate's DeepSpeed config,
-trainer/configs/accelerate_deepspeed_zero2.yaml); FSDP launches stop with an error.
+Several processes are data parallel (DDP) or DeepSpeed ZeRO-2/3 (accelerate's DeepSpeed config,
+trainer/configs/accelerate_deepspeed_zero{2,3}.yaml); FSDP launches stop with an error.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _fault(stage: str, step: int) -> None:
 # --------------------------------------------------------------------------- launch mode
 
 # Why each accelerate mode this trainer rejects cannot work with it (checked before any model
-# loads). Data parallel (`accelerate launch --multi_gpu`) and DeepSpeed ZeRO 0-2 (see
+# loads). Data parallel (`accelerate launch --multi_gpu`) and DeepSpeed ZeRO 0-3 (see
 # trainer/distributed_backend.py) are the supported ways to use several GPUs.
 UNSUPPORTED_MODES = {
     "FSDP": (
@@ -139,8 +139,9 @@ UNSUPPORTED_MODES = {
         "generator step, validation on the main process) and saves, averages (EMA) and exports "
         "the trainable tensors of the local module, which FSDP would hold as shards; and "
         "accelerate does not run FSDP on CPU processes, so no FSDP path could be tested here. "
-        "To shard gradients and optimizer states use DeepSpeed ZeRO-2 (`accelerate launch "
-        "--config_file trainer/configs/accelerate_deepspeed_zero2.yaml ...`)"
+        "To shard use DeepSpeed: ZeRO-2 (gradients and optimizer states, `accelerate launch "
+        "--config_file trainer/configs/accelerate_deepspeed_zero2.yaml ...`) or ZeRO-3 (also "
+        "the parameters, frozen ones included: accelerate_deepspeed_zero3.yaml)"
     ),
     "MEGATRON_LM": "Megatron-LM is not supported (it is for transformer language models)",
 }
@@ -398,7 +399,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     dataset, loader = build_data(
         cfg, rank, world, start=start_step * micro_per_step * t.batch_size * world
     )
-    val_set = load_validation(cfg) if main else []
+    val_set = load_validation(cfg) if main or backend.collective_forward else []
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_leftovers(root)
@@ -434,18 +435,22 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     ema = EMA(generator.trainable_state_dict(), t.ema_decay) if t.ema_decay > 0 else None
     state = TrainState(scheds, ema)
     gen_w, disc_w = backend.prepare(accelerator, generator, disc, opt_g, opt_d)
+    gen_params = [p for _, p in generator.trainable_named_parameters()]
+    disc_params = [p for p in disc.parameters() if p.requires_grad]
     accelerator.register_for_checkpointing(state)
 
     def save_hook(models, weights, output_dir):
         # Only trainable tensors are written (not 3+ GB of frozen base weights).
         weights.clear()
-        if not accelerator.is_main_process:
-            return
+        with backend.gathered(gen_params + disc_params):  # every process: ZeRO-3 gathers
+            if accelerator.is_main_process:
+                write_trainable(Path(output_dir))
+
+    def write_trainable(out: Path) -> None:
         from safetensors.torch import save_file
 
         from d3sr_core.loading.checkpoint import save_checkpoint
 
-        out = Path(output_dir)
         save_file(
             {k: v.contiguous().cpu() for k, v in generator.trainable_state_dict().items()},
             str(out / "generator_trainable.safetensors"),
@@ -512,9 +517,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
     def run_validation(at: int) -> dict:
-        return validate(
-            cfg, generator, ema, val_set, ea, accelerator, at, log, out_dir, backend.autocast
-        )
+        return validate(cfg, generator, ema, val_set, ea, accelerator, at, log, out_dir, backend)
 
     degradation = cfg.degradation()
     dc = cfg.discriminator
@@ -613,7 +616,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         step += 1
         state.step = step
         if ema is not None:
-            ema.update(generator.trainable_state_dict())
+            with backend.gathered(gen_params):
+                ema.update(generator.trainable_state_dict())
         last = {k: v / count for k, v in sums.items()}
         bar.update(1)
         bar.set_postfix(
@@ -629,7 +633,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
             save(step)
     bar.close()
     final_val = run_validation(step)
-    checksum = _checksums(generator, disc, accelerator)
+    checksum = _checksums(generator, disc, accelerator, backend)
     summary = {
         "step": step,
         "world_size": world,
@@ -646,19 +650,40 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     return TrainResult(summary, generator, disc)
 
 
-def _checksums(generator, disc, accelerator) -> list[list[float]]:
+def _checksums(generator, disc, accelerator, backend) -> list[list[float]]:
     """Per process, for the generator then the discriminator: ``[sum, sum of squares]`` of the
-    trainable weights and the sum of the frozen ones."""
+    trainable weights and the sum of the frozen ones (gathered a group at a time where ZeRO-3
+    shards them)."""
     vals = []
     for module in (generator, disc):
-        params = [p.detach().double() for p in module.parameters() if p.requires_grad]
-        vals += [sum(float(p.sum()) for p in params), sum(float(p.pow(2).sum()) for p in params)]
-        vals.append(
-            sum(float(p.double().sum()) for p in module.parameters() if not p.requires_grad)
-        )
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        with backend.gathered(trainable):
+            params = [p.detach().double() for p in trainable]
+            vals += [
+                sum(float(p.sum()) for p in params), sum(float(p.pow(2).sum()) for p in params)
+            ]  # fmt: skip
+        frozen_sum = 0.0
+        for chunk in _chunks([p for p in module.parameters() if not p.requires_grad]):
+            with backend.gathered(chunk):
+                frozen_sum += sum(float(p.detach().double().sum()) for p in chunk)
+        vals.append(frozen_sum)
     local = torch.tensor([vals], dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(local).cpu()
     return gathered.tolist()
+
+
+def _chunks(params: list, max_elements: int = 2**26) -> list[list]:
+    """Consecutive groups of about ``max_elements`` elements (ZeRO-3 ``ds_numel``): gathering
+    a group at a time bounds the memory, one collective per group keeps it fast."""
+    groups, size = [[]], 0
+    for p in params:
+        n = getattr(p, "ds_numel", p.numel())
+        if groups[-1] and size + n > max_elements:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += n
+    return [g for g in groups if g]
 
 
 def main(argv: list[str] | None = None) -> int:

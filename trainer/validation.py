@@ -59,23 +59,28 @@ def load_validation(cfg: Config) -> list[tuple[str, torch.Tensor, torch.Tensor]]
 
 @torch.no_grad()
 def validate(
-    cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir, autocast=None
+    cfg, generator, ema, val_set, ea, accelerator, step, log, out_dir, backend=None
 ) -> dict:
     """PSNR / SSIM (Y, border = scale) and DISTS of the (EMA) generator on the held-out set.
-    ``autocast``: the mixed-precision context factory (default ``accelerator.autocast``)."""
+    ``backend`` (trainer/distributed_backend.py): its autocast, and whether the generator's
+    forward is a collective (ZeRO-3: every process runs validation, the main one reports).
+    Without it: ``accelerator.autocast``, main process only."""
     from d3sr_core.metrics import mean_finite, psnr_y, ssim_y
 
     result: dict = {}
-    if accelerator.is_main_process and val_set:
+    everywhere = backend is not None and backend.collective_forward
+    autocast = backend.autocast if backend is not None else accelerator.autocast
+    if (accelerator.is_main_process or everywhere) and val_set:
         import contextlib
 
         s = cfg.data.scale
-        ctx = ema.swapped_into(generator) if ema is not None else contextlib.nullcontext()
+        gathered = backend.gathered if backend is not None else None
+        ctx = ema.swapped_into(generator, gathered) if ema is not None else contextlib.nullcontext()
         was_training = generator.training
         generator.eval()
         psnrs, ssims, dists_vals, rows = [], [], [], []
         device = accelerator.device
-        with ctx, (autocast or accelerator.autocast)():
+        with ctx, autocast():
             for _, lr, hr in val_set:
                 up = F.interpolate(
                     lr.to(device), size=hr.shape[-2:], mode="bicubic", align_corners=False
@@ -95,7 +100,8 @@ def validate(
             "val_dists": sum(dists_vals) / len(dists_vals),
         }
         log(result, step)
-        _save_rows(rows, out_dir / "val" / f"step-{step:08d}.png", accelerator, step)
+        if accelerator.is_main_process:
+            _save_rows(rows, out_dir / "val" / f"step-{step:08d}.png", accelerator, step)
         logger.info(
             "step %d validation: PSNR-Y %.3f dB, SSIM-Y %.4f, DISTS %.4f",
             step, result["val_psnr_y"], result["val_ssim_y"], result["val_dists"],
