@@ -325,7 +325,7 @@ def test_fsdp_is_rejected_before_models_load(assets, tmp_path, monkeypatch):
     built (on the CPU accelerate itself would fail in its FSDP plugin)."""
     from accelerate.utils import DistributedType
 
-    from trainer.train import check_launch_mode
+    from trainer.distributed_backend import check_launch_mode
 
     with pytest.raises(ConfigError, match="FSDP.*not supported.*accelerate_deepspeed_zero2"):
         check_launch_mode(DistributedType.FSDP)
@@ -354,7 +354,7 @@ def test_deepspeed_launch_without_deepspeed_is_a_clear_error(assets, tmp_path, m
 
 
 def test_launcher_process_count_is_read_from_the_command_line():
-    from trainer.train import launcher_num_processes as n
+    from trainer.distributed_backend import launcher_num_processes as n
 
     assert n(["/usr/bin/accelerate", "launch", "--num_processes", "2", "--cpu", "t.py"]) == 2
     assert n(["python", "-m", "accelerate.commands.launch", "--num_processes=4", "t.py"]) == 4

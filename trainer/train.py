@@ -54,7 +54,7 @@ from trainer.config import (
     build_config,
     overrides_from_args,
 )
-from trainer.distributed_backend import make_backend
+from trainer.distributed_backend import check_launch_mode, make_backend, warn_on_missing_processes
 from trainer.models import seed_for
 from trainer.validation import load_validation, validate
 
@@ -125,90 +125,6 @@ def _fault(stage: str, step: int) -> None:
     """Test hook: kill this process with SIGKILL at a given point (see FAULT_ENV)."""
     if os.environ.get(FAULT_ENV) == f"{stage}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------- launch mode
-
-# Why each accelerate mode this trainer rejects cannot work with it (checked before any model
-# loads). Data parallel (`accelerate launch --multi_gpu`) and DeepSpeed ZeRO 0-3 (see
-# trainer/distributed_backend.py) are the supported ways to use several GPUs.
-UNSUPPORTED_MODES = {
-    "FSDP": (
-        "FSDP is not supported: the trainer calls parts of the models outside their wrapped "
-        "forward (the frozen VAE encoder for the real latents, the discriminator in the "
-        "generator step, validation on the main process) and saves, averages (EMA) and exports "
-        "the trainable tensors of the local module, which FSDP would hold as shards; and "
-        "accelerate does not run FSDP on CPU processes, so no FSDP path could be tested here. "
-        "To shard use DeepSpeed: ZeRO-2 (gradients and optimizer states, `accelerate launch "
-        "--config_file trainer/configs/accelerate_deepspeed_zero2.yaml ...`) or ZeRO-3 (also "
-        "the parameters, frozen ones included: accelerate_deepspeed_zero3.yaml)"
-    ),
-    "MEGATRON_LM": "Megatron-LM is not supported (it is for transformer language models)",
-}
-# how `accelerate launch` (flags or config file) tells the script which mode to build
-MODE_ENV = {
-    "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED",
-    "FSDP": "ACCELERATE_USE_FSDP",
-    "MEGATRON_LM": "ACCELERATE_USE_MEGATRON_LM",
-}
-
-
-def check_launch_mode(distributed_type: object = None) -> None:
-    """Fail early, on every process and before any model loads, on accelerate modes the
-    trainer does not support. Called with no argument before the ``Accelerator`` is built (the
-    launcher's environment: on the CPU accelerate would otherwise fail inside its FSDP plugin,
-    or quietly run data parallel) and again with its ``distributed_type``.
-
-    Raises:
-        ConfigError: FSDP or Megatron-LM, naming the mode and why.
-    """
-    if distributed_type is None:
-        modes = [m for m, env in MODE_ENV.items() if os.environ.get(env, "").lower() == "true"]
-    else:
-        modes = [getattr(distributed_type, "name", str(distributed_type))]
-    for mode in modes:
-        if mode in UNSUPPORTED_MODES:
-            raise ConfigError(
-                f"accelerate {mode} ({MODE_ENV[mode]}=true): {UNSUPPORTED_MODES[mode]}. Or "
-                "launch data parallel (`accelerate launch --multi_gpu ...` or `accelerate "
-                "launch --config_file trainer/configs/accelerate_multi_gpu.yaml ...`) and save "
-                "memory with train.mixed_precision bf16 and train.grad_checkpointing true."
-            )
-
-
-def warn_on_missing_processes(accelerator) -> None:
-    """accelerate's ``--cpu --num_processes N`` quietly starts one process: say so."""
-    asked = launcher_num_processes()
-    if asked is not None and asked > accelerator.num_processes and accelerator.is_main_process:
-        logger.warning(
-            "accelerate launch was asked for %d processes but started %d: with --cpu it starts "
-            "extra processes only through mpirun (--mpirun_hostfile). For several processes on "
-            "one machine use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes %d trainer/train.py ...", asked, accelerator.num_processes, asked,
-        )  # fmt: skip
-
-
-def launcher_num_processes(cmdline: list[str] | None = None) -> int | None:
-    """``--num_processes`` of the ``accelerate launch`` command that started this process, read
-    from the parent's command line (``/proc``, Linux); ``None`` when unknown."""
-    if cmdline is None:
-        try:
-            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-        except OSError:
-            return None
-        cmdline = [a for a in raw.decode(errors="replace").split("\0") if a]
-    if not any("accelerate" in a for a in cmdline[:3]):  # accelerate / -m accelerate...launch
-        return None
-    for i, arg in enumerate(cmdline):
-        for flag in ("--num_processes", "--num-processes"):
-            value = None
-            if arg == flag and i + 1 < len(cmdline):
-                value = cmdline[i + 1]
-            elif arg.startswith(flag + "="):
-                value = arg.split("=", 1)[1]
-            if value is not None:
-                return int(value) if value.isdigit() else None
-    return None
 
 
 # --------------------------------------------------------------------------- building
