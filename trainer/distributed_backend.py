@@ -143,7 +143,6 @@ def launcher_num_processes(cmdline: list[str] | None = None) -> int | None:
 class Backend:
     """The interface the training loop uses (see the module docstring)."""
 
-    name = "base"
     #: kwargs for ``accelerator.save_state`` / ``load_state``
     save_kwargs: dict = {}
     load_kwargs: dict = {}
@@ -192,8 +191,6 @@ class Backend:
 class DataParallelBackend(Backend):
     """One process or DDP: everything through accelerate."""
 
-    name = "data parallel"
-
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
@@ -228,7 +225,6 @@ class DataParallelBackend(Backend):
 class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO 0-3: one engine per network (see the module docstring)."""
 
-    name = "DeepSpeed"
     # frozen base weights (GBs) are not written into DeepSpeed's model-state files; they come
     # from model.base at resume, as with data parallel
     save_kwargs = {"exclude_frozen_parameters": True}
@@ -269,10 +265,9 @@ class DeepSpeedBackend(Backend):
                 engines[short], _ = accelerator.prepare(module, opt)
         state.select_deepspeed_plugin(_SHORT["g"])
         self.engines = engines
-        stages = {k: e.zero_optimization_stage() for k, e in engines.items()}
         logger.info(
             "DeepSpeed ZeRO stage %d, one engine per network, %d processes",
-            stages["g"], accelerator.num_processes,
+            engines["g"].zero_optimization_stage(), accelerator.num_processes,
         )  # fmt: skip
         return engines["g"], engines["d"]
 
