@@ -28,6 +28,7 @@ from .ops import (
     _interior_tile,
     _shapes,
     _spans,
+    is_channels_last,
 )
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
 
@@ -333,10 +334,14 @@ class TiledVAERunner:
         return kept_c, compact
 
     def _memory_format(self) -> torch.memory_format:
+        """The layout of the convs' weights (NHWC when the model was converted to
+        channels_last), for the checkpoints: storing NHWC tiles into NCHW checkpoints is a
+        slow transposing copy, and crops of them make NCHW tiles downstream. Decided from a
+        conv with a spatial kernel: a 1x1 kernel (e.g. the decoder's first op,
+        ``post_quant_conv``) is laid out identically in both formats."""
         for op in self.ops:
-            if isinstance(op, Conv) and op.module.weight.shape[1] > 1:
+            if isinstance(op, (Conv, UpConv)):
                 wgt = op.module.weight
-                if wgt.is_contiguous(memory_format=torch.channels_last) and not wgt.is_contiguous():
-                    return torch.channels_last
-                return torch.contiguous_format
+                if wgt.shape[1] > 1 and wgt.shape[2] * wgt.shape[3] > 1:
+                    return torch.channels_last if is_channels_last(wgt) else torch.contiguous_format
         return torch.contiguous_format
