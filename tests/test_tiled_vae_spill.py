@@ -56,11 +56,18 @@ class _InMemory(SpilledTensor):
     """The same interface, kept in a tensor: what a spilled run would compute if the disk
     round trip were perfect."""
 
-    def __init__(self, shape, dtype, directory=None, memory_format=torch.channels_last):
+    def __init__(
+        self, shape, dtype, directory=None, memory_format=torch.channels_last, device=None
+    ):
         self.shape, self.dtype, self.memory_format = tuple(shape), dtype, memory_format
         self.t = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
         self.nbytes = self.t.numel() * self.t.element_size()
         self._file = None
+
+    closed = False
+
+    def close(self):
+        self.closed = True
 
     def write(self, region, tensor):
         self.t[:, :, region.y0 : region.y1, region.x0 : region.x1] = tensor
@@ -91,7 +98,7 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
                 runner = TiledVAERunner(program(vae), config)
                 outs[name], reports[name] = runner.run(inp), runner.report
             assert reports["spill"].spilled and not reports["spill"].recomputed
-            assert reports["spill"].spill_bytes > 0
+            assert 0 < reports["spill"].spill_peak <= reports["spill"].spill_bytes
             assert reports["recompute"].recomputed and not reports["recompute"].spilled
             assert not reports["keep"].spilled and not reports["keep"].recomputed
             assert reports["spill"] == reports["spill in memory"]

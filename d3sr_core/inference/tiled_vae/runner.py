@@ -79,9 +79,11 @@ class RunReport:
     tile_sizes: list[int] = field(default_factory=list)
     # Kept states written over the previous checkpoint, band by band.
     in_place: list[int] = field(default_factory=list)
-    # Kept states stored on disk (spill), and the bytes written there.
+    # Kept states stored on disk (spill), the bytes written there, and the most bytes on
+    # disk at once (files are deleted as soon as no later pass reads them).
     spilled: list[int] = field(default_factory=list)
     spill_bytes: int = 0
+    spill_peak: int = 0
     # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
     compact: list[tuple[int, int]] = field(default_factory=list)
     # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
@@ -304,9 +306,13 @@ class TiledVAERunner:
             elif spill:
                 for i, c in new_chans.items():
                     shape = (batch, c, h, w)
-                    files.append(SpilledTensor(shape, store_dtype[s], self.config.spill_dir, fmt))
+                    files.append(
+                        SpilledTensor(shape, store_dtype[s], self.config.spill_dir, fmt, x.device)
+                    )
                     store[i] = files[-1]
                     self.report.spill_bytes += files[-1].nbytes
+                    on_disk = sum(f.nbytes for f in files if not f.closed)
+                    self.report.spill_peak = max(self.report.spill_peak, on_disk)
             elif keep:
                 for i, c in new_chans.items():
                     store[i] = torch.empty(

@@ -52,6 +52,7 @@ class SpilledTensor:
         dtype: element type (what :meth:`read` returns).
         directory: where the temporary file lives (None = :func:`spill_directory`).
         memory_format: layout of the tensors :meth:`read` returns.
+        device: where the tensors :meth:`read` returns live (the file is always on the host).
     """
 
     def __init__(
@@ -60,10 +61,12 @@ class SpilledTensor:
         dtype: torch.dtype,
         directory: str | os.PathLike | None = None,
         memory_format: torch.memory_format = torch.channels_last,
+        device: torch.device | str = "cpu",
     ):
         self.shape = tuple(shape)
         self.dtype = dtype
         self.memory_format = memory_format
+        self.device = torch.device(device)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.directory = spill_directory(directory)
         b, c, h, w = self.shape
@@ -134,7 +137,8 @@ class SpilledTensor:
                 ) from e
 
     def read(self, region: Region) -> Tensor:
-        """The stored values at ``region``: ``[B, C, h, w]`` in :attr:`memory_format`."""
+        """The stored values at ``region``: ``[B, C, h, w]`` in :attr:`memory_format`, on
+        :attr:`device`."""
         b, c, _, _ = self.shape
         out = torch.empty(b, region.h, region.w, c, dtype=self.dtype)
         data = out.view(torch.uint8).numpy()
@@ -148,7 +152,5 @@ class SpilledTensor:
                         0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
                     )
                 view, offset = view[done:], offset + done
-        nchw = out.permute(0, 3, 1, 2)  # channels_last strides
-        if self.memory_format == torch.channels_last:
-            return nchw
+        nchw = out.permute(0, 3, 1, 2).to(self.device)  # channels_last strides
         return nchw.contiguous(memory_format=self.memory_format)
