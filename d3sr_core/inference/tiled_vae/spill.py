@@ -12,14 +12,16 @@ How
 ---
 The file holds the state in NHWC order (``[B, H, W, C]``, rows of ``W * C`` elements), so a
 tile's region is one contiguous byte run per image row (one run in all for full-width
-bands). Reads and writes are explicit positional system calls (``os.pwrite`` /
-``os.preadv`` into the tile's own memory), not ``mmap``: mapped pages would count in the
-process's resident memory, which the budget bounds. The kernel keeps the file in its page
+bands). Reads and writes are explicit unbuffered file I/O at an offset (``seek`` +
+``write`` / ``readinto`` straight into the tile's own memory; portable, unlike
+``os.pwrite``), not ``mmap``: mapped pages would count in the process's resident memory,
+which the budget bounds. The kernel keeps the file in its page
 cache while RAM is free (reads are then memory copies) and writes it back and drops it
 under memory pressure.
 
-The file is an anonymous temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux),
-so it has no name and disappears when closed, when the run fails, or when the process dies.
+The file is an anonymous temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux,
+unlinked at once on other POSIX systems, delete-on-close on Windows), so it disappears when
+closed, when the run fails, or (POSIX) when the process dies.
 Its blocks are reserved up front (``posix_fallocate``) so that a full disk fails before the
 pass is computed, with a :class:`SpillError` naming the directory and the size.
 """
@@ -73,7 +75,7 @@ class SpilledTensor:
         self.nbytes = b * c * h * w * self.itemsize
         self._file = None
         try:
-            self._file = tempfile.TemporaryFile(dir=self.directory)
+            self._file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
             if self.nbytes and hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(self._file.fileno(), 0, self.nbytes)
         except OSError as e:
@@ -98,10 +100,10 @@ class SpilledTensor:
     def __del__(self):
         self.close()
 
-    def _fd(self) -> int:
+    def _raw(self):
         if self._file is None:
             raise ValueError("spilled checkpoint used after close()")
-        return self._file.fileno()
+        return self._file
 
     def _row_offset(self, b: int, y: int, x: int) -> int:
         _, c, h, w = self.shape
@@ -122,13 +124,13 @@ class SpilledTensor:
         """Store ``tensor`` ``[B, C, h, w]`` (any layout) at ``region`` of the image."""
         rows = tensor.detach().to(device="cpu", dtype=self.dtype).permute(0, 2, 3, 1)
         data = rows.contiguous().view(torch.uint8).numpy()  # [B, h, w, C * itemsize]
-        fd = self._fd()
+        f = self._raw()
         for b, y, n, offset in self._runs(region):
             view = memoryview(data[b, y : y + n]).cast("B")
             try:
+                f.seek(offset)
                 while view:
-                    done = os.pwrite(fd, view, offset)
-                    view, offset = view[done:], offset + done
+                    view = view[f.write(view) :]
             except OSError as e:
                 raise SpillError(
                     e.errno,
@@ -142,15 +144,16 @@ class SpilledTensor:
         b, c, _, _ = self.shape
         out = torch.empty(b, region.h, region.w, c, dtype=self.dtype)
         data = out.view(torch.uint8).numpy()
-        fd = self._fd()
+        f = self._raw()
         for i, y, n, offset in self._runs(region):
             view = memoryview(data[i, y : y + n]).cast("B")
+            f.seek(offset)
             while view:
-                done = os.preadv(fd, [view], offset)
-                if done <= 0:
+                done = f.readinto(view)
+                if not done:
                     raise SpillError(
                         0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
                     )
-                view, offset = view[done:], offset + done
+                view = view[done:]
         nchw = out.permute(0, 3, 1, 2).to(self.device)  # channels_last strides
         return nchw.contiguous(memory_format=self.memory_format)
