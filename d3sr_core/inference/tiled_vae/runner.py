@@ -230,8 +230,7 @@ class TiledVAERunner:
         optional = frozenset(
             i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)) and i not in syncs
         )
-        budget = self.config.budget
-        floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+        budget, floor = self.config.budget, self._floor()
         # Keeping a checkpoint saves recomputing everything since the last one in every
         # later pass, which costs far more than smaller tiles: keep what the planner chose
         # (with the smallest useful working set) and give the tiles what is left.
@@ -263,8 +262,7 @@ class TiledVAERunner:
         fmt = self._memory_format()
         # The checkpoint: boundary index, element ids and id -> whole-image tensor.
         ck_index, ck_ids, ck_store = 0, [0], {0: x}
-        budget = self.config.budget
-        floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+        budget, floor = self.config.budget, self._floor()
         for p, s in enumerate(points):
             op = ops[s] if s < len(ops) else None
             ids = _ids(ops, ck_index, s, ck_ids, counter)
@@ -400,6 +398,10 @@ class TiledVAERunner:
                 ck_index = s + 1
         return _materialize(ck_store[ck_ids[-1]], sizes[-1]).to(dtype)
 
+    def _floor(self) -> float:
+        """The smallest working set a tile is given next to the checkpoints."""
+        return max(self.config.budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
+
     def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
         """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
         core = _interior_tile(*sizes[stop], tile)
@@ -412,9 +414,9 @@ class TiledVAERunner:
         Keeping a checkpoint saves recomputing everything since the last one in every later
         pass, which costs far more than smaller tiles: keep what :func:`plan_checkpoints`
         chooses (with the smallest useful working set) and give the tiles what is left.
-        With ``compact_checkpoints`` (and no ``spill``), the resolutions where fp32 states had to be dropped
-        are stored in bfloat16 when that makes the plan cheaper; the output and the
-        attention input stay in the compute dtype.
+        With ``compact_checkpoints`` (and no ``spill``), the resolutions where fp32 states
+        had to be dropped are stored in bfloat16 when that makes the plan cheaper; the
+        output and the attention input stay in the compute dtype.
         """
         ops = self.ops
         spill = self.config.spill
