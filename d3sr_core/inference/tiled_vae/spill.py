@@ -89,11 +89,11 @@ class SpilledTensor:
 
     @property
     def closed(self) -> bool:
-        return self._file is None
+        return getattr(self, "_file", None) is None
 
     def close(self) -> None:
         """Delete the file (idempotent)."""
-        if self._file is not None:
+        if not self.closed:
             self._file.close()
             self._file = None
 
