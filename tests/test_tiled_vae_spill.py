@@ -177,3 +177,26 @@ def test_planner_spills_instead_of_recomputing(cheap_io):
     on_disk = {sizes[s] for s in spill.spilled}
     assert sizes[-1] in on_disk and all(h >= sizes[-1][0] // 2 for h, _ in on_disk)
     assert roomy.cost < spill.cost < lean.cost and not roomy.spilled
+
+
+def test_a_small_disk_means_recomputing(vae, tmp_path, monkeypatch, cheap_io):
+    """The planner spills at most a share of the free space at once; with too little it
+    recomputes (and the output is the same)."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(35))
+    config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+    reports, outs = {}, {}
+    with torch.inference_mode():
+        for free in (10**12, 10_000):
+            monkeypatch.setattr(
+                runner_module.shutil, "disk_usage", lambda d, free=free: usage(0, 0, free)
+            )
+            runner = TiledVAERunner(tiled_vae.decoder_program(vae), config)
+            outs[free], reports[free] = runner.run(z), runner.report
+    roomy, small = reports[10**12], reports[10_000]
+    assert roomy.spilled and roomy.spill_peak > 10_000
+    assert small.spill_peak <= runner_module.SPILL_DISK_FRACTION * 10_000
+    assert small.recomputed
+    torch.testing.assert_close(outs[10_000], outs[10**12], atol=1e-5, rtol=1e-5)

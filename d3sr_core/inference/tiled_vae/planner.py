@@ -89,6 +89,7 @@ def plan_checkpoints(
     floor: float,
     optional: frozenset[int] = frozenset(),
     spill: bool = False,
+    disk: float = float("inf"),
 ) -> Plan:
     """Which sync points to keep as checkpoints, and where: the least total (re)computation
     and disk traffic such that every state kept in memory fits the budget next to the
@@ -100,7 +101,8 @@ def plan_checkpoints(
     size of the next sync point's.
     ``spill``: a state may also be kept on disk (:mod:`.spill`): its new tensors cost
     :data:`SPILL_WRITE_COST` per byte once, and every pass that starts from it reads them
-    back (:data:`SPILL_READ_COST` per byte), instead of memory.
+    back (:data:`SPILL_READ_COST` per byte), instead of memory; at most ``disk`` bytes on
+    disk at once (a checkpoint's files and the next state's, while the pass runs).
 
     A small dynamic programme over the sync points (each pass costs the ops from the current
     checkpoint to its sync point, plus reading the checkpoint's tensors that are on disk;
@@ -179,7 +181,7 @@ def plan_checkpoints(
             # its checkpoint's tensors (after a Push) costs no memory to keep.
             if held + extra + floor <= budget or not new:
                 offer(in_mem, (total, (*kept, s), spilled))
-            if spill and new:
+            if spill and new and on_disk + new_bytes <= disk:
                 offer((s, stay), (total + SPILL_WRITE_COST * new_bytes, (*kept, s), (*spilled, s)))
             if s in optional:
                 offer((c, mem), (cost, kept, spilled))  # no pass at all

@@ -3,6 +3,7 @@ following the checkpoint plan."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +32,11 @@ from .ops import (
     is_channels_last,
 )
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
-from .spill import SpilledTensor
+from .spill import SpilledTensor, spill_directory
+
+# Share of the spill directory's free space (at the start of a run) that checkpoints may
+# take at once; beyond it the planner recomputes instead (others may need the disk too).
+SPILL_DISK_FRACTION = 0.8
 
 Tick = Callable[[float], None]
 
@@ -53,8 +58,9 @@ class TiledVAEConfig:
             longer bit-for-bit the untiled one; False keeps exact fp32 checkpoints. Only
             without ``spill``, which avoids the recomputation without rounding.
         spill: keep the states that do not fit the budget in temporary files (:mod:`.spill`)
-            when that is cheaper than recomputing them (it nearly always is); False keeps
-            every checkpoint in memory and recomputes the rest.
+            when that is cheaper than recomputing them (it nearly always is) and they fit
+            :data:`SPILL_DISK_FRACTION` of the directory's free space; False keeps every
+            checkpoint in memory and recomputes the rest.
         spill_dir: directory of those files (None = the system temporary directory,
             ``$TMPDIR`` or ``/tmp``). They are unnamed and vanish when the run ends or fails.
     """
@@ -422,7 +428,16 @@ class TiledVAERunner:
         spill = self.config.spill
         itemsize = torch.empty((), dtype=dtype).element_size()
         exact = [dtype] * len(sizes)
-        plan = plan_checkpoints(ops, sizes, chans, itemsize * batch, budget, floor, optional, spill)
+        disk = 0.0
+        if spill:
+            try:
+                free = shutil.disk_usage(spill_directory(self.config.spill_dir)).free
+            except OSError:  # a missing directory: SpilledTensor will say so if it is used
+                free = float("inf")
+            disk = SPILL_DISK_FRACTION * free
+        plan = plan_checkpoints(
+            ops, sizes, chans, itemsize * batch, budget, floor, optional, spill, disk
+        )
         # bf16 checkpoints are for saving recomputation; spilling saves it without rounding.
         dropped = {sizes[s] for s in syncs if s not in plan.kept}
         use_compact = self.config.compact_checkpoints and not spill
@@ -435,7 +450,9 @@ class TiledVAERunner:
             for i in range(len(sizes))
         ]
         items = [torch.empty((), dtype=d).element_size() * batch for d in compact]
-        compact_plan = plan_checkpoints(ops, sizes, chans, items, budget, floor, optional, spill)
+        compact_plan = plan_checkpoints(
+            ops, sizes, chans, items, budget, floor, optional, spill, disk
+        )
         if compact_plan.cost >= plan.cost:
             return plan.kept, plan.spilled, exact
         self.report.compact = sorted(dropped)
