@@ -20,12 +20,17 @@ Two more modes, each on its own:
 4. ``--unet-window SIZES``: the UNet stage's thread CPU seconds per output MP with the
    self-attention windowed at ``--window`` px (the default) and global, the largest x0
    difference, and the runs' peak RSS minus the weights.
+5. ``--vae SIZES``: the tiled VAE (encode + decode) at the default budget per output MP,
+   thread CPU of one thread, with the states that do not fit the budget spilled to disk
+   (the default) and, with ``--no-spill``, recomputed instead; peak RSS minus the weights,
+   the bytes written to disk and the number of recomputed passes.
 
     python bench/bench_large.py                       # 512..2048 + the ratio (~15 min, 2 cores)
     python bench/bench_large.py --sizes 512,1024,2048,4096
     python bench/bench_large.py --precision fp32 --skip-ratio
     python bench/bench_large.py --profile 512 [--threads 2]
     python bench/bench_large.py --unet-window 1024,2048
+    python bench/bench_large.py --vae 1024,2048 [--no-spill]
 
 Wall times are sensitive to other processes; the load average is printed with each row.
 The profiler's per-op times are wall-clock too: run ``--profile`` on a quiet machine.
@@ -206,6 +211,45 @@ def child_unet(size: int, precision: str, window: int, repeat: int) -> dict:
     }
 
 
+def child_vae(size: int, precision: str, spill: bool) -> dict:
+    """Thread CPU seconds (one thread) of the tiled encode + decode of a ``size`` x ``size``
+    output at the default budget (as the pipeline runs them beyond what fits whole), the
+    peak RSS minus the weights, and what the runner did (spilled bytes, recomputed passes)."""
+    import torch
+
+    from d3sr_core.inference import tiled_vae
+    from d3sr_core.inference.memory import resolve_budget
+    from d3sr_core.inference.precision import prepare_generator
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    g = prepare_generator(build_generator(), "cpu", precision)
+    vae, dtype = g.vae, next(g.vae.parameters()).dtype
+    budget = resolve_budget(None, "cpu", dtype)
+    fmt = torch.channels_last if g.precision_plan.channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(size)
+    image = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
+    latent = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(dtype)
+    image, latent = (t.contiguous(memory_format=fmt) for t in (image, latent))
+    weights = sum(p.numel() * p.element_size() for p in g.parameters())
+    config = tiled_vae.TiledVAEConfig(budget=budget, spill=spill)
+    out: dict = {"budget": budget, "seconds": {}, "spill_gb": 0.0, "recomputed": 0}
+    out["disk_peak_gb"] = 0.0
+    # warm-up on a small image: oneDNN primitives
+    tiled_vae.TiledVAERunner(tiled_vae._program(vae, "decode"), config).run(latent[:, :, :16, :16])
+    _reset_peak_rss()
+    for kind, x in (("encode", image), ("decode", latent)):
+        runner = tiled_vae.TiledVAERunner(tiled_vae._program(vae, kind), config)
+        c = time.thread_time()
+        runner.run(x)
+        out["seconds"][kind] = time.thread_time() - c
+        out["spill_gb"] += runner.report.spill_bytes / 1e9
+        out["disk_peak_gb"] = max(out["disk_peak_gb"], runner.report.spill_peak / 1e9)
+        out["recomputed"] += len(runner.report.recomputed)
+    out["peak_minus_weights_gb"] = (_status_kib("VmHWM") * 1024 - weights) / 1e9
+    return out
+
+
 def psnr(a, b) -> float:
     """PSNR of ``a`` against reference ``b`` (images in [0, 1])."""
     mse = float(((a.float() - b.float()) ** 2).mean())
@@ -259,6 +303,13 @@ def main() -> None:
         "(e.g. 1024,2048), self-attention windowed at --window px vs global",
     )
     ap.add_argument("--window", type=int, default=512, help="--unet-window: window in px")
+    ap.add_argument(
+        "--vae",
+        metavar="SIZES",
+        help="only the tiled VAE's thread CPU time per MP at these output sides (default "
+        "budget, states that do not fit spilled to disk)",
+    )
+    ap.add_argument("--no-spill", action="store_true", help="--vae: recompute instead of spill")
     ap.add_argument("--threads", type=int, default=1, help="--profile: torch threads (default 1)")
     ap.add_argument("--save", help="--profile: save the output tensor here (.pt)")
     ap.add_argument("--reference", help="--profile: a saved output to compare with (PSNR)")
@@ -266,7 +317,11 @@ def main() -> None:
     ap.add_argument("--child-ratio", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-unet", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-vae", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_vae:
+        print(json.dumps(child_vae(args.child_vae, args.precision, not args.no_spill)))
+        return
     if args.child_unet:
         r = child_unet(args.child_unet, args.precision, args.window, args.repeat)
         print(json.dumps(r))
@@ -308,6 +363,28 @@ def main() -> None:
                 f"{r['max_abs_diff']:.3g} | {r['peak_minus_weights_gb']:.2f} GB |",
                 flush=True,
             )
+        return
+    if args.vae:
+        mode = "recomputed" if args.no_spill else "spilled to disk"
+        print(
+            f"\n## Tiled VAE at the default budget, precision {args.precision}, 1 thread, "
+            f"states that do not fit {mode}; thread CPU\n| output | encode s/MP | decode s/MP "
+            "| written to disk (most at once) | recomputed passes | peak RSS - weights | load |\n"
+            "|---|---|---|---|---|---|---|"
+        )
+        for size in [int(v) for v in args.vae.split(",")]:
+            child = ["--child-vae", str(size), "--precision", args.precision]
+            r = run_child(child + (["--no-spill"] if args.no_spill else []))
+            mp = size * size / 1e6
+            enc, dec = r["seconds"]["encode"] / mp, r["seconds"]["decode"] / mp
+            print(
+                f"| {size}² | {enc:.1f} | {dec:.1f} | {r['spill_gb']:.1f} GB "
+                f"({r['disk_peak_gb']:.1f} GB) | "
+                f"{r['recomputed']} | {r['peak_minus_weights_gb']:.2f} GB | "
+                f"{os.getloadavg()[0]:.1f} |",
+                flush=True,
+            )
+        print(f"(budget {r['budget'] / 2**30:.2f} GiB)")
         return
     if not args.skip_table:
         print(f"\n## Default options, precision {args.precision}, x4, each size in a fresh process")

@@ -41,3 +41,17 @@ def test_half_precision_group_moments_match_fp32():
     ref = crop.double().reshape(2, 4, -1)  # the formula on the exact bf16 values
     torch.testing.assert_close(mean, ref.mean(-1), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(var, ref.var(-1, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_follow_the_weights_layout():
+    """Checkpoints are NHWC for a channels_last VAE, also for the decoder, whose first conv
+    (``post_quant_conv``, 1x1) is laid out the same in both formats (storing NHWC tiles into
+    NCHW checkpoints was a transposing copy: 1/3 of a tiled bf16 decode)."""
+    base = tiny_vae().to(torch.bfloat16)
+    half = tiny_vae().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    config = tiled_vae.TiledVAEConfig(budget=10**12)
+    for program in (tiled_vae.encoder_program, tiled_vae.decoder_program):
+        cl = tiled_vae.TiledVAERunner(program(half), config)._memory_format()
+        plain = tiled_vae.TiledVAERunner(program(base), config)._memory_format()
+        assert cl == torch.channels_last, program.__name__
+        assert plain == torch.contiguous_format, program.__name__

@@ -32,11 +32,17 @@ that resolution; not keeping it means the next pass recomputes from the older ch
 :func:`plan_checkpoints` chooses which to keep (a small dynamic programme: the least
 recomputation such that every kept state fits the budget next to the checkpoint it is
 computed from and a minimal tile working set; tiles then get what is left): low-resolution
-states are small and kept, and with a tight budget full-resolution ones are recomputed, so
-peak memory is bounded by the tile and the budget, not by the image. With a generous budget
-nothing is recomputed and the cost equals the untiled network's plus thin halos. For an fp32
-VAE, the resolutions whose states do not fit are stored in bfloat16 when that saves
-recomputation (``compact_checkpoints``; ~70 dB from the exact output).
+states are small and kept, and full-resolution ones that do not fit the budget are written
+to an anonymous temporary file tile by tile and read back region by region (:mod:`.spill`;
+positional reads and writes, not ``mmap``, so they never count in resident memory), so
+peak memory is bounded by the tile and the budget, not by the image. The planner weighs
+disk traffic against recomputation (recomputing a 4096x4096 decoder's full-resolution
+states from older checkpoints cost 6x its work; spilling them costs a few memory copies per
+element). With a generous budget nothing is spilled or recomputed and the cost equals the
+untiled network's plus thin halos. Without spilling (``spill=False``) the states that do not
+fit are recomputed, and for an fp32 VAE the resolutions whose states do not fit are stored
+in bfloat16 when that saves recomputation (``compact_checkpoints``; ~70 dB from the exact
+output).
 
 Attention runs on a whole-image checkpoint (it has latent resolution): keys and values are
 computed for the whole image in chunks, queries in blocks, through
@@ -68,6 +74,7 @@ Layout
 * :mod:`.program` - building encoder / decoder programs from a diffusers VAE;
 * :mod:`.norm` - whole-image GroupNorm statistics merged from tiles;
 * :mod:`.planner` - the checkpoint planner and a tile's working-set estimate;
+* :mod:`.spill` - checkpoints in temporary files;
 * :mod:`.attention` - global / windowed self-attention on a latent checkpoint;
 * :mod:`.runner` - the tile runner (passes, tiles, checkpoints in place);
 * :mod:`.whole` - the untiled execution of the same program.
@@ -106,6 +113,7 @@ from .planner import (
 )
 from .program import decoder_program, encoder_program
 from .runner import RunReport, Tick, TiledVAEConfig, TiledVAERunner
+from .spill import SpilledTensor, SpillError
 from .whole import _program, estimate_untiled_bytes, run_whole, whole_decode, whole_encode
 
 __all__ = [
@@ -123,6 +131,8 @@ __all__ = [
     "Region",
     "Residual",
     "RunReport",
+    "SpillError",
+    "SpilledTensor",
     "Tick",
     "TiledVAEConfig",
     "TiledVAERunner",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .ops import Attend, Conv, Norm, Op, Residual, UpConv, Upsample, _ids
 
 # The smallest working set a tile is given so that a checkpoint can still be kept.
@@ -9,6 +11,13 @@ MIN_WORK_FRACTION = 0.04
 MIN_WORK_BYTES = 8 * 2**20
 # Measured peak / estimated working set of one tile (see _work_bytes).
 WORK_SET_FACTOR = 1.6
+# Relative cost (FLOP-equivalents, see _op_cost) of writing one byte of a checkpoint to its
+# temporary file and of reading one byte back (:mod:`.spill`). Measured on the CI-class CPU
+# against a pointwise pass (~300 FLOP-equivalents per element, i.e. 150 per bf16 byte):
+# writing a 128-channel bf16 state tile by tile ~0.5-1 pass, reading tiles back ~1-2 passes
+# (thread CPU - wall, page cache). A 3x3 conv costs ~1150 per output byte at 128 channels.
+SPILL_WRITE_COST = 150.0
+SPILL_READ_COST = 300.0
 
 
 def _work_bytes(needs, chans, start, itemsize) -> int:
@@ -62,6 +71,15 @@ def _in_place(c: int, ids_c: list[int], s: int, ids_s: list[int], sizes, chans) 
     )
 
 
+class Plan(NamedTuple):
+    """A checkpoint plan: the boundaries kept (in memory or on disk), the plan's relative
+    cost (:func:`_op_cost` units, spill I/O included) and the kept ones stored on disk."""
+
+    kept: set[int]
+    cost: float
+    spilled: set[int]
+
+
 def plan_checkpoints(
     ops: list[Op],
     sizes,
@@ -70,23 +88,31 @@ def plan_checkpoints(
     budget: float,
     floor: float,
     optional: frozenset[int] = frozenset(),
-) -> tuple[set[int], float]:
-    """Which sync points to keep as checkpoints: the least total (re)computation such that
-    every kept state fits the budget next to the checkpoint it is computed from.
+    spill: bool = False,
+    disk: float = float("inf"),
+) -> Plan:
+    """Which sync points to keep as checkpoints, and where: the least total (re)computation
+    and disk traffic such that every state kept in memory fits the budget next to the
+    in-memory part of the checkpoint it is computed from.
 
     ``itemsize``: bytes per stored element (times the batch), one value or one per boundary.
     ``optional``: boundaries that are not sync points but may be kept (a pass that only
     stores them, skipped unless kept), e.g. the state before an upsampling, a quarter the
     size of the next sync point's.
-    Returns the kept boundaries and the plan's relative cost (:func:`_op_cost` units).
+    ``spill``: a state may also be kept on disk (:mod:`.spill`): its new tensors cost
+    :data:`SPILL_WRITE_COST` per byte once, and every pass that starts from it reads them
+    back (:data:`SPILL_READ_COST` per byte), instead of memory; at most ``disk`` bytes on
+    disk at once (a checkpoint's files and the next state's, while the pass runs).
 
     A small dynamic programme over the sync points (each pass costs the ops from the current
-    checkpoint to its sync point; keeping moves the checkpoint). A state that can replace its
-    checkpoint in place (:func:`_in_place`) needs room for two bands of tiles, not a second
-    whole-image tensor. Greedy keeping is not enough:
-    keeping a two-tensor state (a residual block's input and branch) can leave no room to
-    advance past it, while skipping it lets the next one-tensor state be kept. Attention
-    inputs and the output are always kept.
+    checkpoint to its sync point, plus reading the checkpoint's tensors that are on disk;
+    keeping moves the checkpoint). The programme's state is the checkpoint and which of its
+    tensors are in memory: a residual block's input may stay on disk while its branch is
+    kept in memory. A state that can replace its in-memory checkpoint in place
+    (:func:`_in_place`) needs room for two bands of tiles, not a second whole-image tensor.
+    Greedy keeping is not enough: keeping a two-tensor state (a residual block's input and
+    branch) can leave no room to advance past it, while skipping it lets the next one-tensor
+    state be kept. Attention inputs and the output are always kept, in memory.
     """
     n = len(ops)
     syncs = sorted({i for i, op in enumerate(ops) if op.sync} | {n} | set(optional))
@@ -108,16 +134,12 @@ def plan_checkpoints(
 
     item_at = itemsize if isinstance(itemsize, list) else [itemsize] * len(sizes)
 
-    def state_bytes(b: int, only_new_vs: int | None = None) -> float:
+    def id_bytes(b: int) -> dict[int, float]:
         h, w = sizes[b]
-        seen, total = set(), 0.0
-        old = set(ids_at[only_new_vs]) if only_new_vs is not None else set()
+        out: dict[int, float] = {}
         for i, c in zip(ids_at[b], chans[b], strict=True):
-            if i in seen or i in old:
-                continue
-            seen.add(i)
-            total += c * h * w * item_at[b]
-        return total
+            out.setdefault(i, c * h * w * item_at[b])
+        return out
 
     prefix = [0.0]
     for i, op in enumerate(ops):
@@ -125,32 +147,46 @@ def plan_checkpoints(
             prefix[-1] + _op_cost(op, sizes[i], sizes[i + 1], chans[i][-1], chans[i + 1][-1])
         )
 
-    # dp: checkpoint boundary -> (cost so far, kept syncs)
-    dp: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    # (checkpoint boundary, ids held in memory) -> (cost so far, kept, spilled)
+    Key = tuple[int, frozenset[int]]
+    Value = tuple[float, tuple[int, ...], tuple[int, ...]]
+    dp: dict[Key, Value] = {(0, frozenset([0])): (0.0, (), ())}
     for s in syncs:
         forced = s == n or isinstance(ops[s], Attend)
-        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        nxt: dict[Key, Value] = {}
 
-        def offer(c: int, cost: float, kept: tuple[int, ...], nxt=nxt) -> None:
-            if c not in nxt or cost < nxt[c][0]:
-                nxt[c] = (cost, kept)
+        def offer(key: Key, value: Value, nxt=nxt) -> None:
+            if key not in nxt or value[0] < nxt[key][0]:
+                nxt[key] = value
 
-        for c, (cost, kept) in dp.items():
-            total = cost + prefix[s] - prefix[c]
-            if s in optional:
-                if state_bytes(c) + state_bytes(s, c) + floor <= budget:
-                    offer(s, total, (*kept, s))
-                offer(c, cost, kept)  # no pass at all
-                continue
+        at_s = id_bytes(s)
+        for (c, mem), (cost, kept, spilled) in dp.items():
+            at_c = id_bytes(c)
+            held = sum(v for i, v in at_c.items() if i in mem)
+            on_disk = sum(v for i, v in at_c.items() if i not in mem)
+            total = cost + prefix[s] - prefix[c] + SPILL_READ_COST * on_disk
+            new = {i: v for i, v in at_s.items() if i not in at_c}
+            new_bytes = sum(new.values())
+            stay = frozenset(i for i in mem if i in at_s)  # in memory and still needed
+            in_mem = (s, stay | frozenset(new))
             if forced:
-                offer(s + 1 if s < n else s, total, (*kept, s))
+                if s < n:  # attention: its output replaces the top, in memory
+                    after = ids_at[s + 1]
+                    in_mem = (s + 1, frozenset(i for i in in_mem[1] if i in after) | {after[-1]})
+                offer(in_mem, (total, (*kept, s), spilled))
                 continue
-            # keep first: on a tie the later checkpoint is never worse
-            in_place = _in_place(c, ids_at[c], s, ids_at[s], sizes, chans)
-            extra = 2 * floor if in_place else state_bytes(s, c)
-            if state_bytes(c) + extra + floor <= budget:
-                offer(s, total, (*kept, s))
-            offer(c, total, kept)
+            in_place = _in_place(c, ids_at[c], s, ids_at[s], sizes, chans) and ids_at[c][0] in mem
+            extra = 2 * floor if in_place else new_bytes
+            # keep first: on a tie the later checkpoint is never worse. A state made only of
+            # its checkpoint's tensors (after a Push) costs no memory to keep.
+            if held + extra + floor <= budget or not new:
+                offer(in_mem, (total, (*kept, s), spilled))
+            if spill and new and on_disk + new_bytes <= disk:
+                offer((s, stay), (total + SPILL_WRITE_COST * new_bytes, (*kept, s), (*spilled, s)))
+            if s in optional:
+                offer((c, mem), (cost, kept, spilled))  # no pass at all
+            else:
+                offer((c, mem), (total, kept, spilled))
         dp = nxt
-    cost, kept = min(dp.values())
-    return set(kept), cost
+    cost, kept, spilled = min(dp.values())
+    return Plan(set(kept), cost, set(spilled))

@@ -3,6 +3,7 @@ following the checkpoint plan."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,8 +29,14 @@ from .ops import (
     _interior_tile,
     _shapes,
     _spans,
+    is_channels_last,
 )
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
+from .spill import SpilledTensor, spill_directory
+
+# Share of the spill directory's free space (at the start of a run) that checkpoints may
+# take at once; beyond it the planner recomputes instead (others may need the disk too).
+SPILL_DISK_FRACTION = 0.8
 
 Tick = Callable[[float], None]
 
@@ -48,7 +55,14 @@ class TiledVAEConfig:
         compact_checkpoints: for an fp32 VAE, store the checkpoints of the resolutions whose
             fp32 states do not fit the budget in bfloat16 (half the bytes) when that saves
             recomputation. Rounds those states (relative error <= 2**-9), so the output is no
-            longer bit-for-bit the untiled one; False keeps exact fp32 checkpoints.
+            longer bit-for-bit the untiled one; False keeps exact fp32 checkpoints. Only
+            without ``spill``, which avoids the recomputation without rounding.
+        spill: keep the states that do not fit the budget in temporary files (:mod:`.spill`)
+            when that is cheaper than recomputing them (it nearly always is) and they fit
+            :data:`SPILL_DISK_FRACTION` of the directory's free space; False keeps every
+            checkpoint in memory and recomputes the rest.
+        spill_dir: directory of those files (None = the system temporary directory,
+            ``$TMPDIR`` or ``/tmp``). They are unnamed and vanish when the run ends or fails.
     """
 
     budget: int
@@ -56,6 +70,8 @@ class TiledVAEConfig:
     work_fraction: float = 0.3
     attention_window: int | None = ATTENTION_WINDOW
     compact_checkpoints: bool = True
+    spill: bool = True
+    spill_dir: str | None = None
 
 
 @dataclass
@@ -69,11 +85,29 @@ class RunReport:
     tile_sizes: list[int] = field(default_factory=list)
     # Kept states written over the previous checkpoint, band by band.
     in_place: list[int] = field(default_factory=list)
+    # Kept states stored on disk (spill), the bytes written there, and the most bytes on
+    # disk at once (files are deleted as soon as no later pass reads them).
+    spilled: list[int] = field(default_factory=list)
+    spill_bytes: int = 0
+    spill_peak: int = 0
     # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
     compact: list[tuple[int, int]] = field(default_factory=list)
     # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
     # resolution and the output - are not counted; they are O(latent) and O(output)).
     peak_estimate: int = 0
+
+
+@dataclass
+class _Schedule:
+    """What the planner decided: the boundaries a pass ends at, those kept (in memory or
+    on disk), those on disk, each boundary's checkpoint dtype; the program's shapes."""
+
+    points: list[int]
+    planned: set[int]
+    spilled: set[int]
+    store_dtype: list[torch.dtype]
+    sizes: list[tuple[int, int]]
+    chans: list[list[int]]
 
 
 class _Context:
@@ -89,6 +123,43 @@ class _Context:
 def _write_band(target: Tensor, band: list[tuple[Region, Tensor]]) -> None:
     for core, tensor in band:
         target[:, :, core.y0 : core.y1, core.x0 : core.x1] = tensor
+
+
+Stored = Tensor | SpilledTensor  # a checkpoint element: in memory or on disk
+
+
+def _memory_bytes(store: dict[int, Stored]) -> int:
+    return sum(t.numel() * t.element_size() for t in store.values() if isinstance(t, Tensor))
+
+
+def _read_pieces(store: dict[int, Stored], ids: list[int], regions, full: Region, dtype):
+    """The stack's pieces covering ``regions`` cut from the checkpoint ``store`` (views of
+    in-memory tensors; one read per element on disk, covering every region asked of it)."""
+    loaded: dict[int, tuple[Tensor, Region]] = {}
+    for i, r in zip(ids, regions, strict=True):
+        if r is not None and isinstance(store[i], SpilledTensor):
+            have = loaded.get(i, (None, None))[1]
+            loaded[i] = (None, r.union(have))
+    for i, (_, r) in loaded.items():
+        loaded[i] = (store[i].read(r), r)
+    pieces: list[Piece | None] = []
+    for i, r in zip(ids, regions, strict=True):
+        if r is None:
+            pieces.append(None)
+            continue
+        t, have = loaded.get(i, (store[i], full))
+        pieces.append(Piece(_crop(t, have, r).to(dtype), r))
+    return pieces
+
+
+def _close_dropped(old: dict[int, Stored], new: dict[int, Stored]) -> None:
+    for i, t in old.items():
+        if isinstance(t, SpilledTensor) and i not in new:
+            t.close()
+
+
+def _materialize(t: Stored, size: tuple[int, int]) -> Tensor:
+    return t.read(Region(0, size[0], 0, size[1])) if isinstance(t, SpilledTensor) else t
 
 
 class TiledVAERunner:
@@ -165,21 +236,39 @@ class TiledVAERunner:
         optional = frozenset(
             i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)) and i not in syncs
         )
+        budget, floor = self.config.budget, self._floor()
+        # Keeping a checkpoint saves recomputing everything since the last one in every
+        # later pass, which costs far more than smaller tiles: keep what the planner chose
+        # (with the smallest useful working set) and give the tiles what is left.
+        planned, spilled, store_dtype = self._plan(
+            sizes, chans, syncs, optional, dtype, batch, budget, floor
+        )
+        schedule = _Schedule(
+            sorted({*syncs, *(planned & optional)}), planned, spilled, store_dtype, sizes, chans
+        )
+        files: list[SpilledTensor] = []  # every temporary file, closed on any exit
+        try:
+            return self._passes(x, schedule, limit, files)
+        finally:
+            for f in files:
+                f.close()
+
+    def _passes(self, x: Tensor, schedule: _Schedule, limit: float, files: list) -> Tensor:
+        """Run the passes of ``schedule`` on ``x`` (already in the VAE dtype); every
+        temporary file made is appended to ``files`` (the caller closes them)."""
+        ops = self.ops
+        points, planned, spilled = schedule.points, schedule.planned, schedule.spilled
+        store_dtype, sizes, chans = schedule.store_dtype, schedule.sizes, schedule.chans
+        dtype = x.dtype
+        itemsize = x.element_size()
+        batch = x.shape[0]
         stats: dict[int, GroupStats] = {}
         ctx = _Context(stats, ops)
         counter = [0]
         fmt = self._memory_format()
         # The checkpoint: boundary index, element ids and id -> whole-image tensor.
         ck_index, ck_ids, ck_store = 0, [0], {0: x}
-        budget = self.config.budget
-        floor = max(budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
-        # Keeping a checkpoint saves recomputing everything since the last one in every
-        # later pass, which costs far more than smaller tiles: keep what the planner chose
-        # (with the smallest useful working set) and give the tiles what is left.
-        planned, store_dtype = self._plan(
-            sizes, chans, syncs, optional, dtype, batch, budget, floor
-        )
-        points = sorted({*syncs, *(planned & optional)})
+        budget, floor = self.config.budget, self._floor()
         for p, s in enumerate(points):
             op = ops[s] if s < len(ops) else None
             ids = _ids(ops, ck_index, s, ck_ids, counter)
@@ -188,15 +277,18 @@ class TiledVAERunner:
             new_chans = {i: chans[s][ids.index(i)] for i in new_ids}
             store_item = torch.empty((), dtype=store_dtype[s]).element_size()
             new_bytes = sum(c * h * w * store_item * batch for c in new_chans.values())
-            ck_bytes = sum(t.numel() * t.element_size() for t in ck_store.values())
+            ck_bytes = _memory_bytes(ck_store)
             must_keep = op is None or isinstance(op, Attend)
             keep = must_keep or s in planned
+            spill = keep and not must_keep and s in spilled
             in_place = (
                 keep
+                and not spill
                 and _in_place(ck_index, ck_ids, s, ids, sizes, chans)
+                and isinstance(ck_store[ck_ids[0]], Tensor)
                 and ck_store[ck_ids[0]].dtype == store_dtype[s]
             )
-            held = ck_bytes + (new_bytes if keep and not in_place else 0)
+            held = ck_bytes + (new_bytes if keep and not in_place and not spill else 0)
             work = min(limit, max(budget - held, floor))
             if in_place:
                 work /= 2  # the other half holds two bands of finished tiles
@@ -215,6 +307,16 @@ class TiledVAERunner:
             if in_place:
                 (new_id,) = new_chans
                 store[new_id] = ck_store[ck_ids[0]]
+            elif spill:
+                for i, c in new_chans.items():
+                    shape = (batch, c, h, w)
+                    files.append(
+                        SpilledTensor(shape, store_dtype[s], self.config.spill_dir, fmt, x.device)
+                    )
+                    store[i] = files[-1]
+                    self.report.spill_bytes += files[-1].nbytes
+                    on_disk = sum(f.nbytes for f in files if not f.closed)
+                    self.report.spill_peak = max(self.report.spill_peak, on_disk)
             elif keep:
                 for i, c in new_chans.items():
                     store[i] = torch.empty(
@@ -232,16 +334,16 @@ class TiledVAERunner:
                 if acc is not None and final[-1] is None:
                     final[-1] = core
                 needs = _backward(ops, ck_index, s, final, sizes)
-                pieces = [
-                    None if r is None else Piece(_crop(ck_store[i], full, r).to(dtype), r)
-                    for i, r in zip(ck_ids, needs[0], strict=True)
-                ]
+                pieces = _read_pieces(ck_store, ck_ids, needs[0], full, dtype)
                 for j in range(ck_index, s):
                     pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
                 if acc is not None:
                     acc.add(pieces[-1].tensor)
                 for i, r, piece in zip(ids, final, pieces, strict=True):
                     if r is None or i not in store:
+                        continue
+                    if spill:
+                        store[i].write(core, piece.tensor)
                         continue
                     if not in_place:
                         store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
@@ -270,23 +372,29 @@ class TiledVAERunner:
             self.report.tile_sizes.append(tile)
             if in_place:
                 self.report.in_place.append(s)
+            if spill:
+                self.report.spilled.append(s)
             if acc is not None:
                 stats[s] = acc
                 self.group_stats[norm.module] = acc
             if keep:
                 self.report.kept.append(s)
                 if not must_keep:
-                    peak = ck_bytes + (0 if in_place else new_bytes)
+                    peak = ck_bytes + (0 if in_place or spill else new_bytes)
                     self.report.peak_estimate = max(self.report.peak_estimate, peak)
+                old = ck_store
                 ck_store = {i: store[i] if i in store else ck_store[i] for i in ids}
                 ck_index, ck_ids = s, ids
+                # delete the files nobody reads any more, free the old tensors now
+                _close_dropped(old, ck_store)
+                del old
             else:
                 self.report.recomputed.append(s)
             if isinstance(op, Attend):
                 out = _run_attention(
                     op,
                     stats[s],
-                    ck_store[ck_ids[-1]].to(dtype),
+                    _materialize(ck_store[ck_ids[-1]], sizes[s]).to(dtype),
                     self.config.budget,
                     self.config.attention_window,
                 )
@@ -294,7 +402,11 @@ class TiledVAERunner:
                 ck_ids = [*ck_ids[:-1], counter[0]]
                 ck_store = {i: ck_store[i] for i in ck_ids[:-1]} | {counter[0]: out}
                 ck_index = s + 1
-        return ck_store[ck_ids[-1]].to(dtype)
+        return _materialize(ck_store[ck_ids[-1]], sizes[-1]).to(dtype)
+
+    def _floor(self) -> float:
+        """The smallest working set a tile is given next to the checkpoints."""
+        return max(self.config.budget * MIN_WORK_FRACTION, MIN_WORK_BYTES)
 
     def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
         """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
@@ -308,17 +420,29 @@ class TiledVAERunner:
         Keeping a checkpoint saves recomputing everything since the last one in every later
         pass, which costs far more than smaller tiles: keep what :func:`plan_checkpoints`
         chooses (with the smallest useful working set) and give the tiles what is left.
-        With ``compact_checkpoints``, the resolutions where fp32 states had to be dropped
-        are stored in bfloat16 when that makes the plan cheaper; the output and the
-        attention input stay in the compute dtype.
+        With ``compact_checkpoints`` (and no ``spill``), the resolutions where fp32 states
+        had to be dropped are stored in bfloat16 when that makes the plan cheaper; the
+        output and the attention input stay in the compute dtype.
         """
         ops = self.ops
+        spill = self.config.spill
         itemsize = torch.empty((), dtype=dtype).element_size()
         exact = [dtype] * len(sizes)
-        kept, cost = plan_checkpoints(ops, sizes, chans, itemsize * batch, budget, floor, optional)
-        dropped = {sizes[s] for s in syncs if s not in kept}
-        if not (self.config.compact_checkpoints and dtype == torch.float32 and dropped):
-            return kept, exact
+        disk = 0.0
+        if spill:
+            try:
+                free = shutil.disk_usage(spill_directory(self.config.spill_dir)).free
+            except OSError:  # a missing directory: SpilledTensor will say so if it is used
+                free = float("inf")
+            disk = SPILL_DISK_FRACTION * free
+        plan = plan_checkpoints(
+            ops, sizes, chans, itemsize * batch, budget, floor, optional, spill, disk
+        )
+        # bf16 checkpoints are for saving recomputation; spilling saves it without rounding.
+        dropped = {sizes[s] for s in syncs if s not in plan.kept}
+        use_compact = self.config.compact_checkpoints and not spill
+        if not (use_compact and dtype == torch.float32 and dropped):
+            return plan.kept, plan.spilled, exact
         compact = [
             torch.bfloat16
             if sizes[i] in dropped and i < len(ops) and not isinstance(ops[i], Attend)
@@ -326,17 +450,23 @@ class TiledVAERunner:
             for i in range(len(sizes))
         ]
         items = [torch.empty((), dtype=d).element_size() * batch for d in compact]
-        kept_c, cost_c = plan_checkpoints(ops, sizes, chans, items, budget, floor, optional)
-        if cost_c >= cost:
-            return kept, exact
+        compact_plan = plan_checkpoints(
+            ops, sizes, chans, items, budget, floor, optional, spill, disk
+        )
+        if compact_plan.cost >= plan.cost:
+            return plan.kept, plan.spilled, exact
         self.report.compact = sorted(dropped)
-        return kept_c, compact
+        return compact_plan.kept, compact_plan.spilled, compact
 
     def _memory_format(self) -> torch.memory_format:
+        """The layout of the convs' weights (NHWC when the model was converted to
+        channels_last), for the checkpoints: storing NHWC tiles into NCHW checkpoints is a
+        slow transposing copy, and crops of them make NCHW tiles downstream. Decided from a
+        conv with a spatial kernel: a 1x1 kernel (e.g. the decoder's first op,
+        ``post_quant_conv``) is laid out identically in both formats."""
         for op in self.ops:
-            if isinstance(op, Conv) and op.module.weight.shape[1] > 1:
+            if isinstance(op, (Conv, UpConv)):
                 wgt = op.module.weight
-                if wgt.is_contiguous(memory_format=torch.channels_last) and not wgt.is_contiguous():
-                    return torch.channels_last
-                return torch.contiguous_format
+                if wgt.shape[1] > 1 and wgt.shape[2] * wgt.shape[3] > 1:
+                    return torch.channels_last if is_channels_last(wgt) else torch.contiguous_format
         return torch.contiguous_format

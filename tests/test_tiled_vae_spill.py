@@ -1,0 +1,202 @@
+"""Checkpoints on disk (tiled_vae.spill): exact round trips of tiles, runs that spill equal
+runs that keep or recompute, the temporary files disappear on success and on failure, and a
+full disk gives an error that says where and how much."""
+
+import errno
+import os
+
+import pytest
+import torch
+from tiny_models import tiny_vae
+
+from d3sr_core.inference import tiled_vae
+from d3sr_core.inference.tiled_vae import Region, TiledVAEConfig, TiledVAERunner
+from d3sr_core.inference.tiled_vae import runner as runner_module
+from d3sr_core.inference.tiled_vae.spill import SpilledTensor, SpillError
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+@pytest.fixture
+def cheap_io(monkeypatch):
+    """Disk I/O priced as it is against the full-size VAE's convs: the tiny VAE's convs have
+    4-32 channels instead of 128-512, so at the real prices it would rather recompute."""
+    monkeypatch.setattr(tiled_vae.planner, "SPILL_WRITE_COST", 1.0)
+    monkeypatch.setattr(tiled_vae.planner, "SPILL_READ_COST", 1.0)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt):
+    x = torch.randn(2, 5, 13, 17, generator=torch.Generator().manual_seed(30)).to(dtype)
+    t = SpilledTensor(tuple(x.shape), dtype, tmp_path, fmt)
+    # written as a grid of tiles (full-width bands and partial rows), in either layout
+    for y0, y1 in ((0, 6), (6, 13)):
+        for x0, x1 in ((0, 17),) if y0 == 0 else ((0, 9), (9, 17)):
+            tile = x[:, :, y0:y1, x0:x1]
+            t.write(Region(y0, y1, x0, x1), tile.contiguous(memory_format=torch.channels_last))
+    assert os.listdir(tmp_path) == [], "the file has no name"
+    for r in (Region(0, 13, 0, 17), Region(3, 11, 2, 15), Region(12, 13, 16, 17)):
+        out = t.read(r)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+        assert torch.equal(out, x[:, :, r.y0 : r.y1, r.x0 : r.x1])
+    fds = _open_fds()
+    t.close()
+    assert _open_fds() == fds - 1 and t.closed
+
+
+class _InMemory(SpilledTensor):
+    """The same interface, kept in a tensor: what a spilled run would compute if the disk
+    round trip were perfect."""
+
+    def __init__(
+        self, shape, dtype, directory=None, memory_format=torch.channels_last, device=None
+    ):
+        self.shape, self.dtype, self.memory_format = tuple(shape), dtype, memory_format
+        self.t = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        self.nbytes = self.t.numel() * self.t.element_size()
+        self._file = None
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+    def write(self, region, tensor):
+        self.t[:, :, region.y0 : region.y1, region.x0 : region.x1] = tensor
+
+    def read(self, region):
+        crop = self.t[:, :, region.y0 : region.y1, region.x0 : region.x1]
+        return crop.contiguous(memory_format=self.memory_format)
+
+
+def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
+    """States kept in memory, recomputed, or on disk: the same output (up to the summation
+    order of different tile grids), and exactly the output of the same schedule with the
+    files replaced by memory (the disk round trip loses nothing)."""
+    z = torch.randn(1, 4, 8, 11, generator=torch.Generator().manual_seed(31))
+    x = torch.rand(1, 3, 56, 72, generator=torch.Generator().manual_seed(32)) * 2 - 1
+    runs = {
+        "keep": (10**12, False, SpilledTensor),
+        "recompute": (1, False, SpilledTensor),
+        "spill": (1, True, SpilledTensor),
+        "spill in memory": (1, True, _InMemory),
+    }
+    with torch.inference_mode():
+        for program, inp in ((tiled_vae.decoder_program, z), (tiled_vae.encoder_program, x)):
+            outs, reports = {}, {}
+            for name, (budget, spill, store) in runs.items():
+                monkeypatch.setattr(runner_module, "SpilledTensor", store)
+                config = TiledVAEConfig(budget=budget, tile=16, spill=spill, spill_dir=tmp_path)
+                runner = TiledVAERunner(program(vae), config)
+                outs[name], reports[name] = runner.run(inp), runner.report
+            assert reports["spill"].spilled and not reports["spill"].recomputed
+            assert 0 < reports["spill"].spill_peak <= reports["spill"].spill_bytes
+            assert reports["recompute"].recomputed and not reports["recompute"].spilled
+            assert not reports["keep"].spilled and not reports["keep"].recomputed
+            assert reports["spill"] == reports["spill in memory"]
+            assert torch.equal(outs["spill"], outs["spill in memory"]), program.__name__
+            for name in ("spill", "recompute"):
+                torch.testing.assert_close(outs[name], outs["keep"], atol=1e-5, rtol=1e-5)
+    assert os.listdir(tmp_path) == []
+
+
+def test_spill_files_are_removed_on_success_and_on_error(vae, tmp_path, monkeypatch, cheap_io):
+    made: list[SpilledTensor] = []
+
+    class Recorded(SpilledTensor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(runner_module, "SpilledTensor", Recorded)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(33))
+    config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+    fds = _open_fds()
+    with torch.inference_mode():
+        TiledVAERunner(tiled_vae.decoder_program(vae), config).run(z)
+    assert made and all(t.closed for t in made)
+    assert _open_fds() == fds and os.listdir(tmp_path) == []
+
+    made.clear()
+
+    def cancel(fraction: float) -> None:
+        if fraction > 0.5:
+            raise KeyboardInterrupt("cancelled")
+
+    with torch.inference_mode(), pytest.raises(KeyboardInterrupt):
+        TiledVAERunner(tiled_vae.decoder_program(vae), config, tick=cancel).run(z)
+    assert made and all(t.closed for t in made), "files of the failed run are deleted"
+    assert _open_fds() == fds and os.listdir(tmp_path) == []
+
+
+def test_full_disk_or_missing_directory_is_a_clear_error(vae, tmp_path, monkeypatch, cheap_io):
+    missing = tmp_path / "nope"
+    with pytest.raises(SpillError, match="nope"):
+        SpilledTensor((1, 8, 64, 64), torch.float32, missing)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    fds = _open_fds()
+    with pytest.raises(SpillError, match=r"0\.13 GB .*No space left") as err:
+        SpilledTensor((1, 8, 2048, 2048), torch.float32, tmp_path)
+    assert err.value.errno == errno.ENOSPC and str(tmp_path) in str(err.value)
+    assert _open_fds() == fds, "the half-made file is closed"
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(34))
+    with torch.inference_mode(), pytest.raises(SpillError, match="memory budget"):
+        config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+        TiledVAERunner(tiled_vae.decoder_program(vae), config).run(z)
+    assert _open_fds() == fds
+
+
+def test_planner_spills_instead_of_recomputing(cheap_io):
+    """Under a budget that holds no full-resolution state, the plan with spilling keeps every
+    sync point (in memory or on disk) and costs less than the recomputing plan; states that
+    fit stay in memory."""
+    from d3sr_core.inference.tiled_vae import MIN_WORK_BYTES, _shapes, plan_checkpoints
+
+    ops = tiled_vae.decoder_program(tiny_vae())
+    sizes, chans = _shapes(ops, 48, 48, 4)
+    full = sizes[-1][0] * sizes[-1][1] * 4
+    budget = 6 * full + MIN_WORK_BYTES  # the low resolutions fit, the two highest do not
+    syncs = {i for i, op in enumerate(ops) if op.sync} | {len(ops)}
+    lean = plan_checkpoints(ops, sizes, chans, 4, budget, MIN_WORK_BYTES)
+    spill = plan_checkpoints(ops, sizes, chans, 4, budget, MIN_WORK_BYTES, spill=True)
+    roomy = plan_checkpoints(ops, sizes, chans, 4, 10**12, MIN_WORK_BYTES, spill=True)
+    assert lean.kept != syncs and not lean.spilled
+    assert spill.kept == syncs and spill.spilled and spill.spilled < spill.kept
+    on_disk = {sizes[s] for s in spill.spilled}
+    assert sizes[-1] in on_disk and all(h >= sizes[-1][0] // 2 for h, _ in on_disk)
+    assert roomy.cost < spill.cost < lean.cost and not roomy.spilled
+
+
+def test_a_small_disk_means_recomputing(vae, tmp_path, monkeypatch, cheap_io):
+    """The planner spills at most a share of the free space at once; with too little it
+    recomputes (and the output is the same)."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(35))
+    config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+    reports, outs = {}, {}
+    with torch.inference_mode():
+        for free in (10**12, 10_000):
+            monkeypatch.setattr(
+                runner_module.shutil, "disk_usage", lambda d, free=free: usage(0, 0, free)
+            )
+            runner = TiledVAERunner(tiled_vae.decoder_program(vae), config)
+            outs[free], reports[free] = runner.run(z), runner.report
+    roomy, small = reports[10**12], reports[10_000]
+    assert roomy.spilled and roomy.spill_peak > 10_000
+    assert small.spill_peak <= runner_module.SPILL_DISK_FRACTION * 10_000
+    assert small.recomputed
+    torch.testing.assert_close(outs[10_000], outs[10**12], atol=1e-5, rtol=1e-5)
