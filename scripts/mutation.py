@@ -54,14 +54,39 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_weights_fuzz.py",
     ],
     "d3sr_core/models/generator.py": [
+        "tests/test_reference_pipeline.py::test_upscale_matches_reference",
+        "tests/test_pipeline.py::test_deterministic_and_seeded_sampling",
+        "tests/test_latent.py",
         "tests/test_checkpoint.py",
         "tests/test_strength.py",
-        "tests/test_lora.py",
     ],
+    "d3sr_core/losses/dists.py": ["tests/test_dists.py"],
     "d3sr_core/models/lora.py": [
         "tests/test_lora.py",
         "tests/test_strength.py",
         "tests/test_checkpoint.py",
+    ],
+    "d3sr_core/inference/latent.py": ["tests/test_latent.py"],
+    "d3sr_core/inference/precision.py": [
+        "tests/test_precision.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/unet_attention.py": [
+        "tests/test_unet_attention.py",
+        "tests/test_pipeline_large.py",
+        "-k",
+        "unet_attention or attention_window",
+    ],
+    "d3sr_core/inference/tiling.py": [
+        "tests/test_tiling.py",
+        "tests/test_latent.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/memory.py": [
+        "tests/test_budget_precision.py",
+        "tests/test_pipeline_large.py",
+        "-k",
+        "budget or oom or memory",
     ],
 }
 
@@ -83,6 +108,9 @@ EQUIVALENT: dict[str, str] = {
         "is '' anyway"
         for i in (21, 24, 25)
     },
+    "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_18": "rpartition instead of partition "
+    "differs only for a key holding '.lora_A.' twice (a module named lora_A inside the path, or "
+    "an adapter named lora_A): ambiguous, peft's keys have neither",
     "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_30": "break instead of continue in the "
     "adapter filter: a key holds only one of the two markers, nothing is left to check",
     "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_42": "a real 1-row slice instead of a "
@@ -139,9 +167,14 @@ def _mutmut_section(module: str, tests: list[str]) -> str:
     )
 
 
+def _work_name(module: str) -> str:
+    """``d3sr_core/inference/tiled_vae/ops.py`` -> ``inference.tiled_vae.ops`` (unique per module)."""
+    return ".".join(Path(module).with_suffix("").parts[1:])
+
+
 def prepare(module: str, tests: list[str], workdir: Path) -> Path:
     """Fresh copy of the sources and tests in ``workdir/<module stem>`` with the module's config."""
-    work = workdir / Path(module).stem
+    work = workdir / _work_name(module)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("d3sr_core", "tests"):
         shutil.rmtree(work / name, ignore_errors=True)
@@ -198,7 +231,7 @@ def main() -> None:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="rerun only the last survivors (after adding tests)",
+        help="rerun only the last survivors and not-covered mutants (after adding tests)",
     )
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
     args = parser.parse_args()
@@ -211,7 +244,7 @@ def main() -> None:
         parser.error(
             f"no tests known for {args.module}; pass --tests (known: {', '.join(MODULE_TESTS)})"
         )
-    work = args.workdir / Path(args.module).stem
+    work = args.workdir / _work_name(args.module)
     if not args.summary:
         if args.fresh:
             shutil.rmtree(work / "mutants", ignore_errors=True)
@@ -221,8 +254,10 @@ def main() -> None:
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
         if args.survivors:
             meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
-            names = [
-                k for k, v in meta["exit_code_by_key"].items() if v == 0 and k not in EQUIVALENT
+            names = [  # survived, or not covered by the selection's tests
+                k
+                for k, v in meta["exit_code_by_key"].items()
+                if STATUS.get(v) in ("survived", "no tests") and k not in EQUIVALENT
             ]
             if not names:
                 print(json.dumps(summarise(work, args.module)))
