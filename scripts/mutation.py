@@ -100,7 +100,31 @@ _BANDS = (
 )
 _E = "d3sr_core.losses.ea_dists.x_"
 _O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
+_A = "d3sr_core.inference.alpha.x_fill_transparent__mutmut_"
+_ONE_SIDE = (
+    "pooling a 1-pixel side by 2 with ceil_mode gives the same single row/column (the divisor "
+    "counts only pixels inside)"
+)
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "the pattern lies in [0, 1] by "
+        "construction (x, y(1-x), blob/2 + (1 + sin)/4): dropping or widening a clamp bound "
+        "changes nothing"
+        for i in (58, 59, 61, 63)
+    },
+    "d3sr_core.inference.latent.x_latent_output_shape__mutmut_2": "shape[+2:] of the validated "
+    "4-d latent shape is shape[-2:]",
+    "d3sr_core.loading.checkpoint.x_load_checkpoint__mutmut_155": "break instead of continue "
+    "when the unet has no tensors: the missing UNet adapter is refused right after either way",
+    **{
+        _A + str(i): "shape[+2:] / shape[+2] of the documented 4-d tensors is shape[-2:] / "
+        "shape[-2]"
+        for i in (23, 31, 40, 81)
+    },
+    _A + "24": "shape[-3:] of alpha [B, 1, H, W] adds the channel size 1: same max",
+    _A + "38": _ONE_SIDE,
+    _A + "45": _ONE_SIDE,
+    _A + "80": "F.interpolate's default mode is 'nearest'",
     _O + "164": "GeneratorConfig's default base is 'sd21-base'",
     "d3sr_core.models.lora.x__param__mutmut_7": "get_submodule('') is the model itself",
     **{
