@@ -107,6 +107,11 @@ _ONE_SIDE = (
 )
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "torch.meshgrid's default "
+        "indexing is 'ij' (it only warns)"
+        for i in (5, 8)
+    },
+    **{
         f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "the pattern lies in [0, 1] by "
         "construction (x, y(1-x), blob/2 + (1 + sin)/4): dropping or widening a clamp bound "
         "changes nothing"
