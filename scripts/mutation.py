@@ -106,6 +106,14 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.inference.unet_attention.x_enable_windowed_attention__mutmut_22": "sample.shape"
+    "[+2] of the UNet's 4-d sample is shape[-2]",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_142": "default None "
+    "instead of False for a missing residual_connection: both falsy",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_68": "CPU-only: the "
+    "output buffer's device None is the CPU, like q's",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_75": "CPU-only: the "
+    "output buffer without device is on the CPU, like q",
     **{
         f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "torch.meshgrid's default "
         "indexing is 'ij' (it only warns)"
