@@ -82,12 +82,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_latent.py",
         "tests/test_budget_precision.py",
     ],
-    "d3sr_core/inference/memory.py": [
-        "tests/test_budget_precision.py",
-        "tests/test_pipeline_large.py",
-        "-k",
-        "budget or oom or memory",
-    ],
+    "d3sr_core/inference/memory.py": ["tests/test_memory.py", "tests/test_budget_precision.py"],
 }
 
 # mutant name -> why it cannot change behaviour (excluded from the score). "CPU-only" ones
