@@ -83,6 +83,37 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_budget_precision.py",
     ],
     "d3sr_core/inference/memory.py": ["tests/test_memory.py", "tests/test_budget_precision.py"],
+    "d3sr_core/models/discriminator/condition.py": [
+        "tests/test_discriminator.py",
+        "-k",
+        "condition or logit_grid or noising or config",
+    ],
+    "d3sr_core/models/discriminator/model.py": ["tests/test_discriminator.py"],
+    "d3sr_core/models/discriminator/trunk.py": ["tests/test_discriminator.py"],
+    **{
+        f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_tiled_vae.py",
+            "tests/test_budget_precision.py",
+        ]
+        for name in (
+            "attention",
+            "norm",
+            "planner",
+            "whole",
+            "program",
+            "runner",
+            "ops",
+            "__init__",
+        )
+    },
+    "d3sr_core/inference/pipeline.py": [
+        "tests/test_reference_pipeline.py",
+        "tests/test_pipeline.py",
+        "tests/test_size_option.py",
+        "tests/test_alpha_and_cache.py::test_hidden_colour_does_not_bleed_into_visible_pixels",
+        "tests/test_tiling.py::test_pipeline_latent_tiling_matches_untiled",
+        "tests/test_pipeline_large.py",
+    ],
 }
 
 # mutant name -> why it cannot change behaviour (excluded from the score). "CPU-only" ones
@@ -101,6 +132,47 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.inference.tiling.x_{name}__mutmut_{i}": "CPU-only: device None / omitted "
+        "is the CPU, like the latent's"
+        for name, i in (
+            ("blend_weights", 7),
+            ("blend_weights", 12),
+            ("gaussian_weights", 29),
+            *(("tiled_model_output", i) for i in (37, 41, 48, 54, 62, 68)),
+        )
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_gaussian_weights__mutmut_{i}": "float32 ones in "
+        "torch.outer with a float64 axis promote to float64; ones are exact in both"
+        for i in (7, 9)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "the shortcut for one "
+        "tile covering the latent: the blending path gives the same bits (weight 1 everywhere: "
+        "out * 1 / 1) and the same tick; tile_grid's tiles always cover the latent"
+        for i in (9, 10, 11, 13, 14, 15, 16, 17, 22, 23)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "blend weights with a "
+        "wrong height/width: on an axis with a single span every tile has the same profile, "
+        "which cancels in acc / norm"
+        for i in (35, 36, 39, 40)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "dtype None is the "
+        "default float32"
+        for i in (47, 53, 61, 67)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "a 3-d acc / norm "
+        "buffer broadcasts to the same [1, C, H, W] result"
+        for i in (49, 63, 64)
+    },
+    "d3sr_core.inference.tiling.x_tile_spans__mutmut_9": "length is an int: length <= t + t "
+    "// 16 exactly when length <= t + t / 16",
+    "d3sr_core.inference.tiling.x_plan_latent_tiles__mutmut_90": "int() of the min of positive "
+    "numbers floors budget / per_tile like //",
     "d3sr_core.inference.unet_attention.x_enable_windowed_attention__mutmut_22": "sample.shape"
     "[+2] of the UNet's 4-d sample is shape[-2]",
     "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_142": "default None "

@@ -227,11 +227,12 @@ def gaussian_by_hand(n: int) -> list[float]:
 
 
 def test_weights_written_out():
-    for h, w in ((2, 5), (1, 7), (6, 3)):
-        expected = torch.tensor(gaussian_by_hand(h)).outer(torch.tensor(gaussian_by_hand(w)))
+    for h, w in ((2, 5), (1, 7), (6, 13)):
+        by_hand = [torch.tensor(gaussian_by_hand(n), dtype=torch.float64) for n in (h, w)]
         got = gaussian_weights(h, w)
         assert got.dtype == torch.float32 and got.shape == (h, w)
-        torch.testing.assert_close(got, expected.float(), atol=1e-7, rtol=1e-6)
+        # computed in float64, rounded once: bit-exact
+        torch.testing.assert_close(got, by_hand[0].outer(by_hand[1]).float(), atol=0, rtol=0)
     flat_x = gaussian_weights(4, 6, flat_x=True)
     torch.testing.assert_close(flat_x, torch.tensor(gaussian_by_hand(4))[:, None].expand(4, 6))
     # one tile spanning the height: flat along y, Gaussian along x
@@ -263,7 +264,8 @@ def test_blend_written_out_batches_and_ticks():
     assert calls == [2, 1] and ticks == [(2, 3), (3, 3)]
     calls.clear()
     tiled_model_output(predict, latent, tiles, batch_size=0)
-    assert calls == [1, 1, 1]
+    tiled_model_output(predict, latent, tiles)  # one tile per call by default
+    assert calls == [1, 1, 1, 1, 1, 1]
     # one tile covering the latent: the model's output itself, one tick
     ticks.clear()
     whole = tiled_model_output(
@@ -294,14 +296,19 @@ def test_unet_memory_estimates_written_out():
 
 
 def test_plan_written_out():
-    def plan(budget, **kw):
-        kw.setdefault("bytes_per_pixel", 1)
-        return plan_latent_tiles(300, 300, "auto", 32, budget, **kw)
-
-    # "auto" shrinks the tile by 8 from 128 until (tile + tile // 16)^2 pixels fit the budget
-    for budget, tile in ((16200, 120), (16129, 120), (15000, 112), (14000, 104), (1, 16)):
-        tiles, _ = plan(budget)
-        assert tiles == tile_grid(300, 300, tile, 32), (budget, tile)
+    # "auto" shrinks the tile by 8 from 128 until (tile + tile // 16)^2 pixels fit the budget;
+    # the sizes are chosen so that the neighbouring tile sizes would tile differently
+    for size, budget, tile, near in (  # near: a tile size that would tile differently
+        (240, 16200, 120, 112),  # 127^2 = 16129 fits
+        (240, 16129, 120, 112),  # exactly at the budget: fits
+        (240, 15000, 112, 120),  # 119^2 = 14161
+        (224, 15000, 112, 104),
+        (224, 14000, 104, 112),  # 110^2 = 12100
+        (40, 1, 16, 8),  # never below 16
+    ):
+        tiles, _ = plan_latent_tiles(size, size, "auto", 0, budget, 1)
+        assert tiles == tile_grid(size, size, tile, 0), (size, budget, tile)
+        assert tile_grid(size, size, near, 0) != tiles  # so the check can fail
     # attention bytes for the tile's token count come on top: 11 bytes per pixel here
     tokens = []
 
@@ -309,11 +316,11 @@ def test_plan_written_out():
         tokens.append(n)
         return 10 * n
 
-    tiles, _ = plan(11 * 127 * 127, attention_per_tokens=attention)
-    assert tiles == tile_grid(300, 300, 120, 32) and tokens[:2] == [136 * 136, 127 * 127]
-    # without the 128 cap: from the latent rounded up to 8 (304 here), by 8
-    tiles, _ = plan_latent_tiles(301, 100, "auto", 32, 312 * 312, 1, max_tile=None)
-    assert tiles == tile_grid(301, 100, 296, 32)
+    tiles, _ = plan_latent_tiles(240, 240, "auto", 0, 11 * 127 * 127, 1, attention)
+    assert tiles == tile_grid(240, 240, 120, 0) and tokens[:2] == [136 * 136, 127 * 127]
+    # without the 128 cap: from the latent side rounded up to 8 (208 here), by 8: 192
+    tiles, _ = plan_latent_tiles(205, 205, "auto", 0, 44434, 1, max_tile=None)
+    assert tiles == tile_grid(205, 205, 192, 0) and len(tiles) == 4
     # batch: as many tiles as fit the budget, at most max_batch (8) and the tile count
     assert plan_latent_tiles(300, 200, 0, 32, 1, 1) == ([Tile(0, 0, 300, 200)], 1)
     assert plan_latent_tiles(300, 300, 16, 0, 10**9, 1)[1] == 8
