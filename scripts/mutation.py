@@ -133,6 +133,46 @@ _ONE_SIDE = (
 )
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "CPU-only: the device given / "
+        "dropped is the CPU the model is on"
+        for name, i in (
+            ("_cast", 8),
+            ("_cast", 10),
+            ("_cast", 13),
+            ("_cast", 16),
+            ("prepare_generator", 39),
+            ("prepare_generator", 45),
+            ("prepare_generator", 50),
+        )
+    },
+    **{
+        f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "'AUTO' is lower-cased by "
+        "resolve_dtype"
+        for name, i in (("prepare_generator", 2), ("prepare_generator", 37))
+    },
+    **{
+        f"d3sr_core.inference.precision.x_resolve_device__mutmut_{i}": "the cuda entry of the "
+        "allowed types is never reached: cuda is handled by the branch above"
+        for i in (49, 50)
+    },
+    "d3sr_core.inference.precision.x__mps_available__mutmut_6": "torch.backends always has "
+    "mps (torch >= 1.12; a deleted attribute is re-imported lazily)",
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "the key is the part before "
+        "the first ':' whatever the split limit"
+        for i in (18, 21)
+    },
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "differs only for a "
+        "cpuinfo line with a second ':'; flag lists hold none"
+        for i in (19, 32, 33, 35)
+    },
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "'ASCII' is the ascii codec; "
+        "the locale's UTF-8 with errors='ignore' reads the same ASCII keys and flags"
+        for i in (2, 5, 10)
+    },
+    **{
         f"d3sr_core.inference.tiling.x_{name}__mutmut_{i}": "CPU-only: device None / omitted "
         "is the CPU, like the latent's"
         for name, i in (

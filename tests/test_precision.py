@@ -133,6 +133,7 @@ def test_device_choice_with_simulated_accelerators(monkeypatch):
     assert resolve_device("auto") == torch.device("mps")
     assert resolve_device("mps") == torch.device("mps")
     assert resolve_device("xpu") == torch.device("xpu")
+    assert resolve_device() == torch.device("mps")  # the default is auto
     check("meta", "unsupported device meta")
     check("tpu-please", "unknown device 'tpu-please': use auto, cpu, cuda, cuda:N or mps")
 
@@ -167,6 +168,8 @@ def test_cpu_bf16_detection(monkeypatch, tmp_path):
     assert opened == ["/proc/cpuinfo"]
     info.write_bytes(b"Processor\t: AArch64\nFeatures\t: fp asimd bf16\n")
     assert precision._cpu_flags() == {"fp", "asimd", "bf16"}
+    info.write_bytes(b"Features: fp bf16\n")  # no blank before the colon
+    assert precision._cpu_flags() == {"fp", "bf16"}
 
     def no_file(*args, **kwargs):
         raise OSError("no /proc")
@@ -218,9 +221,11 @@ def test_cpu_bf16_detection(monkeypatch, tmp_path):
 
 def test_dtype_names_warnings_and_plans(caplog):
     with caplog.at_level(logging.WARNING, logger="d3sr"):
-        assert resolve_dtype(" Half ", "cpu") == torch.float16
         assert resolve_dtype("FP16", torch.device("cuda")) == torch.float16
         assert resolve_dtype("bfloat16", "mps") == torch.bfloat16
+        assert resolve_dtype("float32", "mps") == torch.float32
+        assert not caplog.records  # fp16 warns on a CPU only
+        assert resolve_dtype(" Half ", "cpu") == torch.float16
     assert [r.getMessage() for r in caplog.records] == [
         "fp16 on a CPU is emulated and very slow; bf16 or fp32 is faster"
     ]
@@ -247,6 +252,9 @@ def test_prepare_generator_defaults_and_the_vae_config(caplog, monkeypatch):
     g = tiny_generator()
     with caplog.at_level(logging.INFO, logger="d3sr"):
         assert prepare_generator(g, dtype=None) is g  # device None: stays where it is
+        assert prepare_generator(g) is g  # dtype auto
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        prepare_generator(g, "tpu")
     assert "precision: cpu: UNet fp32, VAE fp32" in [r.getMessage() for r in caplog.records]
     conv = g.unet.conv_in.weight
     assert g.dtype == torch.float32 and conv.is_contiguous() and not g.training
@@ -266,17 +274,25 @@ def test_prepare_generator_defaults_and_the_vae_config(caplog, monkeypatch):
     assert g.vae.encoder.conv_in.weight.is_contiguous(memory_format=fmt)
 
 
-def test_cast_keeps_diffusers_fp32_module_handling():
-    class KeepsFp32(torch.nn.Module):
-        _keep_in_fp32_modules = ["norm"]
+def test_cast_uses_the_model_s_own_to_only_for_fp32_modules():
+    class Model(torch.nn.Module):
+        """Records calls of its own ``to`` (diffusers' ModelMixin.to keeps fp32 modules)."""
 
-        def __init__(self):
+        def __init__(self, keep):
             super().__init__()
+            self._keep_in_fp32_modules = keep
             self.proj = torch.nn.Linear(2, 2)
+            self.own_to = []
 
-    model = KeepsFp32()
-    precision._cast(model, torch.device("cpu"), torch.bfloat16)
-    assert model.proj.weight.dtype == torch.bfloat16
-    plain = torch.nn.Linear(2, 2)
-    precision._cast(plain, torch.device("cpu"), torch.float16)
-    assert plain.weight.dtype == torch.float16
+        def to(self, *args, **kwargs):
+            self.own_to.append(kwargs)
+            return super().to(*args, **kwargs)
+
+    keeps = Model(["norm"])
+    precision._cast(keeps, torch.device("cpu"), torch.bfloat16)
+    assert keeps.proj.weight.dtype == torch.bfloat16
+    assert keeps.own_to == [{"device": torch.device("cpu"), "dtype": torch.bfloat16}]
+    for keep in ([], None):  # nothing kept in fp32: plain nn.Module.to, no diffusers warning
+        plain = Model(keep)
+        precision._cast(plain, torch.device("cpu"), torch.float16)
+        assert plain.proj.weight.dtype == torch.float16 and plain.own_to == []
