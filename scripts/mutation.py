@@ -21,6 +21,8 @@ The work directory keeps mutmut's cache: a second run only retests what changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -54,6 +56,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_weights_fuzz.py",
     ],
     "d3sr_core/models/generator.py": [
+        "tests/test_generator.py",
         "tests/test_reference_pipeline.py::test_upscale_matches_reference",
         "tests/test_pipeline.py::test_deterministic_and_seeded_sampling",
         "tests/test_latent.py",
@@ -132,6 +135,35 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁ{name}__mutmut_{i}": "return_dict None / "
+        "True / omitted: diffusers' output object indexed with [0] is the same tensor"
+        for name, i in (
+            ("predict", 32),
+            ("predict", 36),
+            ("predict", 38),
+            ("decode", 5),
+            ("decode", 7),
+            ("decode", 10),
+        )
+    },  # fmt: skip
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁ{name}__mutmut_{i}": "CPU-only: device "
+        "None / omitted is the CPU"
+        for name, i in (
+            ("predict", 22),
+            ("predict", 26),
+            ("encode", 12),
+            ("encode", 16),
+            ("set_prompt_embeds", 61),
+            ("set_prompt_embeds", 63),
+        )
+    },  # fmt: skip
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁpredict__mutmut_{i}": "torch.full with an "
+        "int fill is int64 (torch.long) without a dtype"
+        for i in (23, 27)
+    },
     **{
         f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "CPU-only: the device given / "
         "dropped is the CPU the model is on"
@@ -352,6 +384,28 @@ def summarise(work: Path, module: str) -> dict[str, int | float]:
     return result
 
 
+def table(workdir: Path) -> None:
+    """A markdown table of the last results of every module run under ``workdir``, and the
+    total (equivalent mutants left out; "no tests" counted as not detected)."""
+    cols = ("generated", "killed", "timeout", "survived", "no tests", "equivalent", "not checked")
+    total: Counter[str] = Counter()
+    print("| module | " + " | ".join(cols) + " | score |")
+    print("|---" * (len(cols) + 2) + "|")
+    for module in MODULE_TESTS:
+        work = workdir / _work_name(module)
+        if not (work / "mutants" / (module + ".meta")).exists():
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            counts = summarise(work, module)
+        total.update({k: int(v) for k, v in counts.items() if k in cols})
+        row = " | ".join(str(counts.get(c, 0)) for c in cols)
+        print(f"| `{module.removeprefix('d3sr_core/')}` | {row} | {counts['score %']} % |")
+    detected = total["killed"] + total["timeout"]
+    checked = detected + total["survived"] + total["no tests"]
+    score = round(100.0 * detected / checked, 1) if checked else 0.0
+    print("| **all run** | " + " | ".join(str(total[c]) for c in cols) + f" | **{score} %** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -378,7 +432,13 @@ def main() -> None:
         help="rerun only the last survivors and not-covered mutants (after adding tests)",
     )
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
+    parser.add_argument(
+        "--table", action="store_true", help="markdown table of every module's last results"
+    )
     args = parser.parse_args()
+    if args.table:
+        table(args.workdir)
+        return
     if args.list or not args.module:
         for module, tests in MODULE_TESTS.items():
             print(f"{module}: {' '.join(tests)}")
