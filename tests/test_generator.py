@@ -116,3 +116,44 @@ def test_prompt_embeds_checks_state_the_whole_problem():
     with pytest.raises(ValueError) as err:
         bare.set_prompt_embeds(torch.ones(1, 3, 32))
     assert str(err.value).startswith("prompt_embeds width 32 does not match the UNet's context 48")
+
+
+def test_config_timestep_buffer_and_adapter_rules():
+    from d3sr_core.models import LoraAdapter
+    from d3sr_core.models.schedule import PREDICTION_TYPES
+
+    for kwargs, message in (
+        ({"prediction_type": "x0"}, f"prediction_type must be one of {PREDICTION_TYPES}, got 'x0'"),
+        ({"latent_mode": "z"}, "latent_mode must be 'mode' or 'sample', got 'z'"),
+    ):
+        with pytest.raises(ValueError) as err:
+            GeneratorConfig(**kwargs)
+        assert str(err.value) == message
+    for t in (0, 999):  # the schedule's whole range
+        assert D3SRGenerator(tiny_unet(), tiny_vae(), tiny_prompt_embeds(), alphas_cumprod(),
+                             GeneratorConfig(timestep=t)).config.timestep == t  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        D3SRGenerator(tiny_unet(), tiny_vae(), tiny_prompt_embeds(), alphas_cumprod(),
+                      GeneratorConfig(timestep=1000))  # fmt: skip
+    assert str(err.value) == "timestep 1000 outside the schedule's 0..999"
+    g = tiny_generator()
+    assert "prompt_embeds" not in g.state_dict()  # not saved with the weights
+    conv = g.vae.quant_conv
+    adapter = LoraAdapter(
+        {
+            "quant_conv": (
+                torch.ones(1, conv.in_channels, 1, 1),
+                torch.ones(conv.out_channels, 1, 1, 1),
+            )
+        }
+    )
+    before = conv.weight.detach().clone()
+    g.merge_adapters(vae=adapter)  # no UNet adapter: the VAE's is still merged
+    assert set(g.adapters()) == {"vae"} and g.strength == 1.0
+    torch.testing.assert_close(conv.weight, before + 1.0, atol=0, rtol=0)
+    with pytest.raises(RuntimeError) as err:
+        g.merge_adapters(vae=adapter)
+    assert (
+        str(err.value)
+        == "an adapter is already merged into the vae; load a fresh base to change it"
+    )
