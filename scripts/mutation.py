@@ -136,6 +136,30 @@ _ONE_SIDE = (
 )
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.memory.x_system_available_memory__mutmut_{i}": "/proc/meminfo is "
+        "ASCII: 'ASCII' or the locale's UTF-8 read it the same"
+        for i in (3, 5, 9)
+    },
+    "d3sr_core.inference.memory.x_cpu_budget_cap__mutmut_8": "no dtype has 3-byte elements: "
+    "<= 3 and <= 2 select the same dtypes",
+    **{
+        f"d3sr_core.inference.memory.x_is_oom_error__mutmut_{i}": "torch.cuda.OutOfMemoryError "
+        "is torch.OutOfMemoryError (torch >= 2.5): the second owner adds nothing"
+        for i in (5, 9, 10, 11, 17)
+    },
+    **{
+        f"d3sr_core.inference.memory.x_is_oom_error__mutmut_{i}": "'mps backend out of memory' "
+        "contains 'out of memory', matched just before"
+        for i in (31, 32)
+    },
+    "d3sr_core.inference.memory.x_run_with_oom_retry__mutmut_6": "the loop raises at tries == "
+    "max_retries: an extra iteration is never reached",
+    **{
+        f"d3sr_core.inference.memory.x_run_with_oom_retry__mutmut_{i}": "the unreachable "
+        "AssertionError's message"
+        for i in (39, 40, 41)
+    },
+    **{
         f"d3sr_core.models.generator.xǁD3SRGeneratorǁ{name}__mutmut_{i}": "return_dict None / "
         "True / omitted: diffusers' output object indexed with [0] is the same tensor"
         for name, i in (

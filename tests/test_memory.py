@@ -41,9 +41,10 @@ def test_system_memory_sources_in_order(monkeypatch, tmp_path):
         raise OSError("no /proc")
 
     monkeypatch.setattr(memory, "open", no_file, raising=False)
-    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1001}
+    pages = {"SC_PAGE_SIZE": 4095, "SC_PHYS_PAGES": 1001}  # an odd product: halved, an int
     monkeypatch.setattr(memory.os, "sysconf", lambda name: pages[name], raising=False)
-    assert memory.system_available_memory() == 4096 * 1001 // 2
+    assert memory.system_available_memory() == 2049547
+    assert isinstance(memory.system_available_memory(), int)
 
     def no_sysconf(name):
         raise ValueError(name)
@@ -58,8 +59,10 @@ def test_available_memory_per_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (1000, 5000))
     reserved = {"value": 300}
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: reserved["value"])
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 100)
+    monkeypatch.setattr(
+        torch.cuda, "memory_reserved", lambda i: {3: 1, 1: 1, 0: 1}[i] * reserved["value"]
+    )
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: {3: 100, 1: 100, 0: 100}[i])
     assert memory.available_memory("cuda") == 1000 + 200  # free + cached but unused
     assert memory.available_memory("cuda:1") == 1200 and asked == [3, 1]
     reserved["value"] = 50  # never negative
@@ -81,7 +84,12 @@ def test_available_memory_per_device(monkeypatch):
 
 def test_default_and_resolved_budgets(monkeypatch):
     free = {"value": 4 * GIB}
-    monkeypatch.setattr(memory, "available_memory", lambda device: free["value"])
+
+    def available(device):
+        assert torch.device(device).type in ("cpu", "cuda", "mps")
+        return free["value"]
+
+    monkeypatch.setattr(memory, "available_memory", available)
     assert memory.cpu_budget_cap() == memory.cpu_budget_cap(torch.float32) == 1_879_048_192
     for dtype in (torch.bfloat16, torch.float16, torch.uint8):
         assert memory.cpu_budget_cap(dtype) == 2_415_919_104
