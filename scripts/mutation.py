@@ -63,7 +63,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_checkpoint.py",
         "tests/test_strength.py",
     ],
-    "d3sr_core/losses/dists.py": ["tests/test_dists.py"],
+    "d3sr_core/losses/dists.py": ["tests/test_dists_files.py", "tests/test_dists.py"],
     "d3sr_core/models/lora.py": [
         "tests/test_lora.py",
         "tests/test_strength.py",
