@@ -136,6 +136,34 @@ _ONE_SIDE = (
 )
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.losses.dists.xǁDISTSǁ__init____mutmut_{i}": "mean/std as [3, 1, 1] "
+        "broadcast against [B, 3, H, W] like [1, 3, 1, 1]"
+        for i in (14, 33)
+    },
+    **{
+        f"d3sr_core.losses.dists.x_l2_pool_kernel__mutmut_{i}": "[0.5, 1, 0.5] outer / 16 is "
+        "exact in float32 too"
+        for i in (3, 5)
+    },
+    **{
+        f"d3sr_core.losses.dists.x_l2_pool__mutmut_{i}": "CPU-only: the kernel's device "
+        "None / omitted is the CPU"
+        for i in (11, 13)
+    },
+    "d3sr_core.losses.dists.xǁL2Poolǁ__init____mutmut_2": "a None buffer makes l2_pool use "
+    "its default kernel, the same one",
+    "d3sr_core.losses.dists.xǁL2Poolǁ__init____mutmut_3": "persistent=None is falsy like False",
+    **{
+        f"d3sr_core.losses.dists.xǁVGG16Featuresǁ__init____mutmut_{i}": "in-place ReLU after a "
+        "conv: the conv output is used nowhere else"
+        for i in (17, 18)
+    },
+    **{
+        f"d3sr_core.losses.dists.xǁDISTSǁload_vgg16__mutmut_{i}": "the state holds exactly the "
+        "expected keys (checked before): strict or not loads the same"
+        for i in (6, 7, 8)
+    },
+    **{
         f"d3sr_core.inference.memory.x_system_available_memory__mutmut_{i}": "/proc/meminfo is "
         "ASCII: 'ASCII' or the locale's UTF-8 read it the same"
         for i in (3, 5, 9)

@@ -195,3 +195,74 @@ def test_installed_wheel_files_in_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(metadata, "distribution", not_installed)
     assert dists_mod._installed_dists_weights() == [fallback]
+
+
+def test_vgg16_refusals_list_three_problems(tmp_path):
+    state = _fake_vgg16_state()
+    wrong = dict(state)
+    for k in ("features.0.weight", "features.2.weight", "features.5.weight", "features.7.weight"):
+        wrong[k] = torch.zeros(1)
+    extra = dict(state)
+    extra.update({f"features.{i}.weight": torch.zeros(1) for i in (31, 32, 33, 34)})
+    for name, content, detail in (
+        ("wrong.pth", wrong, "['features.0.weight (1,) (expected (64, 3, 3, 3))', "
+         "'features.2.weight (1,) (expected (64, 64, 3, 3))', "
+         "'features.5.weight (1,) (expected (128, 64, 3, 3))']"),
+        ("vgg19.pth", extra, "['unexpected features.31.weight', 'unexpected features.32.weight', "
+         "'unexpected features.33.weight']"),
+    ):  # fmt: skip
+        torch.save(content, tmp_path / name)
+        with pytest.raises(WeightsFileError) as err:
+            vgg16_state_dict_from_file(tmp_path / name)
+        assert err.value.problem == (
+            f"not a torchvision VGG16 checkpoint ({VGG16_FILENAME}; VGG16-BN/VGG19 differ): {detail}"
+        )
+
+
+def test_alpha_beta_file_forms_and_refusals(tmp_path):
+    from d3sr_core.losses.dists import alpha_beta_from_file
+
+    torch.save({"params": _alpha_beta()}, tmp_path / "pyiqa.pth")  # pyiqa-style wrapper
+    alpha, beta = alpha_beta_from_file(tmp_path / "pyiqa.pth")
+    assert float(alpha.mean()) == 0.25 and float(beta.mean()) == 0.5
+    shape = (1, DISTS_NUM_CHANNELS, 1, 1)
+    for name, content, problem in (
+        ("list.pt", [1], "not a DISTS weights file: expected a dict with 'alpha' and 'beta'"),
+        ("short.pt", {"alpha": torch.zeros(3), "beta": torch.zeros(shape)},
+         f"DISTS alpha has shape (3,), expected {shape}"),
+        ("beta.pt", {"alpha": torch.zeros(shape), "beta": [0.1]},
+         f"DISTS beta has shape list, expected {shape}"),
+    ):  # fmt: skip
+        torch.save(content, tmp_path / name)
+        with pytest.raises(WeightsFileError) as err:
+            alpha_beta_from_file(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {problem}"
+
+
+def test_untrained_module_layout_and_initialisation():
+    from d3sr_core.losses.dists import L2Pool, VGG16Features, l2_pool
+
+    layers = VGG16Features().features
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's vgg16.features
+    assert len(layers) == 30
+    for i, layer in enumerate(layers):
+        kind = torch.nn.Conv2d if i in convs else L2Pool if i in (4, 9, 16, 23) else torch.nn.ReLU
+        assert type(layer) is kind, i
+        if kind is torch.nn.Conv2d:
+            assert layer.kernel_size == (3, 3) and layer.padding == (1, 1)
+    shapes = [tuple(f.shape[1:]) for f in VGG16Features()(torch.rand(1, 3, 20, 20))]
+    assert shapes == [(64, 20, 20), (128, 10, 10), (256, 5, 5), (512, 3, 3), (512, 2, 2)]
+    # the reference's placeholder alpha/beta: N(0.1, 0.01), two draws of seed 0
+    g = torch.Generator().manual_seed(0)
+    alpha = 0.1 + 0.01 * torch.randn(1, DISTS_NUM_CHANNELS, 1, 1, generator=g)
+    beta = 0.1 + 0.01 * torch.randn(1, DISTS_NUM_CHANNELS, 1, 1, generator=g)
+    m = DISTS()
+    assert torch.equal(m.alpha, alpha) and torch.equal(m.beta, beta)
+    # l2_pool: the given kernel is used; any float dtype works
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    box = torch.ones(3, 3)
+    expected = (torch.nn.functional.conv2d(x * x, box.double().expand(2, 1, 3, 3), stride=2,
+                                           padding=1, groups=2) + 1e-12).sqrt()  # fmt: skip
+    torch.testing.assert_close(l2_pool(x, box), expected, atol=1e-12, rtol=0)
+    default = l2_pool(x)
+    assert default.dtype == torch.float64 and default.shape == (1, 2, 3, 3)
