@@ -161,7 +161,7 @@ EQUIVALENT: dict[str, str] = {
     **{
         f"d3sr_core.losses.dists.xǁDISTSǁload_vgg16__mutmut_{i}": "the state holds exactly the "
         "expected keys (checked before): strict or not loads the same"
-        for i in (6, 7, 8)
+        for i in (4, 6, 7)
     },
     **{
         f"d3sr_core.inference.memory.x_system_available_memory__mutmut_{i}": "/proc/meminfo is "
