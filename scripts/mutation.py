@@ -135,6 +135,8 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.models.generator.xǁD3SRGeneratorǁ__init____mutmut_16": "persistent=None is "
+    "falsy like False",
     **{
         f"d3sr_core.losses.dists.xǁDISTSǁ__init____mutmut_{i}": "mean/std as [3, 1, 1] "
         "broadcast against [B, 3, H, W] like [1, 3, 1, 1]"
