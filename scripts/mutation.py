@@ -135,6 +135,28 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.losses.dists.x_to_unit_range__mutmut_{i}": "the (0, 1) shortcut: the "
+        "general (x - 0) / (1 - 0) gives the same bits"
+        for i in (7, 8)
+    },
+    "d3sr_core.losses.dists.xǁVGG16Featuresǁforward__mutmut_2": "features[None:end] is "
+    "features[0:end]",
+    **{
+        f"d3sr_core.losses.dists.xǁDISTSǁ{name}__mutmut_{i}": "a float32 buffer not cast to the "
+        "input's float dtype: type promotion gives the same values"
+        for name, i in (("features", 4), ("features", 5), ("distance", 73), ("distance", 74))
+    },
+    "d3sr_core.losses.dists.xǁDISTSǁdistance__mutmut_48": "target features without autograd "
+    "also under no_grad: the same values (the VGG is batch-independent in eval)",
+    "d3sr_core.losses.dists.xǁDISTSǁdistance__mutmut_59": "torch.cat's default dim is 0",
+    "d3sr_core.losses.dists.x_l2_pool__mutmut_17": "kernel.shape[-3:] of the 2-d kernel is "
+    "shape[-2:]",
+    **{
+        f"d3sr_core.losses.dists.xǁL2Poolǁforward__mutmut_{i}": "no kernel: l2_pool uses its "
+        "default kernel, the same one as the buffer"
+        for i in (2, 4)
+    },
     "d3sr_core.models.generator.xǁD3SRGeneratorǁ__init____mutmut_16": "persistent=None is "
     "falsy like False",
     **{

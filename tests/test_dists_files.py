@@ -266,3 +266,40 @@ def test_untrained_module_layout_and_initialisation():
     torch.testing.assert_close(l2_pool(x, box), expected, atol=1e-12, rtol=0)
     default = l2_pool(x)
     assert default.dtype == torch.float64 and default.shape == (1, 2, 3, 3)
+
+
+def test_distance_input_rules_and_frozen_weights():
+    from d3sr_core.losses.dists import dists_from_features
+
+    torch.manual_seed(0)
+    m = DISTS()
+    assert not any(p.requires_grad for p in m.parameters())  # a metric: every weight frozen
+    g = torch.Generator().manual_seed(3)
+    gray_x, gray_y = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    with torch.no_grad():  # a gray image is the same image in three channels
+        torch.testing.assert_close(
+            m(gray_x, gray_y), m(gray_x.expand(-1, 3, -1, -1), gray_y.expand(-1, 3, -1, -1))
+        )
+    for x, y, message in (
+        (torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9),
+         "x and y must have the same shape, got (1, 3, 8, 8) and (1, 3, 8, 9)"),
+        (torch.rand(1, 2, 8, 8), torch.rand(1, 2, 8, 8),
+         "expected [B, 3, H, W] (or 1 channel) images, got (1, 2, 8, 8)"),
+        (torch.rand(3, 8, 8), torch.rand(3, 8, 8),
+         "expected [B, 3, H, W] (or 1 channel) images, got (3, 8, 8)"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            m(x, y)
+        assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        DISTS(value_range=(1.0, 1.0))
+    assert str(err.value) == "value_range must be (low, high) with high > low, got (1.0, 1.0)"
+    feats = [torch.rand(1, c, 4, 4) for c in (3, 64)]
+    ones = torch.ones(1, 67, 1, 1)
+    with pytest.raises(ValueError) as err:
+        dists_from_features(feats, feats, ones, torch.ones(1, 68, 1, 1))
+    assert str(err.value) == (
+        "features have 67 channels in all but alpha/beta have shapes (1, 67, 1, 1)/(1, 68, 1, 1)"
+    )
+    with pytest.raises(ValueError):  # one feature list shorter than the other
+        dists_from_features(feats, feats[:1], ones, ones)
