@@ -438,6 +438,7 @@ def test_zero_condition_and_encoder_calls_written_out():
         2768,
     )
     assert small.time_ids.tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+    assert small.time_ids.dtype == torch.float32  # int sizes become float32 ids
     sd21 = zero_condition({"cross_attention_dim": 1024})
     assert sd21.encoder_hidden_states.shape == (1, 77, 1024) and sd21.text_embeds is None
     assert sd21.time_ids is None
