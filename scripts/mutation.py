@@ -255,8 +255,8 @@ EQUIVALENT: dict[str, str] = {
     },
     **{
         f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "'AUTO' is lower-cased by "
-        "resolve_dtype"
-        for name, i in (("prepare_generator", 2), ("prepare_generator", 37))
+        "resolve_dtype / resolve_device"
+        for name, i in (("prepare_generator", 2), ("prepare_generator", 37), ("resolve_device", 2))
     },
     **{
         f"d3sr_core.inference.precision.x_resolve_device__mutmut_{i}": "the cuda entry of the "
