@@ -99,7 +99,6 @@ MODULE_TESTS: dict[str, list[str]] = {
             "tests/test_budget_precision.py",
         ]
         for name in (
-            "attention",
             "norm",
             "planner",
             "whole",
@@ -109,6 +108,10 @@ MODULE_TESTS: dict[str, list[str]] = {
             "__init__",
         )
     },
+    "d3sr_core/inference/tiled_vae/attention.py": [
+        "tests/test_vae_attention.py",
+        "tests/test_tiled_vae.py",
+    ],
     "d3sr_core/inference/pipeline.py": [
         "tests/test_reference_pipeline.py",
         "tests/test_pipeline.py",
