@@ -139,6 +139,11 @@ _ONE_SIDE = (
 )
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "the first "
+        "query block's keys start at 0 (clamped), so k1 + k0 is k1 - k0"
+        for i in (53, 58)
+    },
+    **{
         f"d3sr_core.losses.dists.x_to_unit_range__mutmut_{i}": "the (0, 1) shortcut: the "
         "general (x - 0) / (1 - 0) gives the same bits"
         for i in (7, 8)

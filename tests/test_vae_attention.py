@@ -90,3 +90,21 @@ def test_spans_written_out():
     ]  # fmt: skip
     # window 3: blocks of max(1, 0) = 1 query
     assert attention_spans(4, 3) == [(0, 1, 0, 3), (1, 2, 0, 3), (2, 3, 1, 4), (3, 4, 1, 4)]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_row_chunks_follow_the_budget_formula(window):
+    """Rows per projection chunk: 0.3 * budget // (w * (6 c itemsize + window_keys * heads * 4)),
+    window_keys = the key positions one query block sees (all h*w when global)."""
+    attn = BareVAEAttention()
+    h, w, c, heads = 6, 9, 8, 2
+    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(4))
+    keys = h * w if window is None else window * window
+    row_bytes = w * (c * 4 * 6 + keys * heads * 4)
+    budget = int(2 * row_bytes / 0.3) + 1  # two rows per chunk
+    seen = []
+    hook = attn.to_k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1] // w))
+    with torch.no_grad():
+        _run_attention(Attend(attn), _stats(attn, x), x, budget, window)
+    hook.remove()
+    assert seen == [2, 2, 2]
