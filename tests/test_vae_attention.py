@@ -101,10 +101,10 @@ def test_row_chunks_follow_the_budget_formula(window):
     x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(4))
     keys = h * w if window is None else window * window
     row_bytes = w * (c * 4 * 6 + keys * heads * 4)
-    budget = int(2 * row_bytes / 0.3) + 1  # two rows per chunk
+    budget = int(5 * row_bytes / 0.3) + 1  # five rows per chunk (any other estimate differs)
     seen = []
     hook = attn.to_k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1] // w))
     with torch.no_grad():
         _run_attention(Attend(attn), _stats(attn, x), x, budget, window)
     hook.remove()
-    assert seen == [2, 2, 2]
+    assert seen == [5, 1]
