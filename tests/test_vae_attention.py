@@ -106,5 +106,8 @@ def test_row_chunks_follow_the_budget_formula(window):
     hook = attn.to_k.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1] // w))
     with torch.no_grad():
         _run_attention(Attend(attn), _stats(attn, x), x, budget, window)
+        assert seen == [5, 1]
+        seen.clear()
+        _run_attention(Attend(attn), _stats(attn, x), x, 1, window)  # at least one row
+        assert seen == [1] * 6
     hook.remove()
-    assert seen == [5, 1]
