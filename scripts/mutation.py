@@ -138,6 +138,10 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_83": "int() of the min "
+    "of positive numbers floors the true division like //",
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_90": "row_bytes is "
+    "never below 2 (w * 6 * c * itemsize): max(row_bytes, 2) is max(row_bytes, 1)",
     **{
         f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "the first "
         "query block's keys start at 0 (clamped), so k1 + k0 is k1 - k0"
