@@ -138,6 +138,19 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "CPU-only: "
+        "the keys buffer's device None / omitted is the CPU, like x"
+        for i in (140, 147)
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "exactly 2 "
+        "spans never happen (an axis longer than the window has > 4 query blocks), so the "
+        "general path runs, which gives the same values for a single span"
+        for i in (234, 236)
+    },
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_242": "query rows one "
+    "at a time instead of in budget chunks: the same values, only more calls",
     "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_83": "int() of the min "
     "of positive numbers floors the true division like //",
     "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_90": "row_bytes is "

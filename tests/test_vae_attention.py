@@ -72,10 +72,10 @@ def by_hand(attn, x, window):
     return o.reshape(b, c, h, w) + x
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_defaults_of_a_bare_attention_block(window):
-    attn = BareVAEAttention()
-    x = torch.randn(1, 8, 6, 9, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("window,shape", [(None, (6, 9)), (4, (6, 9)), (4, (9, 3))])
+def test_defaults_of_a_bare_attention_block(window, shape):
+    attn = BareVAEAttention()  # (9, 3): windowed along y only
+    x = torch.randn(1, 8, *shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = _run_attention(Attend(attn), _stats(attn, x), x, 10**9, window)
         torch.testing.assert_close(out, by_hand(attn, x, window), atol=1e-5, rtol=1e-5)
@@ -88,6 +88,9 @@ def test_spans_written_out():
     assert attention_spans(10, 8) == [
         (0, 2, 0, 8), (2, 4, 0, 8), (4, 6, 1, 9), (6, 8, 2, 10), (8, 10, 2, 10)
     ]  # fmt: skip
+    # window 6: blocks of 6 // 4 = 1 query, keys from (2 q + 1 - 6) // 2 moved inside
+    k0 = [0, 0, 0, 0, 1, 2, 3, 4, 4, 4]
+    assert attention_spans(10, 6) == [(q, q + 1, k, k + 6) for q, k in enumerate(k0)]
     # window 3: blocks of max(1, 0) = 1 query
     assert attention_spans(4, 3) == [(0, 1, 0, 3), (1, 2, 0, 3), (2, 3, 1, 4), (3, 4, 1, 4)]
 
