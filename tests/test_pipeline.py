@@ -138,3 +138,32 @@ def test_pil_conversions_written_out():
     assert tensor_to_pil(values.expand(3, -1, -1)).mode == "RGB"
     four = tensor_to_pil(values.expand(4, -1, -1)[None])
     assert four.mode == "RGBA" and np.asarray(four)[..., 3].tolist() == [[0, 77], [128, 255]]
+
+
+def test_tensor_and_latent_entry_points_pass_every_argument_on(pipeline):
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    opts = UpscaleOptions(scale=2, color_fix="none")
+    seen = []
+    out = pipeline.upscale(x, opts, progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (1, 3, 16, 16) and seen and seen[-1][0] == seen[-1][1]
+    torch.testing.assert_close(out, pipeline.upscale_tensor(x, opts), atol=0, rtol=0)
+    with pytest.raises(UpscaleCancelled):
+        pipeline.upscale(x, opts, cancel=lambda: True)
+    calls = []
+
+    def decode(raw):
+        calls.append("decode")
+        return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def encode(image):
+        calls.append("encode")
+        return torch.zeros(1, 16, image.shape[2] // 8, image.shape[3] // 8)
+
+    seen.clear()
+    latent = pipeline.upscale_latent(
+        torch.zeros(1, 4, 2, 2), opts, lambda d, t: seen.append(d), None,
+        decode_input=decode, encode_output=encode,
+    )  # fmt: skip
+    assert latent.shape == (1, 16, 4, 4) and calls == ["decode", "encode"] and seen
+    with pytest.raises(UpscaleCancelled):
+        pipeline.upscale_latent(torch.zeros(1, 4, 2, 2), opts, None, lambda: True)
