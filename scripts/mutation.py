@@ -138,6 +138,8 @@ _ONE_SIDE = (
     "counts only pixels inside)"
 )
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.inference.pipeline.x_pad_to_multiple__mutmut_2": "shape[+2:] of the documented "
+    "4-d image is shape[-2:]",
     **{
         f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "CPU-only: "
         "the keys buffer's device None / omitted is the CPU, like x"

@@ -167,3 +167,27 @@ def test_tensor_and_latent_entry_points_pass_every_argument_on(pipeline):
     assert latent.shape == (1, 16, 4, 4) and calls == ["decode", "encode"] and seen
     with pytest.raises(UpscaleCancelled):
         pipeline.upscale_latent(torch.zeros(1, 4, 2, 2), opts, None, lambda: True)
+
+
+def test_padding_and_retry_tiles_written_out():
+    from d3sr_core.inference.pipeline import _shrink_tile, pad_to_multiple
+
+    def by_index(image, size, reflect):
+        """Rows/columns past the border: mirrored (without repeating the edge) or repeated."""
+        h, w = image.shape[-2:]
+
+        def src(i, n):
+            return i if i < n else (2 * (n - 1) - i if reflect else n - 1)
+
+        rows = [src(i, h) for i in range(size[0])]
+        cols = [src(j, w) for j in range(size[1])]
+        return image[..., rows, :][..., cols]
+
+    x = torch.rand(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    padded, hw = pad_to_multiple(x, 4)  # pads 2 and 3 < the sides: reflect
+    assert hw == (6, 5) and torch.equal(padded, by_index(x, (8, 8), reflect=True))
+    small = x[..., :4, :]
+    padded, hw = pad_to_multiple(small, 8)  # a pad of 4 rows = the height: replicate
+    assert hw == (4, 5) and torch.equal(padded, by_index(small, (8, 8), reflect=False))
+    assert pad_to_multiple(x[..., :4, :4], 4)[0].data_ptr() == x.data_ptr()  # nothing to pad
+    assert [_shrink_tile(64, s) for s in (1.0, 1.5, 0.5, 0.01)] == [64, 64, 40, 16]
