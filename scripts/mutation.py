@@ -21,6 +21,8 @@ The work directory keeps mutmut's cache: a second run only retests what changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -54,14 +56,69 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_weights_fuzz.py",
     ],
     "d3sr_core/models/generator.py": [
+        "tests/test_generator.py",
+        "tests/test_reference_pipeline.py::test_upscale_matches_reference",
+        "tests/test_pipeline.py::test_deterministic_and_seeded_sampling",
+        "tests/test_latent.py",
         "tests/test_checkpoint.py",
         "tests/test_strength.py",
-        "tests/test_lora.py",
     ],
+    "d3sr_core/losses/dists.py": ["tests/test_dists_files.py", "tests/test_dists.py"],
     "d3sr_core/models/lora.py": [
         "tests/test_lora.py",
         "tests/test_strength.py",
         "tests/test_checkpoint.py",
+    ],
+    "d3sr_core/inference/latent.py": ["tests/test_latent.py"],
+    "d3sr_core/inference/precision.py": [
+        "tests/test_precision.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/unet_attention.py": [
+        "tests/test_unet_attention.py",
+        "tests/test_pipeline_large.py",
+        "-k",
+        "unet_attention or attention_window",
+    ],
+    "d3sr_core/inference/tiling.py": [
+        "tests/test_tiling.py",
+        "tests/test_latent.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/memory.py": ["tests/test_memory.py", "tests/test_budget_precision.py"],
+    "d3sr_core/models/discriminator/condition.py": [
+        "tests/test_discriminator.py",
+        "-k",
+        "condition or logit_grid or noising or config",
+    ],
+    "d3sr_core/models/discriminator/model.py": ["tests/test_discriminator.py"],
+    "d3sr_core/models/discriminator/trunk.py": ["tests/test_discriminator.py"],
+    **{
+        f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_tiled_vae.py",
+            "tests/test_budget_precision.py",
+        ]
+        for name in (
+            "norm",
+            "planner",
+            "whole",
+            "program",
+            "runner",
+            "ops",
+            "__init__",
+        )
+    },
+    "d3sr_core/inference/tiled_vae/attention.py": [
+        "tests/test_vae_attention.py",
+        "tests/test_tiled_vae.py",
+    ],
+    "d3sr_core/inference/pipeline.py": [
+        "tests/test_reference_pipeline.py",
+        "tests/test_pipeline.py",
+        "tests/test_size_option.py",
+        "tests/test_alpha_and_cache.py::test_hidden_colour_does_not_bleed_into_visible_pixels",
+        "tests/test_tiling.py::test_pipeline_latent_tiling_matches_untiled",
+        "tests/test_pipeline_large.py",
     ],
 }
 
@@ -75,7 +132,254 @@ _BANDS = (
 )
 _E = "d3sr_core.losses.ea_dists.x_"
 _O = "d3sr_core.loading.osediff.x_osediff_to_checkpoint__mutmut_"
+_A = "d3sr_core.inference.alpha.x_fill_transparent__mutmut_"
+_ONE_SIDE = (
+    "pooling a 1-pixel side by 2 with ceil_mode gives the same single row/column (the divisor "
+    "counts only pixels inside)"
+)
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.inference.pipeline.x_pad_to_multiple__mutmut_2": "shape[+2:] of the documented "
+    "4-d image is shape[-2:]",
+    **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "CPU-only: "
+        "the keys buffer's device None / omitted is the CPU, like x"
+        for i in (140, 147)
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "exactly 2 "
+        "spans never happen (an axis longer than the window has > 4 query blocks), so the "
+        "general path runs, which gives the same values for a single span"
+        for i in (234, 236)
+    },
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_242": "query rows one "
+    "at a time instead of in budget chunks: the same values, only more calls",
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_83": "int() of the min "
+    "of positive numbers floors the true division like //",
+    "d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_90": "row_bytes is "
+    "never below 2 (w * 6 * c * itemsize): max(row_bytes, 2) is max(row_bytes, 1)",
+    **{
+        f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "the first "
+        "query block's keys start at 0 (clamped), so k1 + k0 is k1 - k0"
+        for i in (53, 58)
+    },
+    **{
+        f"d3sr_core.losses.dists.x_to_unit_range__mutmut_{i}": "the (0, 1) shortcut: the "
+        "general (x - 0) / (1 - 0) gives the same bits"
+        for i in (7, 8)
+    },
+    "d3sr_core.losses.dists.xǁVGG16Featuresǁforward__mutmut_2": "features[None:end] is "
+    "features[0:end]",
+    **{
+        f"d3sr_core.losses.dists.xǁDISTSǁ{name}__mutmut_{i}": "a float32 buffer not cast to the "
+        "input's float dtype: type promotion gives the same values"
+        for name, i in (("features", 4), ("features", 5), ("distance", 73), ("distance", 74))
+    },
+    "d3sr_core.losses.dists.xǁDISTSǁdistance__mutmut_48": "target features without autograd "
+    "also under no_grad: the same values (the VGG is batch-independent in eval)",
+    "d3sr_core.losses.dists.xǁDISTSǁdistance__mutmut_59": "torch.cat's default dim is 0",
+    "d3sr_core.losses.dists.x_l2_pool__mutmut_17": "kernel.shape[-3:] of the 2-d kernel is "
+    "shape[-2:]",
+    **{
+        f"d3sr_core.losses.dists.xǁL2Poolǁforward__mutmut_{i}": "no kernel: l2_pool uses its "
+        "default kernel, the same one as the buffer"
+        for i in (2, 4)
+    },
+    "d3sr_core.models.generator.xǁD3SRGeneratorǁ__init____mutmut_16": "persistent=None is "
+    "falsy like False",
+    **{
+        f"d3sr_core.losses.dists.xǁDISTSǁ__init____mutmut_{i}": "mean/std as [3, 1, 1] "
+        "broadcast against [B, 3, H, W] like [1, 3, 1, 1]"
+        for i in (14, 33)
+    },
+    **{
+        f"d3sr_core.losses.dists.x_l2_pool_kernel__mutmut_{i}": "[0.5, 1, 0.5] outer / 16 is "
+        "exact in float32 too"
+        for i in (3, 5)
+    },
+    **{
+        f"d3sr_core.losses.dists.x_l2_pool__mutmut_{i}": "CPU-only: the kernel's device "
+        "None / omitted is the CPU"
+        for i in (11, 13)
+    },
+    "d3sr_core.losses.dists.xǁL2Poolǁ__init____mutmut_2": "a None buffer makes l2_pool use "
+    "its default kernel, the same one",
+    "d3sr_core.losses.dists.xǁL2Poolǁ__init____mutmut_3": "persistent=None is falsy like False",
+    **{
+        f"d3sr_core.losses.dists.xǁVGG16Featuresǁ__init____mutmut_{i}": "in-place ReLU after a "
+        "conv: the conv output is used nowhere else"
+        for i in (17, 18)
+    },
+    **{
+        f"d3sr_core.losses.dists.xǁDISTSǁload_vgg16__mutmut_{i}": "the state holds exactly the "
+        "expected keys (checked before): strict or not loads the same"
+        for i in (4, 6, 7)
+    },
+    **{
+        f"d3sr_core.inference.memory.x_system_available_memory__mutmut_{i}": "/proc/meminfo is "
+        "ASCII: 'ASCII' or the locale's UTF-8 read it the same"
+        for i in (3, 5, 9)
+    },
+    "d3sr_core.inference.memory.x_cpu_budget_cap__mutmut_8": "no dtype has 3-byte elements: "
+    "<= 3 and <= 2 select the same dtypes",
+    **{
+        f"d3sr_core.inference.memory.x_is_oom_error__mutmut_{i}": "torch.cuda.OutOfMemoryError "
+        "is torch.OutOfMemoryError (torch >= 2.5): the second owner adds nothing"
+        for i in (5, 9, 10, 11, 17)
+    },
+    **{
+        f"d3sr_core.inference.memory.x_is_oom_error__mutmut_{i}": "'mps backend out of memory' "
+        "contains 'out of memory', matched just before"
+        for i in (31, 32)
+    },
+    "d3sr_core.inference.memory.x_run_with_oom_retry__mutmut_6": "the loop raises at tries == "
+    "max_retries: an extra iteration is never reached",
+    **{
+        f"d3sr_core.inference.memory.x_run_with_oom_retry__mutmut_{i}": "the unreachable "
+        "AssertionError's message"
+        for i in (39, 40, 41)
+    },
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁ{name}__mutmut_{i}": "return_dict None / "
+        "True / omitted: diffusers' output object indexed with [0] is the same tensor"
+        for name, i in (
+            ("predict", 32),
+            ("predict", 36),
+            ("predict", 38),
+            ("decode", 5),
+            ("decode", 7),
+            ("decode", 10),
+        )
+    },  # fmt: skip
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁ{name}__mutmut_{i}": "CPU-only: device "
+        "None / omitted is the CPU"
+        for name, i in (
+            ("predict", 22),
+            ("predict", 26),
+            ("encode", 12),
+            ("encode", 16),
+            ("set_prompt_embeds", 61),
+            ("set_prompt_embeds", 63),
+        )
+    },  # fmt: skip
+    **{
+        f"d3sr_core.models.generator.xǁD3SRGeneratorǁpredict__mutmut_{i}": "torch.full with an "
+        "int fill is int64 (torch.long) without a dtype"
+        for i in (23, 27)
+    },
+    **{
+        f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "CPU-only: the device given / "
+        "dropped is the CPU the model is on"
+        for name, i in (
+            ("_cast", 8),
+            ("_cast", 10),
+            ("_cast", 13),
+            ("_cast", 16),
+            ("prepare_generator", 39),
+            ("prepare_generator", 45),
+            ("prepare_generator", 50),
+        )
+    },
+    **{
+        f"d3sr_core.inference.precision.x_{name}__mutmut_{i}": "'AUTO' is lower-cased by "
+        "resolve_dtype / resolve_device"
+        for name, i in (("prepare_generator", 2), ("prepare_generator", 37), ("resolve_device", 2))
+    },
+    **{
+        f"d3sr_core.inference.precision.x_resolve_device__mutmut_{i}": "the cuda entry of the "
+        "allowed types is never reached: cuda is handled by the branch above"
+        for i in (49, 50)
+    },
+    "d3sr_core.inference.precision.x__mps_available__mutmut_6": "torch.backends always has "
+    "mps (torch >= 1.12; a deleted attribute is re-imported lazily)",
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "the key is the part before "
+        "the first ':' whatever the split limit"
+        for i in (18, 21)
+    },
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "differs only for a "
+        "cpuinfo line with a second ':'; flag lists hold none"
+        for i in (19, 32, 33, 35)
+    },
+    **{
+        f"d3sr_core.inference.precision.x__cpu_flags__mutmut_{i}": "'ASCII' is the ascii codec; "
+        "the locale's UTF-8 with errors='ignore' reads the same ASCII keys and flags"
+        for i in (2, 5, 10)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_{name}__mutmut_{i}": "CPU-only: device None / omitted "
+        "is the CPU, like the latent's"
+        for name, i in (
+            ("blend_weights", 7),
+            ("blend_weights", 12),
+            ("gaussian_weights", 29),
+            *(("tiled_model_output", i) for i in (37, 41, 48, 54, 62, 68)),
+        )
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_gaussian_weights__mutmut_{i}": "float32 ones in "
+        "torch.outer with a float64 axis promote to float64; ones are exact in both"
+        for i in (7, 9)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "the shortcut for one "
+        "tile covering the latent: the blending path gives the same bits (weight 1 everywhere: "
+        "out * 1 / 1) and the same tick; tile_grid's tiles always cover the latent"
+        for i in (9, 10, 11, 13, 14, 15, 16, 17, 22, 23)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "blend weights with a "
+        "wrong height/width: on an axis with a single span every tile has the same profile, "
+        "which cancels in acc / norm"
+        for i in (35, 36, 39, 40)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "dtype None is the "
+        "default float32"
+        for i in (47, 53, 61, 67)
+    },
+    **{
+        f"d3sr_core.inference.tiling.x_tiled_model_output__mutmut_{i}": "a 3-d acc / norm "
+        "buffer broadcasts to the same [1, C, H, W] result"
+        for i in (49, 63, 64)
+    },
+    "d3sr_core.inference.tiling.x_tile_spans__mutmut_9": "length is an int: length <= t + t "
+    "// 16 exactly when length <= t + t / 16",
+    "d3sr_core.inference.tiling.x_plan_latent_tiles__mutmut_90": "int() of the min of positive "
+    "numbers floors budget / per_tile like //",
+    "d3sr_core.inference.unet_attention.x_enable_windowed_attention__mutmut_22": "sample.shape"
+    "[+2] of the UNet's 4-d sample is shape[-2]",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_142": "default None "
+    "instead of False for a missing residual_connection: both falsy",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_68": "CPU-only: the "
+    "output buffer's device None is the CPU, like q's",
+    "d3sr_core.inference.unet_attention.x_windowed_self_attention__mutmut_75": "CPU-only: the "
+    "output buffer without device is on the CPU, like q",
+    **{
+        f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "torch.meshgrid's default "
+        "indexing is 'ij' (it only warns)"
+        for i in (5, 8)
+    },
+    **{
+        f"d3sr_core.inference.latent.x_probe_image__mutmut_{i}": "the pattern lies in [0, 1] by "
+        "construction (x, y(1-x), blob/2 + (1 + sin)/4): dropping or widening a clamp bound "
+        "changes nothing"
+        for i in (58, 59, 61, 63)
+    },
+    "d3sr_core.inference.latent.x_latent_output_shape__mutmut_2": "shape[+2:] of the validated "
+    "4-d latent shape is shape[-2:]",
+    "d3sr_core.loading.checkpoint.x_load_checkpoint__mutmut_155": "break instead of continue "
+    "when the unet has no tensors: the missing UNet adapter is refused right after either way",
+    **{
+        _A + str(i): "shape[+2:] / shape[+2] of the documented 4-d tensors is shape[-2:] / "
+        "shape[-2]"
+        for i in (23, 31, 40, 81)
+    },
+    _A + "24": "shape[-3:] of alpha [B, 1, H, W] adds the channel size 1: same max",
+    _A + "38": _ONE_SIDE,
+    _A + "45": _ONE_SIDE,
+    _A + "80": "F.interpolate's default mode is 'nearest'",
     _O + "164": "GeneratorConfig's default base is 'sd21-base'",
     "d3sr_core.models.lora.x__param__mutmut_7": "get_submodule('') is the model itself",
     **{
@@ -83,6 +387,9 @@ EQUIVALENT: dict[str, str] = {
         "is '' anyway"
         for i in (21, 24, 25)
     },
+    "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_18": "rpartition instead of partition "
+    "differs only for a key holding '.lora_A.' twice (a module named lora_A inside the path, or "
+    "an adapter named lora_A): ambiguous, peft's keys have neither",
     "d3sr_core.models.lora.x_split_peft_state_dict__mutmut_30": "break instead of continue in the "
     "adapter filter: a key holds only one of the two markers, nothing is left to check",
     "d3sr_core.models.lora.xǁMergedLoraǁ__init____mutmut_42": "a real 1-row slice instead of a "
@@ -139,9 +446,14 @@ def _mutmut_section(module: str, tests: list[str]) -> str:
     )
 
 
+def _work_name(module: str) -> str:
+    """``d3sr_core/inference/tiled_vae/ops.py`` -> ``inference.tiled_vae.ops`` (unique per module)."""
+    return ".".join(Path(module).with_suffix("").parts[1:])
+
+
 def prepare(module: str, tests: list[str], workdir: Path) -> Path:
     """Fresh copy of the sources and tests in ``workdir/<module stem>`` with the module's config."""
-    work = workdir / Path(module).stem
+    work = workdir / _work_name(module)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("d3sr_core", "tests"):
         shutil.rmtree(work / name, ignore_errors=True)
@@ -175,6 +487,28 @@ def summarise(work: Path, module: str) -> dict[str, int | float]:
     return result
 
 
+def table(workdir: Path) -> None:
+    """A markdown table of the last results of every module run under ``workdir``, and the
+    total (equivalent mutants left out; "no tests" counted as not detected)."""
+    cols = ("generated", "killed", "timeout", "survived", "no tests", "equivalent", "not checked")
+    total: Counter[str] = Counter()
+    print("| module | " + " | ".join(cols) + " | score |")
+    print("|---" * (len(cols) + 2) + "|")
+    for module in MODULE_TESTS:
+        work = workdir / _work_name(module)
+        if not (work / "mutants" / (module + ".meta")).exists():
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            counts = summarise(work, module)
+        total.update({k: int(v) for k, v in counts.items() if k in cols})
+        row = " | ".join(str(counts.get(c, 0)) for c in cols)
+        print(f"| `{module.removeprefix('d3sr_core/')}` | {row} | {counts['score %']} % |")
+    detected = total["killed"] + total["timeout"]
+    checked = detected + total["survived"] + total["no tests"]
+    score = round(100.0 * detected / checked, 1) if checked else 0.0
+    print("| **all run** | " + " | ".join(str(total[c]) for c in cols) + f" | **{score} %** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,10 +532,16 @@ def main() -> None:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="rerun only the last survivors (after adding tests)",
+        help="rerun only the last survivors and not-covered mutants (after adding tests)",
     )
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
+    parser.add_argument(
+        "--table", action="store_true", help="markdown table of every module's last results"
+    )
     args = parser.parse_args()
+    if args.table:
+        table(args.workdir)
+        return
     if args.list or not args.module:
         for module, tests in MODULE_TESTS.items():
             print(f"{module}: {' '.join(tests)}")
@@ -211,7 +551,7 @@ def main() -> None:
         parser.error(
             f"no tests known for {args.module}; pass --tests (known: {', '.join(MODULE_TESTS)})"
         )
-    work = args.workdir / Path(args.module).stem
+    work = args.workdir / _work_name(args.module)
     if not args.summary:
         if args.fresh:
             shutil.rmtree(work / "mutants", ignore_errors=True)
@@ -221,8 +561,10 @@ def main() -> None:
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
         if args.survivors:
             meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
-            names = [
-                k for k, v in meta["exit_code_by_key"].items() if v == 0 and k not in EQUIVALENT
+            names = [  # survived, or not covered by the selection's tests
+                k
+                for k, v in meta["exit_code_by_key"].items()
+                if STATUS.get(v) in ("survived", "no tests") and k not in EQUIVALENT
             ]
             if not names:
                 print(json.dumps(summarise(work, args.module)))

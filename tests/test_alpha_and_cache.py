@@ -67,6 +67,71 @@ def test_fill_transparent_keeps_visible_pixels_and_uses_neighbours():
     assert torch.equal(fill_transparent(one_column, torch.zeros(1, 1, 5, 1)), one_column)
 
 
+def push_pull_by_hand(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The push-pull fill written out with loops (float64). Push: each coarser level halves
+    every side longer than 1 (rounding up); a cell holds the plain mean of its 1, 2 or 4
+    children's alpha-weighted colour and of their weight. Pull: from the 1x1 top down, a cell
+    with weight takes colour / weight, a weightless one its parent's value. Hidden pixels
+    (alpha <= 0) get the result; alpha is clamped to [0, 1]; with no pixel visible or none
+    hidden the colours come back unchanged."""
+    weight = alpha.double().clamp(0, 1)
+    if bool((weight > 0).all()) or not bool((weight > 0).any()):
+        return rgb.float()
+    out = rgb.double().clone()
+    for b in range(rgb.shape[0]):
+        levels = [(rgb[b].double() * weight[b], weight[b, 0])]
+        while max(levels[-1][1].shape) > 1:
+            colour, w = levels[-1]
+            h, wd = w.shape
+            nh, nw = (h + 1) // 2 if h > 1 else 1, (wd + 1) // 2 if wd > 1 else 1
+            new_c = torch.zeros(colour.shape[0], nh, nw, dtype=torch.float64)
+            new_w = torch.zeros(nh, nw, dtype=torch.float64)
+            for i in range(nh):
+                for j in range(nw):
+                    rows = [2 * i, 2 * i + 1] if h > 1 else [0]
+                    cols = [2 * j, 2 * j + 1] if wd > 1 else [0]
+                    kids = [(r, c) for r in rows for c in cols if r < h and c < wd]
+                    new_c[:, i, j] = sum(colour[:, r, c] for r, c in kids) / len(kids)
+                    new_w[i, j] = sum(w[r, c] for r, c in kids) / len(kids)
+            levels.append((new_c, new_w))
+        colour, w = levels[-1]
+        filled = colour / w
+        for colour, w in reversed(levels[:-1]):
+            h, wd = w.shape
+            halved_h, halved_w = h > filled.shape[1], wd > filled.shape[2]
+            below = torch.zeros_like(colour)
+            for i in range(h):
+                for j in range(wd):
+                    if w[i, j] > 0:
+                        below[:, i, j] = colour[:, i, j] / w[i, j]
+                    else:
+                        parent = (i // 2 if halved_h else i, j // 2 if halved_w else j)
+                        below[:, i, j] = filled[:, parent[0], parent[1]]
+            filled = below
+        hidden = alpha[b, 0] <= 0
+        out[b][:, hidden] = filled[:, hidden]
+    return out.float()
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 11, 13), (1, 1, 6, 5), (1, 3, 2, 9), (1, 2, 9, 2), (1, 3, 1, 11), (1, 1, 7, 1)]
+)
+def test_fill_transparent_equals_push_pull_by_hand(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    batch, channels, height, width = shape
+    rgb = torch.rand(shape, generator=gen)
+    # visible pixels are rare and of every opacity, some alphas outside [0, 1] (clamped)
+    alpha = torch.rand(batch, 1, height, width, generator=gen) * 1.6 - 0.3
+    alpha = torch.where(torch.rand(alpha.shape, generator=gen) < 0.7, -0.2, alpha)
+    alpha[0, 0, 0, 0] = 0.4  # at least one visible pixel, one hidden
+    alpha[0, 0, -1, -1] = 0.0
+    expected = push_pull_by_hand(rgb, alpha)
+    torch.testing.assert_close(fill_transparent(rgb, alpha), expected, rtol=0, atol=2e-6)
+    # nothing visible, or nothing hidden: the colours come back unchanged
+    for a in (torch.zeros_like(alpha), torch.full_like(alpha, 0.5)):
+        assert torch.equal(fill_transparent(rgb, a), rgb)
+
+
 # --------------------------------------------------------------------------- conversion cache
 
 

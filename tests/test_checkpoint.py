@@ -9,7 +9,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import tiny_prompt_embeds, tiny_unet, tiny_vae
 
 from d3sr_core.loading.base import BaseModel
-from d3sr_core.loading.checkpoint import D3SRCheckpoint, load_checkpoint, save_checkpoint
+from d3sr_core.loading.checkpoint import (
+    D3SRCheckpoint,
+    checkpoint_state_dict,
+    is_d3sr_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from d3sr_core.loading.files import WeightsFileError, read_state_dict
 from d3sr_core.loading.generator import build_generator, read_weights
 from d3sr_core.loading.osediff import osediff_to_checkpoint, read_osediff
@@ -123,6 +129,143 @@ def test_newer_format_version_is_rejected(tmp_path):
     )
     with pytest.raises(WeightsFileError, match="version 9"):
         load_checkpoint(path)
+
+
+def checkpoint_file_parts() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header of ``random_checkpoint()`` as the file format spells them."""
+    ckpt = random_checkpoint()
+    meta = {
+        "format": "d3sr",
+        "format_version": "1",
+        "config": json.dumps(ckpt.config.to_dict()),
+        "adapters": json.dumps({"unet": {"scale": 1.0}, "vae": {"scale": 2.0}}),
+    }
+    return checkpoint_state_dict(ckpt), meta
+
+
+_PROJ_B = "unet.mid_block.attentions.0.proj_in.lora_B.weight"
+_INFO = (
+    "(run `d3sr info` on it to see what it is; OSEDiff .pkl files are imported with `d3sr convert`)"
+)
+_META = "D3SR header metadata is incomplete or invalid"
+_PAIRS = "LoRA pairs incomplete (lora_A without lora_B or the reverse) for: ['quant_conv']"
+REFUSALS = {  # case -> (change to tensors / header, the whole problem the error must state)
+    "no format entry": (
+        lambda t, m: m.pop("format"),
+        f"not a D3SR checkpoint: its header has no 'format: d3sr' entry {_INFO}",
+    ),
+    "no format_version (read as 0)": (
+        lambda t, m: m.pop("format_version"),
+        "D3SR format version 0; this d3sr reads versions 1..1 (update d3sr)",
+    ),
+    "config a list": (
+        lambda t, m: m.update(config="[1]"),
+        f"{_META} ('config' and 'adapters' must be JSON objects)",
+    ),
+    "adapters a list": (
+        lambda t, m: m.update(adapters="[1]"),
+        f"{_META} ('config' and 'adapters' must be JSON objects)",
+    ),
+    "no config": (lambda t, m: m.pop("config"), f"{_META} (missing 'config')"),
+    "timestep a string": (
+        lambda t, m: m.update(config=json.dumps({"timestep": "399"})),
+        "D3SR header config has invalid fields: timestep = '399'",
+    ),
+    "scale a string": (
+        lambda t, m: m.update(adapters=json.dumps({"unet": {"scale": "big"}, "vae": 2.0})),
+        "unet LoRA scale is 'big', expected a finite number",
+    ),
+    "no prompt_embeds": (
+        lambda t, m: t.pop("prompt_embeds"),
+        "D3SR checkpoint lacks the 'prompt_embeds' tensor [1, 77, C]",
+    ),
+    "prompt_embeds inf": (
+        lambda t, m: t["prompt_embeds"].view(-1).__setitem__(0, float("inf")),
+        "D3SR checkpoint: prompt_embeds holds NaN or infinite values",
+    ),
+    "prompt_embeds batch 2": (
+        lambda t, m: t.update(prompt_embeds=torch.zeros(2, 77, 32)),
+        "'prompt_embeds' has shape (2, 77, 32), expected [1, 77, C]",
+    ),
+    "replacement for another model": (
+        lambda t, m: t.update({"replace.text_encoder.weight": torch.zeros(1)}),
+        "unexpected tensor 'replace.text_encoder.weight' in a D3SR checkpoint",
+    ),
+    "unet tensor without a LoRA marker": (
+        lambda t, m: t.update({"unet.extra.weight": torch.zeros(1)}),
+        "unexpected tensor 'unet.extra.weight' in a D3SR checkpoint",
+    ),
+    "vae lora_B missing": (
+        lambda t, m: t.pop("vae.quant_conv.lora_B.weight"),
+        f"vae LoRA: {_PAIRS}",
+    ),
+    "no scale for the vae": (
+        lambda t, m: m.update(adapters=json.dumps({"unet": {"scale": 1.0}})),
+        "header gives no LoRA scale for the vae adapter",
+    ),
+    "ranks differ": (
+        lambda t, m: t.update({_PROJ_B: torch.zeros(64, 3)}),
+        "unet LoRA: mid_block.attentions.0.proj_in: lora_A has rank 4, lora_B rank 3",
+    ),
+    "replacement NaN": (
+        lambda t, m: t["replace.unet.conv_in.bias"].__setitem__(0, float("nan")),
+        "unet replacement tensors: conv_in.bias holds NaN or infinite values",
+    ),
+    "no unet adapter": (
+        lambda t, m: [t.pop(k) for k in list(t) if k.startswith(("unet.", "replace.unet."))],
+        "D3SR checkpoint holds no UNet LoRA tensors ('unet.*.lora_A.weight')",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_checkpoint_refusals_state_the_whole_problem(tmp_path, case):
+    from safetensors.torch import save_file
+
+    change, problem = REFUSALS[case]
+    tensors, meta = checkpoint_file_parts()
+    change(tensors, meta)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(WeightsFileError) as err:
+        load_checkpoint(path)
+    assert err.value.problem == problem
+    assert str(err.value) == f"{path}: {problem}"
+    assert not is_d3sr_checkpoint(path) if case == "no format entry" else is_d3sr_checkpoint(path)
+
+
+def test_checkpoint_file_names_scales_and_counts(tmp_path):
+    from safetensors.torch import save_file
+
+    # a bare number is accepted as an adapter's scale
+    tensors, meta = checkpoint_file_parts()
+    meta["adapters"] = json.dumps({"unet": 0.5, "vae": {"scale": 2.0}})
+    save_file(tensors, str(tmp_path / "bare.safetensors"), metadata=meta)
+    loaded = load_checkpoint(tmp_path / "bare.safetensors")
+    assert (loaded.adapters["unet"].scale, loaded.adapters["vae"].scale) == (0.5, 2.0)
+    # parameters: prompt 77*32, unet (4*16*9 + 16*4) + (4*64 + 64*4) + bias 16, vae 32 + 32
+    assert loaded.num_parameters() == 77 * 32 + (576 + 64) + (256 + 256) + 16 + (32 + 32)
+    # is_d3sr_checkpoint: the suffix (any case) and the header's format entry decide
+    upper = save_checkpoint(random_checkpoint(), tmp_path / "nested" / "dir" / "M.SAFETENSORS")
+    assert is_d3sr_checkpoint(upper) and load_checkpoint(upper).config.timestep == 250
+    (tmp_path / "m.pkl").write_bytes(upper.read_bytes())
+    assert not is_d3sr_checkpoint(tmp_path / "m.pkl")
+    (tmp_path / "cut.safetensors").write_bytes(upper.read_bytes()[:50])
+    assert not is_d3sr_checkpoint(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError) as err:
+        save_checkpoint(random_checkpoint(), tmp_path / "m.pt")
+    assert str(err.value) == f"{tmp_path / 'm.pt'}: D3SR checkpoints are .safetensors files"
+    # a failed write leaves nothing behind and reports its own error
+    with pytest.raises(TypeError, match="metadata"):
+        save_checkpoint(random_checkpoint(), tmp_path / "new" / "x.safetensors", {"x": 1})
+    assert list((tmp_path / "new").iterdir()) == []
+    ckpt = random_checkpoint()
+    ckpt.adapters["text_encoder"] = LoraAdapter()
+    with pytest.raises(ValueError) as err:
+        checkpoint_state_dict(ckpt)
+    assert str(err.value) == (
+        "adapter for unknown model 'text_encoder'; expected one of ('unet', 'vae')"
+    )
 
 
 class NotATensor:

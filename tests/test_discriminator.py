@@ -414,3 +414,83 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError):
         DiscriminatorConfig(t_min=500, t_max=100)
     assert DiscriminatorConfig().lora_targets == list(DEFAULT_UNET_LORA_TARGETS)
+
+
+def test_zero_condition_and_encoder_calls_written_out():
+    from types import SimpleNamespace
+
+    from d3sr_core.models.discriminator.condition import encode_condition, zero_condition
+
+    sdxl = {
+        "cross_attention_dim": 2048,
+        "addition_embed_type": "text_time",
+        "projection_class_embeddings_input_dim": 2816,
+        "addition_time_embed_dim": 256,
+    }
+    cond = zero_condition(sdxl)  # pooled width 2816 - 6 * 256
+    assert cond.encoder_hidden_states.shape == (1, 77, 2048)
+    assert not cond.encoder_hidden_states.any() and cond.text_embeds.shape == (1, 1280)
+    assert not cond.text_embeds.any() and cond.time_ids.dtype == torch.float32
+    assert cond.time_ids.tolist() == [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]
+    small = zero_condition({**sdxl, "addition_time_embed_dim": 8}, 5, (1, 2, 3, 4, 5, 6))
+    assert small.encoder_hidden_states.shape == (1, 5, 2048) and small.text_embeds.shape == (
+        1,
+        2768,
+    )
+    assert small.time_ids.tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+    assert small.time_ids.dtype == torch.float32  # int sizes become float32 ids
+    sd21 = zero_condition({"cross_attention_dim": 1024})
+    assert sd21.encoder_hidden_states.shape == (1, 77, 1024) and sd21.text_embeds is None
+    assert sd21.time_ids is None
+
+    calls = []
+
+    def tokenizer(texts, **kwargs):
+        calls.append((texts, kwargs))
+        return SimpleNamespace(input_ids=torch.arange(4)[None])
+
+    tokenizer.model_max_length = 4
+
+    class Output(tuple):
+        """(first output,) with ``hidden_states``, like transformers' model outputs."""
+
+        def __new__(cls, first, hidden):
+            obj = super().__new__(cls, (first,))
+            obj.hidden_states = hidden
+            return obj
+
+    class Encoder(torch.nn.Module):
+        """Three "layers" ``proj(ids + k)``; [0] is the last hidden state, or with
+        ``output_hidden_states`` a pooled (summed) output like CLIP's text_embeds."""
+
+        def __init__(self, width):
+            super().__init__()
+            self.proj = torch.nn.Linear(1, width)
+
+        def forward(self, ids, output_hidden_states=False):
+            hidden = [self.proj(ids[..., None].float() + k) for k in range(3)]
+            return Output(hidden[-1].sum(1) if output_hidden_states else hidden[-1], hidden)
+
+    one = Encoder(6)
+    got = encode_condition([tokenizer], [one], prompt="a photo")
+    assert calls == [
+        (["a photo"], {"padding": "max_length", "max_length": 4, "truncation": True,
+                       "return_tensors": "pt"})
+    ]  # fmt: skip
+    with torch.no_grad():
+        expected = one.proj(torch.arange(4).float()[None, :, None] + 2)  # last hidden state
+    torch.testing.assert_close(got.encoder_hidden_states, expected)
+    with pytest.raises(ValueError) as err:
+        encode_condition([tokenizer], [one, one])
+    assert str(err.value) == "pass one (SD2.1) or two (SDXL) tokenizers and text encoders"
+    with pytest.raises(ValueError):
+        encode_condition([tokenizer] * 3, [one] * 3)
+    first, second = Encoder(3), Encoder(5)
+    both = encode_condition([tokenizer, tokenizer], [first, second], time_ids=(7, 7, 0, 0, 7, 7))
+    with torch.no_grad():
+        x = torch.arange(4).float()[None, :, None]
+        penultimate = torch.cat([first.proj(x + 1), second.proj(x + 1)], dim=-1)
+        pooled = second.proj(x + 2).sum(1)
+    torch.testing.assert_close(both.encoder_hidden_states, penultimate)
+    torch.testing.assert_close(both.text_embeds, pooled)
+    assert both.time_ids.tolist() == [[7.0, 7.0, 0.0, 0.0, 7.0, 7.0]]

@@ -187,3 +187,87 @@ def test_generator_built_under_inference_mode():
         again = D3SRPipeline(g).upscale_latent(torch.zeros(1, 4, 2, 2), opts)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert again.shape == (1, 4, 4, 4)
+
+
+def _fake_pipeline(vae_config) -> object:
+    """What validate_latents reads of a pipeline: the generator's VAE config (or none)."""
+    from types import SimpleNamespace
+
+    vae = SimpleNamespace() if vae_config is None else SimpleNamespace(config=vae_config)
+    return SimpleNamespace(generator=SimpleNamespace(vae=vae))
+
+
+def test_latent_refusals_state_the_whole_problem():
+    from types import SimpleNamespace
+
+    from d3sr_core.inference.latent import validate_latents
+
+    sd = _fake_pipeline(SimpleNamespace(latent_channels=4))
+    opts = UpscaleOptions(scale=2)
+    cases = [
+        ([[0.0]], sd, "expected a latent tensor [B, C, h, w], got list"),
+        (
+            torch.zeros(1, 4, 2, 4, 4),
+            sd,
+            "video / 3-D latents (shape (1, 4, 2, 4, 4)) are not supported: D3SR upscales "
+            "images; decode the video and upscale its frames as an IMAGE batch",
+        ),
+        (torch.zeros(1, 4, 0, 4), sd, "expected a latent tensor [B, C, h, w], got (1, 4, 0, 4)"),
+        (
+            torch.zeros(1, 4, 4, 4),
+            _fake_pipeline(SimpleNamespace(latent_channels=16)),  # the VAE's own channel count
+            "this latent has 4 channels; D3SR's SD2.1 VAE decodes 16-channel latents "
+            "(SD1.x/SD2.x). Connect the VAE that made this latent.",
+        ),
+        (
+            torch.zeros(1, 4, 4, 4),
+            _fake_pipeline(None),  # a VAE without a config: 4 channels
+            "latent contains NaN or infinite values",
+        ),
+    ]
+    cases[-1][0][0, 0, 0, 0] = float("inf")
+    for latent, pipe, message in cases:
+        with pytest.raises(InvalidImageError) as err:
+            validate_latents(pipe, latent, opts, external_decoder=False)
+        assert str(err.value) == message
+    # an external decoder takes any channel count and skips the pixel estimate
+    big = torch.zeros(1, 16, 107, 162)
+    limit = UpscaleOptions(scale=4, max_output_pixels=6_250_001)
+    assert validate_latents(sd, big.double(), limit, external_decoder=True).dtype == torch.float32
+    # the SR latent is 428 x 648 -> 3424 x 5184 pixels = 17 750 016
+    with pytest.raises(InvalidImageError) as err:
+        validate_latents(sd, big[:, :4], limit, external_decoder=False)
+    assert str(err.value) == (
+        "output would be about 5184x3424 = 17.8 MP, above the limit of 6.3 MP"
+    )
+    exact = UpscaleOptions(scale=4, max_output_pixels=17_750_016)
+    assert validate_latents(sd, big[:, :4], exact, external_decoder=False).shape == big[:, :4].shape
+
+
+@pytest.mark.parametrize(
+    "returned, got",
+    [
+        (torch.zeros(1, 4, 8, 8), "(1, 4, 8, 8)"),
+        (torch.zeros(1, 3, 8), "(1, 3, 8)"),
+        ("an image", "str"),
+    ],
+)
+def test_decode_input_must_return_one_rgb_image(pipeline, returned, got):
+    with pytest.raises(InvalidImageError) as err:
+        pipeline.upscale_latent(torch.zeros(1, 4, 2, 2), decode_input=lambda raw: returned)
+    assert str(err.value) == f"decode_input must return an image [1, 3, H, W] in [0, 1], got {got}"
+
+
+def test_probe_image_is_the_documented_pattern():
+    from d3sr_core.inference.latent import probe_image
+
+    n = 9
+    expected = torch.zeros(1, 3, n, n)
+    for i in range(n):
+        for j in range(n):
+            y, x = i / (n - 1), j / (n - 1)
+            blob = math.exp(-((x - 0.35) ** 2 + (y - 0.6) ** 2) / 0.04)
+            expected[0, :, i, j] = torch.tensor(
+                [x, y * (1 - x), 0.5 * blob + 0.25 * (1 + math.sin(6 * x * y))]
+            )
+    torch.testing.assert_close(probe_image(n), expected, atol=1e-6, rtol=0)

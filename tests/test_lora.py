@@ -190,6 +190,24 @@ def test_split_peft_state_dict_key_forms_written_out():
         split_peft_state_dict({**state, "up.lora_A.third.weight": t["a"]})
     with pytest.raises(KeyError, match=r"incomplete .* for: \['up'\]"):
         split_peft_state_dict({k: v for k, v in state.items() if k != "up.lora_B.other.weight"})
+    # seven modules with lora_A only: the message lists the first five, sorted
+    lonely = {f"m{i}.lora_A.weight": t["a"] for i in (6, 0, 5, 1, 4, 2, 3)}
+    with pytest.raises(KeyError) as err:
+        split_peft_state_dict(lonely)
+    assert str(err.value).endswith("for: ['m0', 'm1', 'm2', 'm3', 'm4']\"")
+
+
+def test_adapter_length_and_parameter_count_written_out():
+    adapter = LoraAdapter(
+        factors={
+            "a": (torch.zeros(4, 10), torch.zeros(6, 4)),
+            "b": (torch.zeros(2, 3, 3, 3), torch.zeros(5, 2, 1, 1)),
+        },
+        replaced={"c.weight": torch.zeros(7, 3)},
+    )
+    assert len(adapter) == 3
+    assert adapter.num_parameters() == (40 + 24) + (54 + 10) + 21
+    assert len(LoraAdapter()) == 0 and LoraAdapter().num_parameters() == 0
 
 
 @pytest.mark.parametrize(

@@ -89,3 +89,105 @@ def test_progress_and_cancel(pipeline):
 def test_bad_input_gets_a_clear_error(pipeline, images, scale, match):
     with pytest.raises(InvalidImageError, match=match):
         pipeline.upscale_tensor(images, opts(scale))
+
+
+def test_pil_conversions_written_out():
+    import numpy as np
+
+    from d3sr_core.inference.pipeline import pil_to_tensor, tensor_to_pil
+
+    gray = np.array([[0, 255], [128, 1]], dtype=np.uint8)
+    got = pil_to_tensor(Image.fromarray(gray))
+    assert got.shape == (1, 1, 2, 2) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0, 0], torch.tensor(gray / 255.0, dtype=torch.float32))
+    rgba = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) * 10
+    got = pil_to_tensor(Image.fromarray(rgba, "RGBA"))
+    expected = torch.tensor(rgba / 255.0, dtype=torch.float32).permute(2, 0, 1)
+    torch.testing.assert_close(got[0], expected)
+    torch.testing.assert_close(
+        pil_to_tensor(Image.fromarray(rgba[..., :3], "RGB"))[0], expected[:3]
+    )
+    sixteen = np.array([[0, 65535], [1000, 30000]], dtype=np.uint16)
+    for mode in ("I;16", "I"):
+        image = (
+            Image.fromarray(sixteen)
+            if mode == "I;16"
+            else Image.fromarray(sixteen.astype(np.int32), "I")
+        )
+        assert image.mode == mode
+        torch.testing.assert_close(
+            pil_to_tensor(image)[0, 0], torch.tensor(sixteen / 65535.0).float()
+        )
+    floats = np.array([[0.25, 0.5]], dtype=np.float32)
+    torch.testing.assert_close(
+        pil_to_tensor(Image.fromarray(floats, "F"))[0, 0], torch.tensor(floats)
+    )
+    # other modes: RGBA when there is an alpha band or a transparency entry, else RGB
+    la = Image.fromarray(np.stack([gray, 255 - gray], -1), "LA")
+    assert pil_to_tensor(la).shape == (1, 4, 2, 2)
+    pal = Image.fromarray(gray).convert("P")
+    assert pil_to_tensor(pal).shape == (1, 3, 2, 2)
+    pal.info["transparency"] = 0
+    assert pil_to_tensor(pal).shape == (1, 4, 2, 2)
+    # back: round half up, clamped; 1 channel -> L (or I;16), 3 -> RGB, 4 -> RGBA
+    values = torch.tensor([[[-0.5, 0.3], [0.5, 1.7]]])
+    out = tensor_to_pil(values)
+    assert out.mode == "L" and np.asarray(out).tolist() == [[0, 77], [128, 255]]
+    out16 = tensor_to_pil(values[None], sixteen_bit=True)
+    assert out16.mode == "I;16" and np.asarray(out16).tolist() == [[0, 19661], [32768, 65535]]
+    assert tensor_to_pil(values.expand(3, -1, -1)).mode == "RGB"
+    four = tensor_to_pil(values.expand(4, -1, -1)[None])
+    assert four.mode == "RGBA" and np.asarray(four)[..., 3].tolist() == [[0, 77], [128, 255]]
+
+
+def test_tensor_and_latent_entry_points_pass_every_argument_on(pipeline):
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    opts = UpscaleOptions(scale=2, color_fix="none")
+    seen = []
+    out = pipeline.upscale(x, opts, progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (1, 3, 16, 16) and seen and seen[-1][0] == seen[-1][1]
+    torch.testing.assert_close(out, pipeline.upscale_tensor(x, opts), atol=0, rtol=0)
+    with pytest.raises(UpscaleCancelled):
+        pipeline.upscale(x, opts, cancel=lambda: True)
+    calls = []
+
+    def decode(raw):
+        calls.append("decode")
+        return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def encode(image):
+        calls.append("encode")
+        return torch.zeros(1, 16, image.shape[2] // 8, image.shape[3] // 8)
+
+    seen.clear()
+    latent = pipeline.upscale_latent(
+        torch.zeros(1, 4, 2, 2), opts, lambda d, t: seen.append(d), None,
+        decode_input=decode, encode_output=encode,
+    )  # fmt: skip
+    assert latent.shape == (1, 16, 4, 4) and calls == ["decode", "encode"] and seen
+    with pytest.raises(UpscaleCancelled):
+        pipeline.upscale_latent(torch.zeros(1, 4, 2, 2), opts, None, lambda: True)
+
+
+def test_padding_and_retry_tiles_written_out():
+    from d3sr_core.inference.pipeline import _shrink_tile, pad_to_multiple
+
+    def by_index(image, size, reflect):
+        """Rows/columns past the border: mirrored (without repeating the edge) or repeated."""
+        h, w = image.shape[-2:]
+
+        def src(i, n):
+            return i if i < n else (2 * (n - 1) - i if reflect else n - 1)
+
+        rows = [src(i, h) for i in range(size[0])]
+        cols = [src(j, w) for j in range(size[1])]
+        return image[..., rows, :][..., cols]
+
+    x = torch.rand(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    padded, hw = pad_to_multiple(x, 4)  # pads 2 and 3 < the sides: reflect
+    assert hw == (6, 5) and torch.equal(padded, by_index(x, (8, 8), reflect=True))
+    small = x[..., :4, :]
+    padded, hw = pad_to_multiple(small, 8)  # a pad of 4 rows = the height: replicate
+    assert hw == (4, 5) and torch.equal(padded, by_index(small, (8, 8), reflect=False))
+    assert pad_to_multiple(x[..., :4, :4], 4)[0].data_ptr() == x.data_ptr()  # nothing to pad
+    assert [_shrink_tile(64, s) for s in (1.0, 1.5, 0.5, 0.01)] == [64, 64, 40, 16]

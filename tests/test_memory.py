@@ -1,0 +1,218 @@
+"""Memory budgets and out-of-memory retries: every number and message written out, devices
+and the OS simulated (fast, no model)."""
+
+import ctypes
+import logging
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from d3sr_core.inference import memory
+
+GIB = 2**30
+
+
+def test_constants_are_the_documented_ones():
+    assert memory.GPU_BUDGET_FRACTION == 0.8 and memory.RAM_BUDGET_FRACTION == 0.25
+    assert memory.CPU_BUDGET_CAP_BYTES == 1_879_048_192  # 1.75 GiB
+    assert memory.CPU_BUDGET_CAP_BYTES_HALF == 2_415_919_104  # 2.25 GiB
+    assert memory.MIN_BUDGET_BYTES == 256 * 2**20 and memory.FALLBACK_RAM_BYTES == 4 * GIB
+
+
+def test_system_memory_sources_in_order(monkeypatch, tmp_path):
+    fake_psutil = SimpleNamespace(virtual_memory=lambda: SimpleNamespace(available=123456))
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil)
+    assert memory.system_available_memory() == 123456
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8000 kB\nMemFree:  100 kB\nMemAvailable:    2048 kB\n")
+    opened = []
+
+    def fake_open(path, *args, **kwargs):
+        opened.append(path)
+        return open(meminfo, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "open", fake_open, raising=False)
+    assert memory.system_available_memory() == 2048 * 1024 and opened == ["/proc/meminfo"]
+
+    def no_file(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(memory, "open", no_file, raising=False)
+    pages = {"SC_PAGE_SIZE": 4095, "SC_PHYS_PAGES": 1001}  # an odd product: halved, an int
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: pages[name], raising=False)
+    assert memory.system_available_memory() == 2049547
+    assert isinstance(memory.system_available_memory(), int)
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(memory.os, "sysconf", no_sysconf, raising=False)
+    assert memory.system_available_memory() == 4 * GIB
+
+
+def test_available_memory_per_device(monkeypatch):
+    monkeypatch.setattr(memory, "system_available_memory", lambda: 777)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (1000, 5000))
+    reserved = {"value": 300}
+    monkeypatch.setattr(
+        torch.cuda, "memory_reserved", lambda i: {3: 1, 1: 1, 0: 1}[i] * reserved["value"]
+    )
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: {3: 100, 1: 100, 0: 100}[i])
+    assert memory.available_memory("cuda") == 1000 + 200  # free + cached but unused
+    assert memory.available_memory("cuda:1") == 1200 and asked == [3, 1]
+    reserved["value"] = 50  # never negative
+    assert memory.available_memory(torch.device("cuda", 0)) == 1000
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 5000, raising=False)
+    allocated = {"value": 1000}
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: allocated["value"])
+    assert memory.available_memory("mps") == 4000
+    allocated["value"] = 6000
+    assert memory.available_memory("mps") == 0
+
+    def unsupported():
+        raise RuntimeError("no MPS")
+
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", unsupported, raising=False)
+    assert memory.available_memory("mps") == 777
+    assert memory.available_memory("cpu") == 777
+
+
+def test_default_and_resolved_budgets(monkeypatch):
+    free = {"value": 4 * GIB}
+
+    def available(device):
+        assert torch.device(device).type in ("cpu", "cuda", "mps")
+        return free["value"]
+
+    monkeypatch.setattr(memory, "available_memory", available)
+    assert memory.cpu_budget_cap() == memory.cpu_budget_cap(torch.float32) == 1_879_048_192
+    for dtype in (torch.bfloat16, torch.float16, torch.uint8):
+        assert memory.cpu_budget_cap(dtype) == 2_415_919_104
+    assert memory.cpu_budget_cap(torch.float64) == 1_879_048_192
+    assert memory.default_budget("cpu") == GIB  # a quarter of the free RAM
+    free["value"] = 16 * GIB  # a quarter would be 4 GiB: capped
+    assert memory.default_budget("cpu") == 1_879_048_192
+    assert memory.resolve_budget(None, "cpu", torch.bfloat16) == 2_415_919_104
+    assert memory.default_budget("cuda") == int(16 * GIB * 0.8)
+    assert memory.default_budget("mps", torch.float16) == int(16 * GIB * 0.8)
+    free["value"] = 100 * 2**20
+    assert memory.default_budget("cpu") == memory.default_budget("cuda") == 256 * 2**20
+    assert memory.resolve_budget(1, "cpu") == 1
+    for bad in (0, -5, True, 1.5, "1000"):
+        with pytest.raises(ValueError) as err:
+            memory.resolve_budget(bad, "cpu")
+        assert str(err.value) == f"memory_budget_bytes must be a positive int or None, got {bad!r}"
+
+
+def test_out_of_memory_errors_of_every_backend():
+    assert memory.is_oom_error(torch.cuda.OutOfMemoryError("CUDA"))
+    assert memory.is_oom_error(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert memory.is_oom_error(RuntimeError("CUDA error: OUT OF MEMORY"))
+    assert memory.is_oom_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: 1 GB"))
+    assert not memory.is_oom_error(ValueError("out of memory"))  # not a runtime error
+    assert not memory.is_oom_error(RuntimeError("memory layout mismatch"))
+
+
+def test_freeing_caches_per_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory.gc, "collect", lambda: calls.append("gc"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: calls.append("mps"))
+    for device in ("cpu", "cuda", "mps"):
+        memory.free_cached_memory(device)
+    assert calls == ["gc", "gc", "cuda", "gc", "mps"]
+
+    def broken():
+        raise RuntimeError("no MPS")
+
+    monkeypatch.setattr(torch.mps, "empty_cache", broken)
+    memory.free_cached_memory("mps")  # swallowed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    memory.free_cached_memory("cuda")
+    assert calls == ["gc", "gc", "cuda", "gc", "mps", "gc", "gc"]
+
+
+def test_host_memory_is_trimmed_on_linux_cpus_only(monkeypatch):
+    trims = []
+    libc = SimpleNamespace(malloc_trim=SimpleNamespace(argtypes=None))
+    libc.malloc_trim = type(
+        "Trim", (), {"argtypes": None, "__call__": lambda s, n: trims.append(n)}
+    )()
+    loaded = []
+    monkeypatch.setattr(memory, "_LIBC", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: loaded.append(name) or libc)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    memory.release_host_memory("cuda")
+    assert trims == [] and loaded == []
+    memory.release_host_memory()
+    memory.release_host_memory("cpu")
+    assert trims == [0, 0] and loaded == ["libc.so.6"]
+    assert libc.malloc_trim.argtypes == [ctypes.c_size_t]
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    memory.release_host_memory("cpu")
+    assert trims == [0, 0]
+
+    def no_libc(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(memory, "_LIBC", None)
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    memory.release_host_memory("cpu")
+    assert memory._LIBC is False and trims == [0, 0]
+
+
+def test_retries_halve_the_budget_and_log_each_time(monkeypatch, caplog):
+    freed = []
+    monkeypatch.setattr(memory, "free_cached_memory", lambda device: freed.append(device))
+    errors = [MemoryError(), RuntimeError("out of memory\nsecond line"), None]
+    shrinks = []
+
+    def attempt(shrink):
+        shrinks.append(shrink)
+        err = errors[len(shrinks) - 1]
+        if err is not None:
+            raise err
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        assert memory.run_with_oom_retry(attempt, what="UNet", device="cuda:1") == "done"
+    assert shrinks == [1.0, 0.5, 0.25] and freed == ["cuda:1", "cuda:1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "UNet ran out of memory (MemoryError); retrying with smaller tiles (budget x0.5)",
+        "UNet ran out of memory (out of memory); retrying with smaller tiles (budget x0.25)",
+    ]
+    long = RuntimeError("out of memory " + "x" * 200)
+    caplog.clear()
+    shrinks.clear()
+
+    def always(shrink):
+        shrinks.append(shrink)
+        raise long
+
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        with pytest.raises(memory.OutOfMemoryAfterRetries) as err:
+            memory.run_with_oom_retry(always, what="VAE decode", device="cpu", max_retries=2)
+    assert shrinks == [1.0, 0.5, 0.25] and err.value.__cause__ is long
+    assert str(err.value) == (
+        "VAE decode: out of memory even with tiles 4x smaller than planned; free memory on the "
+        "device, lower memory_budget_bytes or use a lower precision"
+    )
+    assert caplog.records[0].getMessage() == (
+        f"VAE decode ran out of memory ({str(long)[:120]}); retrying with smaller tiles "
+        "(budget x0.5)"
+    )
+    shrinks.clear()
+    with pytest.raises(memory.OutOfMemoryAfterRetries):
+        memory.run_with_oom_retry(always, what="x", device="cpu", max_retries=0)
+    assert shrinks == [1.0]
+    shrinks.clear()
+    with pytest.raises(memory.OutOfMemoryAfterRetries):
+        memory.run_with_oom_retry(always, what="x", device="cpu")
+    assert len(shrinks) == 6  # five retries by default
