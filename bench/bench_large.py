@@ -65,24 +65,34 @@ def run_child(args: list[str]) -> dict:
     return run_script(__file__, args)
 
 
-def child_ratio(size: int, precision: str, repeat: int) -> dict:
-    """Whole vs tiled VAE (encode + decode) on one ``size`` x ``size`` output, one thread."""
+def _vae_inputs(size: int, precision: str):
+    """One thread, no autograd: the prepared generator, the default CPU budget for its VAE's
+    dtype, and a seeded ``[1, 3, size, size]`` image in [-1, 1] plus its ``[1, 4, size/8,
+    size/8]`` latent, in the layout the precision plan runs (channels_last or not)."""
     import torch
 
-    from d3sr_core.inference import tiled_vae
     from d3sr_core.inference.memory import resolve_budget
     from d3sr_core.inference.precision import prepare_generator
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     g = prepare_generator(build_generator(), "cpu", precision)
-    vae, dtype = g.vae, next(g.vae.parameters()).dtype
+    dtype = next(g.vae.parameters()).dtype
     budget = resolve_budget(None, "cpu", dtype)
     fmt = torch.channels_last if g.precision_plan.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(size)
     image = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
     latent = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(dtype)
     image, latent = (t.contiguous(memory_format=fmt) for t in (image, latent))
+    return g, budget, image, latent
+
+
+def child_ratio(size: int, precision: str, repeat: int) -> dict:
+    """Whole vs tiled VAE (encode + decode) on one ``size`` x ``size`` output, one thread."""
+    from d3sr_core.inference import tiled_vae
+
+    g, budget, image, latent = _vae_inputs(size, precision)
+    vae = g.vae
     runs = {
         "whole": lambda: (tiled_vae.whole_encode(vae, image), tiled_vae.whole_decode(vae, latent)),
         "tiled": lambda: (
@@ -102,7 +112,7 @@ def child_ratio(size: int, precision: str, repeat: int) -> dict:
     mse = float(((outs["tiled"][1].float() - ref) ** 2).mean())
     peak = float(ref.max() - ref.min())
     psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-    return {"best": best, "psnr_decode": psnr, "budget": budget, "dtype": str(dtype)}
+    return {"best": best, "psnr_decode": psnr, "budget": budget, "dtype": str(image.dtype)}
 
 
 # torch.profiler op names counted as convolutions / matrix products (self CPU time); the
@@ -215,22 +225,10 @@ def child_vae(size: int, precision: str, spill: bool) -> dict:
     """Thread CPU seconds (one thread) of the tiled encode + decode of a ``size`` x ``size``
     output at the default budget (as the pipeline runs them beyond what fits whole), the
     peak RSS minus the weights, and what the runner did (spilled bytes, recomputed passes)."""
-    import torch
-
     from d3sr_core.inference import tiled_vae
-    from d3sr_core.inference.memory import resolve_budget
-    from d3sr_core.inference.precision import prepare_generator
 
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    g = prepare_generator(build_generator(), "cpu", precision)
-    vae, dtype = g.vae, next(g.vae.parameters()).dtype
-    budget = resolve_budget(None, "cpu", dtype)
-    fmt = torch.channels_last if g.precision_plan.channels_last else torch.contiguous_format
-    gen = torch.Generator().manual_seed(size)
-    image = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
-    latent = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(dtype)
-    image, latent = (t.contiguous(memory_format=fmt) for t in (image, latent))
+    g, budget, image, latent = _vae_inputs(size, precision)
+    vae = g.vae
     weights = sum(p.numel() * p.element_size() for p in g.parameters())
     config = tiled_vae.TiledVAEConfig(budget=budget, spill=spill)
     out: dict = {"budget": budget, "seconds": {}, "spill_gb": 0.0, "recomputed": 0}
