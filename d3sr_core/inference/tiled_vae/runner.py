@@ -32,11 +32,15 @@ from .ops import (
     is_channels_last,
 )
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
-from .spill import SpilledTensor, spill_directory
+from .spill import SpilledTensor, SpillIO, spill_directory
 
 # Share of the spill directory's free space (at the start of a run) that checkpoints may
 # take at once; beyond it the planner recomputes instead (others may need the disk too).
 SPILL_DISK_FRACTION = 0.8
+# Tiles of a spilling pass whose writes may still be queued while the next tile is computed
+# (:class:`SpillIO`); each one is counted in the tile's working set, as is the next tile's
+# read-ahead of a checkpoint on disk.
+WRITE_BEHIND_TILES = 1
 
 Tick = Callable[[float], None]
 
@@ -90,6 +94,9 @@ class RunReport:
     spilled: list[int] = field(default_factory=list)
     spill_bytes: int = 0
     spill_peak: int = 0
+    # Seconds the computation waited for the disk (spill writes and reads that the I/O
+    # threads had not finished yet).
+    spill_wait_s: float = 0.0
     # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
     compact: list[tuple[int, int]] = field(default_factory=list)
     # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
@@ -132,16 +139,20 @@ def _memory_bytes(store: dict[int, Stored]) -> int:
     return sum(t.numel() * t.element_size() for t in store.values() if isinstance(t, Tensor))
 
 
-def _read_pieces(store: dict[int, Stored], ids: list[int], regions, full: Region, dtype):
-    """The stack's pieces covering ``regions`` cut from the checkpoint ``store`` (views of
-    in-memory tensors; one read per element on disk, covering every region asked of it)."""
-    loaded: dict[int, tuple[Tensor, Region]] = {}
+def _disk_regions(ids: list[int], regions, on_disk) -> dict[int, Region]:
+    """Element id -> the region to read of each element in ``on_disk``: one read per
+    element, covering every region asked of it (a Push duplicates ids)."""
+    out: dict[int, Region] = {}
     for i, r in zip(ids, regions, strict=True):
-        if r is not None and isinstance(store[i], SpilledTensor):
-            have = loaded.get(i, (None, None))[1]
-            loaded[i] = (None, r.union(have))
-    for i, (_, r) in loaded.items():
-        loaded[i] = (store[i].read(r), r)
+        if r is not None and i in on_disk:
+            out[i] = r.union(out.get(i))
+    return out
+
+
+def _read_pieces(store: dict[int, Stored], ids: list[int], regions, full: Region, dtype, loaded):
+    """The stack's pieces covering ``regions`` cut from the checkpoint ``store``: views of
+    in-memory tensors, and crops of ``loaded`` (id -> (tensor, region read)) for the
+    elements on disk (:func:`_disk_regions`)."""
     pieces: list[Piece | None] = []
     for i, r in zip(ids, regions, strict=True):
         if r is None:
@@ -185,15 +196,16 @@ class TiledVAERunner:
                 return op.module.weight.dtype
         return torch.float32
 
-    def _tile_for(self, start, stop, sizes, chans, keep, itemsize, limit) -> int:
-        """The largest tile side (at boundary ``stop``'s resolution) whose working set fits."""
+    def _tile_for(self, start, stop, sizes, chans, keep, itemsize, limit, disk=None) -> int:
+        """The largest tile side (at boundary ``stop``'s resolution) whose working set fits
+        (``disk``: see :meth:`_probe`)."""
         h, w = sizes[stop]
         lo, hi = 8, max(h, w)
-        if self._probe(start, stop, sizes, chans, keep, itemsize, hi) <= limit:
+        if self._probe(start, stop, sizes, chans, keep, itemsize, hi, disk) <= limit:
             return hi
         while hi - lo > 2:
             mid = (lo + hi) // 2
-            if self._probe(start, stop, sizes, chans, keep, itemsize, mid) <= limit:
+            if self._probe(start, stop, sizes, chans, keep, itemsize, mid, disk) <= limit:
                 lo = mid
             else:
                 hi = mid
@@ -214,12 +226,23 @@ class TiledVAERunner:
             prev = s
         return limit
 
-    def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile) -> int:
+    def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile, disk=None) -> int:
+        """Bytes a ``tile`` x ``tile`` tile of the pass ``start`` -> ``stop`` needs. ``disk``:
+        ``(ids at start, ids at start on disk, channels the pass writes to disk)``; the
+        next tile's read-ahead of those ids and :data:`WRITE_BEHIND_TILES` of this tile's
+        written output are in flight on the I/O threads (:class:`SpillIO`) meanwhile."""
         core = _interior_tile(*sizes[stop], tile)
         depth = len(chans[stop])
         final = [core] * depth if keep_all else [None] * (depth - 1) + [core]
         needs = _backward(self.ops, start, stop, final, sizes)
-        return _work_bytes(needs, chans, start, itemsize)
+        work = _work_bytes(needs, chans, start, itemsize)
+        if disk is None:
+            return work
+        ids, on_disk, written = disk
+        channels = dict(zip(ids, chans[start], strict=True))
+        ahead = sum(r.area * channels[i] for i, r in _disk_regions(ids, needs[0], on_disk).items())
+        behind = WRITE_BEHIND_TILES * core.area * written
+        return work + (ahead + behind) * itemsize
 
     def run(self, x: Tensor) -> Tensor:
         """``x`` ``[B, C, H, W]`` (image or latent) -> the program's output, in the VAE dtype."""
@@ -247,15 +270,20 @@ class TiledVAERunner:
             sorted({*syncs, *(planned & optional)}), planned, spilled, store_dtype, sizes, chans
         )
         files: list[SpilledTensor] = []  # every temporary file, closed on any exit
+        io = SpillIO()  # their I/O threads (started on first use), stopped before the files
         try:
-            return self._passes(x, schedule, limit, files)
+            return self._passes(x, schedule, limit, files, io)
         finally:
+            io.close()
+            self.report.spill_wait_s = io.waited
             for f in files:
                 f.close()
 
-    def _passes(self, x: Tensor, schedule: _Schedule, limit: float, files: list) -> Tensor:
+    def _passes(
+        self, x: Tensor, schedule: _Schedule, limit: float, files: list, io: SpillIO
+    ) -> Tensor:
         """Run the passes of ``schedule`` on ``x`` (already in the VAE dtype); every
-        temporary file made is appended to ``files`` (the caller closes them)."""
+        temporary file made is appended to ``files`` (the caller closes them and ``io``)."""
         ops = self.ops
         points, planned, spilled = schedule.points, schedule.planned, schedule.spilled
         store_dtype, sizes, chans = schedule.store_dtype, schedule.sizes, schedule.chans
@@ -292,7 +320,10 @@ class TiledVAERunner:
             work = min(limit, max(budget - held, floor))
             if in_place:
                 work /= 2  # the other half holds two bands of finished tiles
-            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work)
+            disk_ids = frozenset(i for i in ck_ids if isinstance(ck_store[i], SpilledTensor))
+            written = sum(new_chans.values()) if spill else 0
+            disk = (ck_ids, disk_ids, written) if disk_ids or written else None
+            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work, disk)
             if in_place:
                 row_bytes = w * new_bytes / max(h * w, 1)
                 tile = max(8, min(tile, int(work / (2 * max(row_bytes, 1)))))
@@ -323,18 +354,22 @@ class TiledVAERunner:
                         batch, c, h, w, dtype=store_dtype[s], device=x.device, memory_format=fmt
                     )
             full = Region(0, sizes[ck_index][0], 0, sizes[ck_index][1])
+            # one tile's output may wait to be written while the next one is computed
+            io.write_behind = (
+                WRITE_BEHIND_TILES * written * store_item * batch * max(r.area for r in grid)
+            )
+            checkpoint = (ck_index, ck_ids, ck_store, disk_ids)
+            upcoming = self._start_tile(grid[0], checkpoint, s, ids, store, acc, sizes, io)
             for t, core in enumerate(grid):
-                # Ask for each element to be stored once (Push duplicates ids) and for the
-                # top whenever its statistics are needed.
-                final: list[Region | None] = []
-                asked = set()
-                for i in ids:
-                    final.append(core if i in store and i not in asked else None)
-                    asked.add(i)
-                if acc is not None and final[-1] is None:
-                    final[-1] = core
-                needs = _backward(ops, ck_index, s, final, sizes)
-                pieces = _read_pieces(ck_store, ck_ids, needs[0], full, dtype)
+                final, needs, reads = upcoming
+                loaded = {i: (io.result(ck_store[i], f), r) for i, (f, r) in reads.items()}
+                reads.clear()  # the futures hold the tensors read
+                # the next tile's reads run while this tile is computed
+                if t + 1 < len(grid):
+                    nxt = grid[t + 1]
+                    upcoming = self._start_tile(nxt, checkpoint, s, ids, store, acc, sizes, io)
+                pieces = _read_pieces(ck_store, ck_ids, needs[0], full, dtype, loaded)
+                del loaded
                 for j in range(ck_index, s):
                     pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
                 if acc is not None:
@@ -343,7 +378,7 @@ class TiledVAERunner:
                     if r is None or i not in store:
                         continue
                     if spill:
-                        store[i].write(core, piece.tensor)
+                        io.write(store[i], core, piece.tensor)
                         continue
                     if not in_place:
                         store[i][:, :, core.y0 : core.y1, core.x0 : core.x1] = piece.tensor
@@ -362,7 +397,8 @@ class TiledVAERunner:
             if in_place:
                 for done in bands:
                     _write_band(store[new_id], done)
-            del bands
+            del bands, checkpoint, upcoming  # no reference to the old checkpoint may outlive it
+            io.flush()  # the files written are read from the next pass on
             # The next pass's tiles have other shapes: hand the freed heap back to the OS
             # once per pass. Within a pass the tiles' shapes repeat and reuse the freed
             # blocks; trimming between tiles (every 0.1 s before) made every tile fault its
@@ -403,6 +439,25 @@ class TiledVAERunner:
                 ck_store = {i: ck_store[i] for i in ck_ids[:-1]} | {counter[0]: out}
                 ck_index = s + 1
         return _materialize(ck_store[ck_ids[-1]], sizes[-1]).to(dtype)
+
+    def _start_tile(self, core, checkpoint, s, ids, store, acc, sizes, io: SpillIO):
+        """A tile's regions (what each boundary must provide to store ``core`` of the
+        elements in ``store``, and the top when its statistics ``acc`` are gathered), with
+        the reads of the checkpoint's elements on disk started on ``io``."""
+        ck_index, ck_ids, ck_store, on_disk = checkpoint
+        # Ask for each element to be stored once (Push duplicates ids) and for the top
+        # whenever its statistics are needed.
+        final: list[Region | None] = []
+        asked = set()
+        for i in ids:
+            final.append(core if i in store and i not in asked else None)
+            asked.add(i)
+        if acc is not None and final[-1] is None:
+            final[-1] = core
+        needs = _backward(self.ops, ck_index, s, final, sizes)
+        regions = _disk_regions(ck_ids, needs[0], on_disk)
+        reads = {i: (io.read(ck_store[i], r), r) for i, r in regions.items()}
+        return final, needs, reads
 
     def _floor(self) -> float:
         """The smallest working set a tile is given next to the checkpoints."""

@@ -15,26 +15,51 @@ tile's region is one contiguous byte run per image row (one run in all for full-
 bands). Reads and writes are explicit unbuffered file I/O at an offset (``seek`` +
 ``write`` / ``readinto`` straight into the tile's own memory; portable, unlike
 ``os.pwrite``), not ``mmap``: mapped pages would count in the process's resident memory,
-which the budget bounds. The kernel keeps the file in its page
-cache while RAM is free (reads are then memory copies) and writes it back and drops it
-under memory pressure.
+which the budget bounds. Writes bypass the kernel's page cache where the file system allows it (``O_DIRECT``,
+Linux): the states are spilled because they do not fit the memory budget, and a 4096x4096
+decode writes ~45 GB, more than most machines' RAM, so caching them only costs: every page
+is allocated, copied and written back under memory pressure (on the CI-class VM buffered
+writes ran at 160 MB/s with 3.2 s of kernel CPU per GB, direct ones at 2.1 GB/s with 0.15 s).
+Direct I/O needs block-aligned offsets, lengths and buffers: the aligned middle of each
+byte run goes through a small aligned bounce buffer, its unaligned ends (at most a block
+each) through the page cache. Reads stay buffered (any region, read-ahead).
 
 The file is an anonymous temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux,
 unlinked at once on other POSIX systems, delete-on-close on Windows), so it disappears when
 closed, when the run fails, or (POSIX) when the process dies.
 Its blocks are reserved up front (``posix_fallocate``) so that a full disk fails before the
 pass is computed, with a :class:`SpillError` naming the directory and the size.
+
+Off the compute thread
+----------------------
+A 4096x4096 decode writes ~45 GB, more than the page cache of a typical machine holds, so the
+kernel throttles the writer to the disk's speed (170 MB/s on the CI-class machine: minutes).
+:class:`SpillIO` moves the file I/O to two threads: one writes finished tiles behind the
+computation (at most ``write_behind`` bytes queued; the compute thread waits only when the
+disk falls further behind), one reads the next tile's regions while the current tile is
+computed. The bytes are the same, so the output is bit-identical to synchronous I/O; the
+runner counts the queued tile and the read-ahead tile in each tile's memory budget.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from .ops import Region
+
+# Direct I/O: the block size that offsets, lengths and buffer addresses are aligned to (the
+# largest logical block size in use), and the bounce buffer a run's aligned part is copied
+# through (a few MB: outside the memory budget, like the torch runtime).
+DIRECT_ALIGN = 4096
+DIRECT_CHUNK = 4 * 2**20
 
 
 class SpillError(OSError):
@@ -55,6 +80,8 @@ class SpilledTensor:
         directory: where the temporary file lives (None = :func:`spill_directory`).
         memory_format: layout of the tensors :meth:`read` returns.
         device: where the tensors :meth:`read` returns live (the file is always on the host).
+        direct: write around the page cache (``O_DIRECT``) where the file system allows it;
+            False (or a file system without it, e.g. an old tmpfs) writes through the cache.
     """
 
     def __init__(
@@ -64,6 +91,7 @@ class SpilledTensor:
         directory: str | os.PathLike | None = None,
         memory_format: torch.memory_format = torch.channels_last,
         device: torch.device | str = "cpu",
+        direct: bool = True,
     ):
         self.shape = tuple(shape)
         self.dtype = dtype
@@ -74,6 +102,8 @@ class SpilledTensor:
         b, c, h, w = self.shape
         self.nbytes = b * c * h * w * self.itemsize
         self._file = None
+        self._direct: int | None = None  # a second descriptor of the file, with O_DIRECT
+        self._bounce: mmap.mmap | None = None
         try:
             self._file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
             if self.nbytes and hasattr(os, "posix_fallocate"):
@@ -86,6 +116,17 @@ class SpilledTensor:
                 f"{self.directory!r}: {e.strerror or e}. Free disk space there, point TMPDIR "
                 "(or the spill directory) at a larger disk, or raise the memory budget",
             ) from e
+        if direct and getattr(os, "O_DIRECT", 0):
+            try:  # the unnamed file is reachable through its descriptor's /proc link only
+                fd = self._file.fileno()
+                self._direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # no /proc, or a file system without direct I/O
+                self._direct = None
+
+    @property
+    def direct(self) -> bool:
+        """Whether writes currently go around the page cache."""
+        return self._direct is not None
 
     @property
     def closed(self) -> bool:
@@ -93,9 +134,18 @@ class SpilledTensor:
 
     def close(self) -> None:
         """Delete the file (idempotent)."""
+        self._close_direct()
+        if getattr(self, "_bounce", None) is not None:
+            self._bounce.close()
+            self._bounce = None
         if not self.closed:
             self._file.close()
             self._file = None
+
+    def _close_direct(self) -> None:
+        if getattr(self, "_direct", None) is not None:
+            os.close(self._direct)
+            self._direct = None
 
     def __del__(self):
         self.close()
@@ -120,17 +170,28 @@ class SpilledTensor:
                 for y in range(region.h):
                     yield b, y, 1, self._row_offset(b, region.y0 + y, region.x0)
 
+    def prepare(self, tensor: Tensor) -> Tensor:
+        """``tensor`` ``[B, C, h, w]`` as :meth:`store` takes it: on the host, in :attr:`dtype`,
+        channels_last (NHWC memory); no copy when it already is."""
+        return (
+            tensor.detach()
+            .to(device="cpu", dtype=self.dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
+
     def write(self, region: Region, tensor: Tensor) -> None:
         """Store ``tensor`` ``[B, C, h, w]`` (any layout) at ``region`` of the image."""
-        rows = tensor.detach().to(device="cpu", dtype=self.dtype).permute(0, 2, 3, 1)
-        data = rows.contiguous().view(torch.uint8).numpy()  # [B, h, w, C * itemsize]
-        f = self._raw()
+        self.store(region, self.prepare(tensor))
+
+    def store(self, region: Region, tensor: Tensor) -> None:
+        """:meth:`write` of a :meth:`prepare`-d tensor: file I/O only (no tensor op, so it
+        may run on an I/O thread)."""
+        data = tensor.permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
+        self._raw()
         for b, y, n, offset in self._runs(region):
             view = memoryview(data[b, y : y + n]).cast("B")
             try:
-                f.seek(offset)
-                while view:
-                    view = view[f.write(view) :]
+                self._write_run(offset, view)
             except OSError as e:
                 raise SpillError(
                     e.errno,
@@ -138,12 +199,57 @@ class SpilledTensor:
                     f"{e.strerror or e}",
                 ) from e
 
+    def _write_run(self, offset: int, view: memoryview) -> None:
+        """Write ``view`` at ``offset``: its block-aligned middle directly (when available),
+        the rest through the page cache."""
+        end = offset + len(view)
+        a0 = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
+        a1 = end // DIRECT_ALIGN * DIRECT_ALIGN
+        if self._direct is None or a1 <= a0:
+            self._write_buffered(offset, view)
+            return
+        self._write_buffered(offset, view[: a0 - offset])
+        self._write_buffered(a1, view[a1 - offset :])
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
+        bounce = memoryview(self._bounce)
+        pos = a0
+        while pos < a1:
+            n = min(DIRECT_CHUNK, a1 - pos)
+            bounce[:n] = view[pos - offset : pos - offset + n]
+            try:
+                done = os.pwrite(self._direct, bounce[:n], pos)
+            except OSError:  # e.g. a larger block size than DIRECT_ALIGN: stop using it
+                done = 0
+            if done != n:  # (short direct writes are not resumed at unaligned offsets)
+                self._close_direct()
+                self._write_buffered(pos + done, view[pos + done - offset : a1 - offset])
+                return
+            pos += n
+
+    def _write_buffered(self, offset: int, view: memoryview) -> None:
+        f = self._raw()
+        f.seek(offset)
+        while view:
+            view = view[f.write(view) :]
+
     def read(self, region: Region) -> Tensor:
         """The stored values at ``region``: ``[B, C, h, w]`` in :attr:`memory_format`, on
         :attr:`device`."""
+        return self.place(self.load(region))
+
+    def empty(self, region: Region) -> Tensor:
+        """A host buffer for :meth:`load` of ``region``: ``[B, C, h, w]``, NHWC memory."""
         b, c, _, _ = self.shape
-        out = torch.empty(b, region.h, region.w, c, dtype=self.dtype)
-        data = out.view(torch.uint8).numpy()
+        nhwc = torch.empty(b, region.h, region.w, c, dtype=self.dtype)
+        return nhwc.permute(0, 3, 1, 2)
+
+    def load(self, region: Region, out: Tensor | None = None) -> Tensor:
+        """The stored values at ``region`` as they are in the file, into ``out`` (from
+        :meth:`empty`; None = a new one): ``[B, C, h, w]`` with NHWC memory, on the host.
+        File I/O only when ``out`` is given (may run on an I/O thread)."""
+        out = self.empty(region) if out is None else out
+        data = out.permute(0, 2, 3, 1).view(torch.uint8).numpy()
         f = self._raw()
         for i, y, n, offset in self._runs(region):
             view = memoryview(data[i, y : y + n]).cast("B")
@@ -155,5 +261,92 @@ class SpilledTensor:
                         0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
                     )
                 view = view[done:]
-        nchw = out.permute(0, 3, 1, 2).to(self.device)  # channels_last strides
-        return nchw.contiguous(memory_format=self.memory_format)
+        return out
+
+    def place(self, loaded: Tensor) -> Tensor:
+        """A :meth:`load`-ed tensor on :attr:`device` in :attr:`memory_format`."""
+        return loaded.to(self.device).contiguous(memory_format=self.memory_format)
+
+
+def _as_caller(fn):
+    """``fn`` for another thread, run in the caller's inference mode (a thread-local state:
+    tensors made or updated there must be of the same kind as the caller's)."""
+    mode = torch.is_inference_mode_enabled()
+
+    def call(*args):
+        with torch.inference_mode(mode):
+            return fn(*args)
+
+    return call
+
+
+class SpillIO:
+    """The file I/O of spilled checkpoints on two threads of its own (see the module
+    docstring): :meth:`write` queues a tile behind the computation, :meth:`read` starts
+    reading a region ahead of it. Tensor ops (layout, device) stay on the caller's thread.
+
+    Args:
+        write_behind: bytes of tiles that may wait to be written when :meth:`write` returns
+            (it waits for the oldest writes beyond it; 0 = synchronous). Adjustable per pass.
+    """
+
+    def __init__(self, write_behind: int = 0):
+        self.write_behind = write_behind
+        self.waited = 0.0  # seconds the caller spent waiting for the disk
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._writes: deque[tuple[Future, int]] = deque()
+        self._queued = 0
+
+    def write(self, file: SpilledTensor, region: Region, tensor: Tensor) -> None:
+        """Write ``tensor`` at ``region`` of ``file`` (as :meth:`SpilledTensor.write`) in the
+        background. ``tensor`` must not be modified afterwards (it may be written as is).
+        Raises the :class:`SpillError` of an earlier write that failed."""
+        rows = file.prepare(tensor)
+        n = rows.numel() * rows.element_size()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="d3sr-spill-write")
+        self._writes.append((self._writer.submit(_as_caller(file.store), region, rows), n))
+        self._queued += n
+        del rows
+        while self._queued > self.write_behind:
+            self._finish_oldest()
+
+    def read(self, file: SpilledTensor, region: Region) -> Future:
+        """Start reading ``region`` of ``file``; :meth:`result` gives the tensor. Call
+        :meth:`flush` after writing a file before reading it."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="d3sr-spill-read")
+        return self._reader.submit(_as_caller(file.load), region, file.empty(region))
+
+    def result(self, file: SpilledTensor, pending: Future) -> Tensor:
+        """The tensor a :meth:`read` of ``file`` started, as :meth:`SpilledTensor.read` gives it."""
+        return file.place(self._wait(pending))
+
+    def flush(self) -> None:
+        """Wait until every queued write is on its file (re-raising the first failure)."""
+        while self._writes:
+            self._finish_oldest()
+
+    def close(self) -> None:
+        """Drop queued work and wait for the threads (before the files are closed)."""
+        for fut, _ in self._writes:
+            fut.cancel()
+        self._writes.clear()
+        self._queued = 0
+        for pool in (self._writer, self._reader):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._writer = self._reader = None
+
+    def _finish_oldest(self) -> None:
+        fut, n = self._writes.popleft()
+        self._queued -= n
+        self._wait(fut)
+
+    def _wait(self, fut: Future):
+        t = time.perf_counter()
+        try:
+            return fut.result()
+        finally:
+            self.waited += time.perf_counter() - t
