@@ -459,18 +459,25 @@ class D3SRPipeline:
                 rgb = (
                     images[i : i + 1, :3] if c >= 3 else images[i : i + 1, :1].expand(-1, 3, -1, -1)
                 )
-                reference = F.interpolate(
-                    rgb.to(self.device), size=(out_h, out_w), mode="bicubic", align_corners=False
-                ).clamp_(0, 1)
-                padded, (ph, pw) = pad_to_multiple(reference, LATENT_FACTOR)
-                latent = self.encode(padded * 2.0 - 1.0, rng)
-                del padded
+                # The bicubic reference is the encoder's input and the colour fix's target. It
+                # is computed again for the colour fix instead of being held through the three
+                # stages (at 4096x4096 an fp32 copy is 0.2 GB next to their memory budget),
+                # and the encoder gets it in the VAE's dtype, which every VAE path casts to.
+                image, (ph, pw) = pad_to_multiple(self._reference(rgb, out_h, out_w), LATENT_FACTOR)
+                vae_dtype = next(self.generator.vae.parameters()).dtype
+                image = image.mul_(2.0).sub_(1.0).to(vae_dtype)
+                latent = self.encode(image, rng)
+                del image
                 latent = self.denoise(latent)
                 sr = self.decode(latent)[:, :, :ph, :pw]
-                sr = (sr.float() + 1.0) / 2.0
-                sr = apply_color_fix(sr.clamp_(0, 1), reference, options.color_fix)
+                del latent
+                sr = sr.float().add_(1.0).div_(2.0).clamp_(0, 1)
+                if options.color_fix != "none":
+                    reference = self._reference(rgb, out_h, out_w)
+                    sr = apply_color_fix(sr, reference, options.color_fix)
+                    del reference
                 outputs.append(sr.to(images.device))
-                del reference, sr, latent
+                del sr
         finally:
             self._run = previous
             if stored_embeds is not None:
@@ -484,6 +491,14 @@ class D3SRPipeline:
             )
             result = torch.cat([result, alpha.clamp(0, 1)], dim=1)
         return result.clamp(0, 1)
+
+    def _reference(self, rgb: Tensor, out_h: int, out_w: int) -> Tensor:
+        """The bicubic upsampling of ``rgb`` ``[1, 3, h, w]`` to the output size, in [0, 1]
+        (a fresh tensor on the pipeline's device)."""
+        up = F.interpolate(
+            rgb.to(self.device), size=(out_h, out_w), mode="bicubic", align_corners=False
+        )
+        return up.clamp_(0, 1)
 
     def _use_prompt_embeds(self, options: UpscaleOptions) -> Tensor | None:
         """Install ``options.prompt_embeds`` for one call; returns the stored one to restore."""
