@@ -272,3 +272,39 @@ def test_windowed_unet_attention_lifts_the_unet_tile_cap(pipe, monkeypatch):
     pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none"))
     pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="none", unet_attention_window=0))
     assert seen == [None, AUTO_MAX_TILE]
+
+
+def test_no_full_size_image_copy_lives_through_the_model_stages(monkeypatch):
+    """The stages' memory budgets are all the activations: the pipeline itself holds no
+    full-size image during the UNet and the VAE decode (the bicubic reference is computed
+    again for the colour fix; at 4096x4096 an fp32 copy is 0.2 GB), only the encoder's input
+    in the VAE dtype during the encode - and the output matches the colour fix of that
+    reference."""
+    import gc
+
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(10, 12)
+    out_shape = (1, 3, 40, 48)
+    seen: dict[str, list] = {}
+
+    def full_size_images() -> list:
+        gc.collect()
+        return [
+            (t.dtype, t.shape)
+            for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == out_shape[-2:]
+        ]
+
+    for name in ("encode", "denoise", "decode"):
+        real = getattr(pipe, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] = full_size_images()
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(pipe, name, spy)
+    out = pipe.upscale_tensor(x, UpscaleOptions(scale=4, color_fix="wavelet"))
+    vae_dtype = next(pipe.generator.vae.parameters()).dtype
+    assert seen["encode"] == [(vae_dtype, out_shape)], "only the encoder's input"
+    assert seen["denoise"] == [] and seen["decode"] == []
+    assert out.shape == out_shape
