@@ -54,11 +54,12 @@ def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt):
     assert _open_fds() == fds and t.closed
 
 
-@pytest.mark.parametrize("failing", [False, True])
-def test_direct_writes_round_trip_unaligned_runs(tmp_path, monkeypatch, failing):
-    """Runs that straddle disk blocks: the aligned middles go around the page cache, the ends
-    through it, and the file reads back exactly; if a direct write fails, the file falls back
-    to the page cache for good and still reads back exactly."""
+@pytest.mark.parametrize("failing", [None, "pwrite", "preadv"])
+def test_direct_io_round_trips_unaligned_runs(tmp_path, monkeypatch, failing):
+    """Runs that straddle disk blocks: the aligned middles are written around the page
+    cache, the ends through it, the blocks around a run read back around it, and the file
+    reads back exactly; if a direct write or read fails, the file falls back to the page
+    cache for good and still reads back exactly."""
     from d3sr_core.inference.tiled_vae import spill
 
     monkeypatch.setattr(spill, "DIRECT_CHUNK", 2 * spill.DIRECT_ALIGN)  # several chunks a run
@@ -69,16 +70,17 @@ def test_direct_writes_round_trip_unaligned_runs(tmp_path, monkeypatch, failing)
         pytest.skip(f"no O_DIRECT on {tmp_path}")
     if failing:
 
-        def pwrite(fd, data, offset):
+        def refuse(*args):
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        monkeypatch.setattr(spill.os, "pwrite", pwrite)
+        monkeypatch.setattr(spill.os, failing, refuse)
     for y0, y1 in ((0, 9), (9, 40)):  # a full-width band (one run), then 3 x 31 rows of runs
         for x0, x1 in ((0, 70),) if y0 == 0 else ((0, 23), (23, 51), (51, 70)):
             t.write(Region(y0, y1, x0, x1), x[:, :, y0:y1, x0:x1])
-    assert t.direct is not failing
-    assert torch.equal(t.read(Region(0, 40, 0, 70)), x)
+    assert t.direct is (failing != "pwrite")
     assert torch.equal(t.read(Region(7, 33, 5, 66)), x[:, :, 7:33, 5:66])
+    assert torch.equal(t.read(Region(0, 40, 0, 70)), x)
+    assert t.direct is (failing is None)
     t.close()
     assert _open_fds() == fds
 
