@@ -34,7 +34,8 @@ recomputation such that every kept state fits the budget next to the checkpoint 
 computed from and a minimal tile working set; tiles then get what is left): low-resolution
 states are small and kept, and full-resolution ones that do not fit the budget are written
 to an anonymous temporary file tile by tile and read back region by region (:mod:`.spill`;
-positional reads and writes, not ``mmap``, so they never count in resident memory), so
+positional reads and writes, not ``mmap``, so they never count in resident memory; around
+the page cache where possible, on I/O threads that overlap the computation), so
 peak memory is bounded by the tile and the budget, not by the image. The planner weighs
 disk traffic against recomputation (recomputing a 4096x4096 decoder's full-resolution
 states from older checkpoints cost 6x its work; spilling them costs a few memory copies per
