@@ -93,20 +93,37 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "d3sr_core/models/discriminator/model.py": ["tests/test_discriminator.py"],
     "d3sr_core/models/discriminator/trunk.py": ["tests/test_discriminator.py"],
+    # tiled VAE: mutmut runs a mutant's covering tests fastest first, so the slow whole-decode
+    # comparisons only run for mutants the quick ones miss.
+    "d3sr_core/inference/tiled_vae/norm.py": [
+        "tests/test_vae_attention.py",
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+    ],
+    "d3sr_core/inference/tiled_vae/whole.py": [
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/tiled_vae/program.py": [
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+    ],
+    "d3sr_core/inference/tiled_vae/spill.py": ["tests/test_tiled_vae_spill.py"],
+    "d3sr_core/inference/tiled_vae/planner.py": [
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_spill.py",
+        "tests/test_budget_precision.py",
+    ],
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_vae_attention.py",
             "tests/test_tiled_vae.py",
+            "tests/test_tiled_vae_spill.py",
+            "tests/test_tiled_vae_half.py",
             "tests/test_budget_precision.py",
         ]
-        for name in (
-            "norm",
-            "planner",
-            "whole",
-            "program",
-            "runner",
-            "ops",
-            "__init__",
-        )
+        for name in ("__init__", "ops", "runner")
     },
     "d3sr_core/inference/tiled_vae/attention.py": [
         "tests/test_vae_attention.py",
@@ -558,6 +575,17 @@ def main() -> None:
         work = prepare(args.module, tests, args.workdir)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("OMP_NUM_THREADS", "1")
+        # mutmut's children leave with os._exit, so pytest never unlocks its numbered temp
+        # folders and never deletes them: one per mutant, up to hundreds of MB each (this filled
+        # a 64 GB disk). With one worker every mutant's pytest reuses (and first empties) one
+        # --basetemp; with several, TMPDIR keeps the folders here, emptied after the run. Given
+        # through the environment, not [tool.mutmut]: a changed pytest_add_cli_args makes mutmut
+        # discard every cached result.
+        (work / "tmp").mkdir(exist_ok=True)
+        env["TMPDIR"] = str(work / "tmp")
+        if args.max_children == 1:
+            basetemp = f"--basetemp={work / 'tmp' / 'pytest'}"
+            env["PYTEST_ADDOPTS"] = f"{env.get('PYTEST_ADDOPTS', '')} {basetemp}".strip()
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
         if args.survivors:
             meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
@@ -571,7 +599,10 @@ def main() -> None:
                 return
             cmd += names
         print("+", " ".join(cmd), f"(in {work}; tests: {' '.join(tests)})", flush=True)
-        subprocess.run(cmd, cwd=work, env=env, check=False)
+        try:
+            subprocess.run(cmd, cwd=work, env=env, check=False)
+        finally:
+            shutil.rmtree(work / "tmp", ignore_errors=True)
     print(json.dumps(summarise(work, args.module)))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -494,3 +496,98 @@ def test_zero_condition_and_encoder_calls_written_out():
     torch.testing.assert_close(both.encoder_hidden_states, penultimate)
     torch.testing.assert_close(both.text_embeds, pooled)
     assert both.time_ids.tolist() == [[7.0, 7.0, 0.0, 0.0, 7.0, 7.0]]
+
+
+# ---------------------------------------------------------------- construction and state, written out
+
+
+_LORA_KEY = re.compile(r"^unet\.(down_blocks|mid_block)\..*\.lora_[AB]\.default\.weight$")
+_HEAD_KEYS = {
+    f"head.{m}.{p}" for m in ("proj_in", "norm", "proj_out") for p in ("weight", "bias")
+}
+
+
+def test_from_pretrained_passes_every_argument_on(tmp_path):
+    """Variant file, dtype, config, condition and seed all reach the discriminator."""
+    torch.manual_seed(3)
+    plain = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    plain.save_pretrained(tmp_path / "unet")
+    fp16 = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])  # other weights
+    fp16.save_pretrained(tmp_path / "unet", variant="fp16")
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.encoder_hidden_states.normal_()
+    d = DiffusionDiscriminator.from_pretrained(
+        tmp_path / "unet", cfg, condition=cond, dtype=torch.bfloat16, variant="fp16"
+    )
+    assert d.config is cfg and d.head.proj_in.out_channels == 32
+    assert d.head.proj_in.weight.dtype == torch.bfloat16
+    assert torch.equal(d.unet.conv_in.weight, fp16.conv_in.weight.to(torch.bfloat16))
+    assert torch.equal(d.condition_context, cond.encoder_hidden_states.to(torch.bfloat16))
+    ranks = {p.shape[0] for n, p in d.named_parameters() if n.endswith("lora_A.default.weight")}
+    assert ranks == {4}
+    # seed 0 by default, whatever the global generator's state
+    heads = []
+    for global_seed, kw in ((5, {}), (6, {"seed": 0})):
+        torch.manual_seed(global_seed)
+        heads.append(DiffusionDiscriminator.from_pretrained(tmp_path / "unet", tiny_config(), **kw))
+    assert torch.equal(heads[0].head.proj_in.weight, heads[1].head.proj_in.weight)
+
+
+def test_trainable_state_is_lora_head_and_condition(tiny_sdxl):
+    state = tiny_sdxl.trainable_state_dict()
+    lora = {k for k in state if _LORA_KEY.match(k)}
+    assert len(lora) == 2 * len(lora_target_names(build_trunk("sdxl-tiny", device="meta")))
+    cond = {"condition_context", "condition_text_embeds", "condition_time_ids"}
+    assert set(state) == lora | _HEAD_KEYS | cond
+    assert not any(v.requires_grad for v in state.values())
+
+
+def test_trainable_state_refusals_name_the_keys(tiny_sdxl):
+    d = tiny_sdxl
+    state = d.trainable_state_dict()
+    keys = sorted(state)
+    prefix = "discriminator state does not match this model (different backbone, rank or targets?)"
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict({k: v for k, v in state.items() if k not in keys[:4]})
+    assert str(err.value) == f"state: {prefix}: missing {keys[:3]}, unexpected []"
+    extra = {**state, **{f"extra.{i}": torch.zeros(1) for i in range(4)}}
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict(extra, "disc.safetensors")
+    assert str(err.value) == (
+        f"disc.safetensors: {prefix}: missing [], unexpected ['extra.0', 'extra.1', 'extra.2']"
+    )
+    order = list(state)
+    wrong = {k: torch.zeros(2, 2) if k in order[-4:] else v for k, v in state.items()}
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict(wrong, "disc.safetensors")
+    assert str(err.value) == f"disc.safetensors: shape mismatch for {order[-4:-1]}"
+
+
+def test_trainable_file_header_and_refusals(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    d = DiffusionDiscriminator(build_trunk("sdxl-tiny"), cfg)
+    path = tmp_path / "d.safetensors"
+    d.save_trainable(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta == {
+        "format": "d3sr-discriminator",
+        "format_version": "1",
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    d.load_trainable(path)  # rank 4 / alpha 2 on both sides (the defaults say 16 / 16)
+    state = {k: v.contiguous() for k, v in d.trainable_state_dict().items()}
+    for name, header, problem in (
+        ("bare.safetensors", {"format": "d3sr-discriminator"},
+         "LoRA rank/alpha 16/16.0 differ from this model's 4/2.0"),
+        ("plain.safetensors", None, "not a D3SR discriminator file (format None)"),
+        ("other.safetensors", {"format": "other"}, "not a D3SR discriminator file (format 'other')"),
+    ):  # fmt: skip
+        save_file(state, str(tmp_path / name), metadata=header)
+        with pytest.raises(WeightsFileError) as err:
+            d.load_trainable(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {problem}"
