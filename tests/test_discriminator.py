@@ -502,9 +502,7 @@ def test_zero_condition_and_encoder_calls_written_out():
 
 
 _LORA_KEY = re.compile(r"^unet\.(down_blocks|mid_block)\..*\.lora_[AB]\.default\.weight$")
-_HEAD_KEYS = {
-    f"head.{m}.{p}" for m in ("proj_in", "norm", "proj_out") for p in ("weight", "bias")
-}
+_HEAD_KEYS = {f"head.{m}.{p}" for m in ("proj_in", "norm", "proj_out") for p in ("weight", "bias")}
 
 
 def test_from_pretrained_passes_every_argument_on(tmp_path):
