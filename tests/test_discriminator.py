@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
 from d3sr_core.loading.files import WeightsFileError
 from d3sr_core.losses.gan import discriminator_loss, generator_loss
@@ -18,6 +19,7 @@ from d3sr_core.models.discriminator import (
     DiffusionDiscriminator,
     DiscriminatorCondition,
     DiscriminatorConfig,
+    PatchHead,
     build_trunk,
     encode_condition,
     load_trunk,
@@ -47,6 +49,9 @@ def _latents(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 def test_full_size_sdxl_trunk_on_meta():
     d = DiffusionDiscriminator.from_config(DiscriminatorConfig(), device="meta")
     unet = d.unet
+    assert unet.conv_in.weight.is_meta and d.head.proj_in.weight.is_meta
+    assert d.condition_context.is_meta and d.condition_text_embeds.is_meta
+    assert d.condition_time_ids.is_meta
     trunk = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     assert abs(trunk - 1.243e9) / 1.243e9 < 0.01, trunk
     assert unet.up_blocks is None and unet.conv_out is None and unet.conv_norm_out is None
@@ -322,6 +327,10 @@ def test_load_trunk_from_sdxl_single_file(tmp_path):
     trunk = load_trunk(path, config="sdxl-tiny")
     for k, v in ref.state_dict().items():
         assert torch.equal(trunk.state_dict()[k], v), k
+    d = DiffusionDiscriminator.from_pretrained(
+        path, tiny_config()
+    )  # config.base reaches the loader
+    assert torch.equal(d.unet.conv_in.weight, ref.conv_in.weight)
     ckpt = tmp_path / "sdxl_tiny.ckpt"
     torch.save({"state_dict": {**ldm, **extra}, "global_step": 3}, ckpt)
     trunk = load_trunk(ckpt, config="sdxl-tiny", dtype=torch.bfloat16)
@@ -395,7 +404,7 @@ def test_encode_condition_with_tiny_text_encoders():
 
 def test_sd21_backbone_builds_and_runs():
     d = DiffusionDiscriminator.from_config(tiny_config("sd21-tiny"), seed=0)
-    assert d.condition_text_embeds is None
+    assert d.condition_text_embeds is None and d.condition_time_ids is None
     cfg = TINY_TRUNK_CONFIGS["sd21-tiny"]
     assert d.condition_context.shape == (1, 77, cfg["cross_attention_dim"])
     logits = d(_latents(2, 16))
@@ -583,9 +592,152 @@ def test_trainable_file_header_and_refusals(tmp_path):
         ("bare.safetensors", {"format": "d3sr-discriminator"},
          "LoRA rank/alpha 16/16.0 differ from this model's 4/2.0"),
         ("plain.safetensors", None, "not a D3SR discriminator file (format None)"),
+        ("part.safetensors", meta, "discriminator state does not match this model (different "
+         f"backbone, rank or targets?): missing {sorted(state)[:3]}, unexpected []"),
         ("other.safetensors", {"format": "other"}, "not a D3SR discriminator file (format 'other')"),
     ):  # fmt: skip
-        save_file(state, str(tmp_path / name), metadata=header)
+        part = {k: v for k, v in state.items() if k not in sorted(state)[:3]}
+        save_file(part if header is meta else state, str(tmp_path / name), metadata=header)
         with pytest.raises(WeightsFileError) as err:
             d.load_trainable(tmp_path / name)
         assert str(err.value) == f"{tmp_path / name}: {problem}"
+
+
+def test_from_config_passes_every_argument_on():
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.encoder_hidden_states.normal_()
+    d = DiffusionDiscriminator.from_config(cfg, condition=cond, dtype=torch.bfloat16)
+    assert d.config is cfg and d.head.proj_in.out_channels == 32
+    assert d.head.proj_in.weight.dtype == d.unet.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(d.condition_context, cond.encoder_hidden_states.to(torch.bfloat16))
+    # a bf16 model takes float32 latents (cast to its own dtype) and gives bf16 logits close
+    # to the float32 model's with the same seed
+    d32 = DiffusionDiscriminator.from_config(cfg, condition=cond)
+    z, t = _latents(1, 16), torch.tensor([500])
+    with torch.no_grad():
+        got, ref = d.logits(z, t), d32.logits(z, t)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    nn.Module.to(d32.unet, torch.bfloat16)  # the trunk alone: condition buffers stay float32
+    with torch.no_grad():
+        mixed = d32.logits(z, t)  # float32 head on bf16 features
+    torch.testing.assert_close(mixed, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    heads = []
+    for global_seed, kw in ((5, {}), (6, {"seed": 0})):  # seed 0 by default
+        torch.manual_seed(global_seed)
+        heads.append(DiffusionDiscriminator.from_config(tiny_config(), **kw).head.proj_in.weight)
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_random_timesteps_and_noise_come_from_the_generator():
+    """forward(z, generator=g) draws t ~ U[t_min, t_max) then eps ~ N(0, 1) from g, in that
+    order; F(z, t) and the logits are then written out."""
+    d = DiffusionDiscriminator(
+        build_trunk("sdxl-tiny"), tiny_config(t_min=200, t_max=300, latent_rescale=2.0)
+    )
+    z = _latents(2, 8)
+    ref = torch.Generator().manual_seed(7)
+    t = torch.randint(200, 300, (2,), generator=ref)
+    eps = torch.randn(z.shape, generator=ref)
+    abar = d.alphas_cumprod[t].view(2, 1, 1, 1)
+    noisy = abar.sqrt() * 2.0 * z + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        got = d(z, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, d.logits(noisy, t), atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(8)
+    assert torch.equal(
+        d.sample_timesteps(5, generator=g),
+        torch.randint(200, 300, (5,), generator=torch.Generator().manual_seed(8)),
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # the noise is float32 whatever the default dtype
+        got = d.noise_latents(z, t, generator=torch.Generator().manual_seed(9))
+    finally:
+        torch.set_default_dtype(default)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, abar.sqrt() * 2.0 * z + (1 - abar).sqrt() * eps)
+
+
+def test_lora_and_head_follow_the_config():
+    """Rank, alpha, targets and head sizes reach peft and the head; LoRA starts at B = 0, so
+    the discriminator's features are the plain trunk's."""
+    bare = PatchHead()
+    assert (bare.proj_in.in_channels, bare.proj_in.out_channels, bare.norm.num_groups) == (
+        1280,
+        256,
+        32,
+    )
+    trunk_cfg = {**TINY_TRUNK_CONFIGS["sdxl-tiny"], "block_out_channels": [32, 64, 96]}
+    torch.manual_seed(0)
+    plain = build_trunk(trunk_cfg)
+    trunk = build_trunk(trunk_cfg)
+    trunk.load_state_dict(plain.state_dict())
+    cfg = tiny_config(lora_rank=1, lora_alpha=3.0, lora_targets=["to_q"])
+    d = DiffusionDiscriminator(trunk, cfg)
+    assert (d.head.proj_in.in_channels, d.head.norm.num_groups) == (96, 8)
+    lora = {n: m for n, m in d.unet.named_modules() if hasattr(m, "lora_A")}
+    assert set(lora) == set(lora_target_names(plain, ["to_q"])) and lora
+    assert all(m.lora_A["default"].weight.shape[0] == 1 for m in lora.values())
+    assert all(m.scaling["default"] == 3.0 for m in lora.values())  # alpha / rank
+    assert all(not m.lora_B["default"].weight.any() for m in lora.values())
+    z, t = _latents(1, 16), torch.tensor([300])
+    cond = zero_condition(trunk_cfg)
+    with torch.no_grad():
+        feats = trunk_forward(plain, z, t, cond.encoder_hidden_states, cond.text_embeds,
+                              cond.time_ids)  # fmt: skip
+        torch.testing.assert_close(d.logits(z, t), d.head(feats))
+    none = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(lora_rank=0))
+    assert not any("lora_" in n for n, _ in none.named_parameters())
+
+
+def test_config_condition_and_schedule_refusals():
+    for kw, message in (
+        ({"t_min": 5, "t_max": 5}, "need 0 <= t_min < t_max, got 5, 5"),
+        ({"t_min": -1}, "need 0 <= t_min < t_max, got -1, 1000"),
+        ({"lora_rank": -1}, "lora_rank must be >= 0, got -1"),
+    ):
+        with pytest.raises(ValueError) as err:
+            DiscriminatorConfig(**kw)
+        assert str(err.value) == message
+    cfg = TINY_TRUNK_CONFIGS["sdxl-tiny"]  # context width 32, add-embedding 16 + 6 x 8 = 64
+    ctx, text, ids = torch.zeros(1, 77, 32), torch.zeros(1, 16), torch.zeros(1, 6)
+    no_lora = tiny_config(lora_rank=0)  # refused before or after peft alike; faster without
+    for cond, message in (
+        (DiscriminatorCondition(torch.zeros(77, 32), text, ids),
+         "condition context must be [1, L, 32], got (77, 32)"),
+        (DiscriminatorCondition(torch.zeros(2, 77, 32), text, ids),
+         "condition context must be [1, L, 32], got (2, 77, 32)"),
+        (DiscriminatorCondition(torch.zeros(1, 77, 16), text, ids),
+         "condition context must be [1, L, 32], got (1, 77, 16)"),
+        (DiscriminatorCondition(ctx), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, text), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, None, ids), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, torch.zeros(1, 8), ids),
+         "text_embeds (1, 8) + time_ids (1, 6) do not give the add-embedding's 64 inputs"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            DiffusionDiscriminator(build_trunk(cfg, device="meta"), no_lora, condition=cond)
+        assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        DiffusionDiscriminator(
+            build_trunk(cfg, device="meta"), no_lora, alphas_cumprod=torch.ones(500)
+        )
+    assert str(err.value) == "t_max 1000 exceeds the schedule's 500 steps"
+    d = DiffusionDiscriminator(
+        build_trunk(cfg, device="meta"), tiny_config(gradient_checkpointing=True, t_max=500),
+        alphas_cumprod=torch.linspace(1, 0, 500, dtype=torch.float64),
+    )  # fmt: skip
+    assert d.unet.is_gradient_checkpointing and d.config.gradient_checkpointing
+    assert d.alphas_cumprod.dtype == torch.float32 and d.alphas_cumprod[-1] == 0
+
+
+def test_patch_head_casts_its_input_to_its_weights():
+    torch.manual_seed(0)
+    head = PatchHead(8, 16, 4).to(torch.bfloat16)
+    x = torch.randn(1, 8, 3, 3)
+    out = head(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 3, 3)
+    assert torch.equal(out, head(x.to(torch.bfloat16)))
