@@ -156,7 +156,52 @@ _ONE_SIDE = (
 )
 _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
+_DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
+    **{
+        _DT + name: "CPU-only: no device / device=None keeps the tensors on the CPU"
+        for name in (
+            "load_trunk__mutmut_33",
+            "load_trunk__mutmut_60",
+            "assign_trunk_weights__mutmut_34",
+            "assign_trunk_weights__mutmut_36",
+        )
+    },
+    **{
+        _DT + f"load_trunk__mutmut_{i}": "a trunk built on the CPU (random init) whose every "
+        "tensor assign_trunk_weights then replaces: same result, only memory and time"
+        for i in (16, 49)
+    },
+    **{
+        _DT + f"assign_trunk_weights__mutmut_{i}": "only the shapes and dtypes of the expected "
+        "tensors are read: keep_vars only decides Parameter or detached tensor"
+        for i in (5, 6)
+    },
+    _DT + "assign_trunk_weights__mutmut_31": "get_submodule('') is the model itself",
+    **{
+        _DT + f"assign_trunk_weights__mutmut_{i}": "a UNet trunk holds only floating-point "
+        "parameters, no buffers (checked for the four backbones)"
+        for i in (39, 47)
+    },
+    **{
+        _DT + f"trunk_forward__mutmut_{i}": "getattr default None is falsy like False"
+        for i in (64, 85)
+    },
+    _DT + "trunk_forward__mutmut_70": "diffusers' DownBlock2D.forward takes **kwargs and ignores "
+    "encoder_hidden_states (diffusers 0.42; the blocks without it have no attention)",
+    _DT + "prune_up_path__mutmut_5": "every UNet2DConditionModel has the four up-path attributes "
+    "(None once pruned)",
+    **{
+        _DT + f"build_trunk__mutmut_{i}": "to_empty('meta') and initialising meta tensors leave "
+        "the same meta trunk: only time"
+        for i in (15, 16)
+    },
+    **{
+        _DT + f"build_trunk__mutmut_{i}": "in the trunks every module with reset_parameters owns "
+        "parameters directly and every module owning parameters has reset_parameters (checked "
+        "for sdxl/sd21 base and tiny)"
+        for i in (19, 28, 29)
+    },
     **{
         _DD + name: "CPU-only: no device / device=None / .to(None) keeps tensors on the CPU"
         for name in (

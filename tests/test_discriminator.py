@@ -20,10 +20,12 @@ from d3sr_core.models.discriminator import (
     DiscriminatorCondition,
     DiscriminatorConfig,
     PatchHead,
+    assign_trunk_weights,
     build_trunk,
     encode_condition,
     load_trunk,
     lora_target_names,
+    trunk_config,
     trunk_forward,
     zero_condition,
 )
@@ -741,3 +743,158 @@ def test_patch_head_casts_its_input_to_its_weights():
     out = head(x)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 3, 3)
     assert torch.equal(out, head(x.to(torch.bfloat16)))
+
+
+def test_trunk_files_every_layout_and_refusal(tmp_path, monkeypatch):
+    """Plain, .bin, sharded and fp16-only folders, dtype, single-file defaults and family
+    checks, and the whole message of each refusal."""
+    from safetensors.torch import save_file
+
+    cfg = TINY_TRUNK_CONFIGS["sdxl-tiny"]
+    torch.manual_seed(5)
+    ref = build_trunk("sdxl-tiny")
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    keys = list(state)
+
+    def folder(name, files):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(cfg))
+        for file, content in files.items():
+            if file.endswith(".json"):
+                (path / file).write_text(json.dumps(content))
+            elif file.endswith(".bin"):
+                torch.save(content, path / file)
+            else:
+                save_file(content, str(path / file))
+        return path
+
+    half = len(keys) // 2
+    layouts = {
+        "bin": {"diffusion_pytorch_model.bin": state},
+        "fp16_only": {"diffusion_pytorch_model.fp16.safetensors": state},
+        "sharded": {
+            "a.safetensors": {k: state[k] for k in keys[:half]},
+            "b.safetensors": {k: state[k] for k in keys[half:]},
+            "diffusion_pytorch_model.safetensors.index.json": {
+                "weight_map": {k: "a.safetensors" if i < half else "b.safetensors"
+                               for i, k in enumerate(keys)}},
+        },
+    }  # fmt: skip
+    for name, files in layouts.items():
+        trunk = load_trunk(folder(name, files), dtype=torch.bfloat16)
+        for k, v in state.items():
+            assert torch.equal(trunk.state_dict()[k], v.to(torch.bfloat16)), (name, k)
+    # assign_trunk_weights on its own: CPU and float32 by default
+    direct = assign_trunk_weights(build_trunk(cfg, device="meta"), state, "src")
+    assert direct.conv_in.weight.device.type == "cpu"
+    assert torch.equal(direct.conv_in.weight, ref.conv_in.weight)
+
+    def refusal(source, **kw):
+        with pytest.raises(WeightsFileError) as err:
+            load_trunk(source, **kw)
+        return str(err.value)
+
+    empty = folder("empty", {})
+    assert refusal(empty) == (
+        f"{empty}: no diffusion_pytorch_model[.fp16].safetensors/.bin weights in this folder"
+    )
+    assert refusal(tmp_path / "nothing") == (
+        f"{tmp_path / 'nothing'}: no such file or folder (expected an SDXL diffusers folder or "
+        "checkpoint)"
+    )
+    (tmp_path / "noconfig").mkdir()
+    assert refusal(tmp_path / "noconfig") == (
+        f"{tmp_path / 'noconfig'}: not a diffusers UNet folder (expected unet/config.json or "
+        "config.json)"
+    )
+    missing = {k: v for k, v in state.items() if k not in keys[:4]}
+    path = folder("missing", {"diffusion_pytorch_model.safetensors": missing})
+    assert refusal(path) == (
+        f"{path}: not the expected UNet: 4 of {len(keys)} down/mid tensors missing, e.g. {keys[:3]}"
+    )
+    wrong = {k: torch.zeros(3) if k in keys[-4:] else v for k, v in state.items()}
+    path = folder("wrong", {"diffusion_pytorch_model.safetensors": wrong})
+    shapes = [f"{k}: file (3,) vs model {tuple(state[k].shape)}" for k in keys[-4:-1]]
+    assert refusal(path) == f"{path}: shape mismatch (a different UNet?): {shapes}"
+    # single files: context width 2048 is checked against the family the file holds
+    wide_cfg = {**cfg, "cross_attention_dim": 2048}
+    torch.manual_seed(6)
+    wide = build_trunk(wide_cfg)
+    ldm = {k: v.contiguous() for k, v in sdxl_trunk_to_ldm(wide.state_dict()).items()}
+    single = tmp_path / "wide.SAFETENSORS"
+    save_file(ldm, str(single))
+    trunk = load_trunk(single, config=wide_cfg)
+    assert torch.equal(trunk.conv_in.weight, wide.conv_in.weight)
+    sd21_wide = {**TINY_TRUNK_CONFIGS["sd21-tiny"], "cross_attention_dim": 1024}
+    assert refusal(single, config=sd21_wide) == (
+        f"{single}: this is a sdxl checkpoint; the discriminator backbone needs sd21"
+    )
+    nothing = tmp_path / "vae_only.ckpt"
+    torch.save({"state_dict": {"first_stage_model.x": torch.zeros(1), "step": 3}}, nothing)
+    assert refusal(nothing, config=wide_cfg) == (
+        f"{nothing}: no LDM UNet keys (model.diffusion_model.input_blocks...)"
+    )
+    assert refusal(single).startswith(f"{single}: not the expected UNet: ")  # sdxl-base default
+    # safetensors' own errors (after the header check passed) name the file
+    import safetensors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(safetensors, "safe_open", broken)
+    path = tmp_path / "missing" / "diffusion_pytorch_model.safetensors"
+    assert refusal(path.parent) == f"{path}: damaged or truncated .safetensors file (boom)"
+    assert refusal(single, config=wide_cfg) == (
+        f"{single}: damaged or truncated .safetensors file (boom)"
+    )
+
+
+def test_trunk_forward_matches_diffusers_with_other_unet_options():
+    """An SD2.1-style trunk with the UNet options SDXL does not use (activation after the time
+    embedding, centred input, a mid block without attention) against diffusers' own forward;
+    the SDXL add-embedding's refusal and its dtype cast."""
+    cfg = {**TINY_TRUNK_CONFIGS["sd21-tiny"], "time_embedding_act_fn": "silu",
+           "center_input_sample": True, "mid_block_type": "UNetMidBlock2D"}  # fmt: skip
+    torch.manual_seed(1)
+    full = UNet2DConditionModel(**cfg).eval()
+    trunk = build_trunk(cfg)
+    trunk.load_state_dict(full.state_dict(), strict=False)
+    z, t, ctx = _latents(2, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    seen = {}
+    full.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    with torch.no_grad():
+        full(z, t, encoder_hidden_states=ctx)
+        torch.testing.assert_close(trunk_forward(trunk, z, t, ctx), seen["mid"])
+    sdxl = build_trunk("sdxl-tiny", dtype=torch.bfloat16)
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.text_embeds.normal_()
+    z, t, ctx = z[:1].bfloat16(), t[:1], torch.randn(1, 77, 32).bfloat16()
+    for text, ids in ((cond.text_embeds, None), (None, cond.time_ids)):
+        with pytest.raises(ValueError) as err:
+            trunk_forward(sdxl, z, t, ctx, text, ids)
+        assert str(err.value) == "an SDXL-style trunk needs text_embeds and time_ids"
+    with torch.no_grad():  # float32 text embeddings are cast to the trunk's dtype
+        torch.testing.assert_close(
+            trunk_forward(sdxl, z, t, ctx, cond.text_embeds, cond.time_ids),
+            trunk_forward(sdxl, z, t, ctx, cond.text_embeds.bfloat16(), cond.time_ids),
+            atol=0, rtol=0,
+        )  # fmt: skip
+
+
+def test_unsupported_unet_options_are_named():
+    cfg = TINY_TRUNK_CONFIGS["sd21-tiny"]
+    assert trunk_config({"_class_name": "UNet2DConditionModel", "_x": 1, **cfg}) == cfg
+    for opts in (
+        {"class_embed_type": "timestep"},
+        {"num_class_embeds": 10},
+        {"encoder_hid_dim": 16},
+        {"time_cond_proj_dim": 8},
+        {"addition_embed_type": "text"},
+        {"class_embed_type": "timestep", "time_cond_proj_dim": 8, "addition_embed_type": "image"},
+    ):
+        with pytest.raises(ValueError) as err:
+            build_trunk({**cfg, **opts}, device="meta")
+        assert str(err.value) == (
+            f"UNet config options the discriminator trunk does not support: {opts}"
+        )
