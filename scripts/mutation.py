@@ -189,6 +189,10 @@ EQUIVALENT: dict[str, str] = {
     },
     _DT + "trunk_forward__mutmut_70": "diffusers' DownBlock2D.forward takes **kwargs and ignores "
     "encoder_hidden_states (diffusers 0.42; the blocks without it have no attention)",
+    _DT + "trunk_forward__mutmut_39": "text_embeds and time_embeds are 2-d [B, D]: torch.cat "
+    "along dim +1 is along dim -1",
+    _DT + "trunk_forward__mutmut_49": "UNet2DConditionModel always has time_embed_act (None "
+    "unless configured)",
     _DT + "prune_up_path__mutmut_5": "every UNet2DConditionModel has the four up-path attributes "
     "(None once pruned)",
     **{

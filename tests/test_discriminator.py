@@ -329,10 +329,6 @@ def test_load_trunk_from_sdxl_single_file(tmp_path):
     trunk = load_trunk(path, config="sdxl-tiny")
     for k, v in ref.state_dict().items():
         assert torch.equal(trunk.state_dict()[k], v), k
-    d = DiffusionDiscriminator.from_pretrained(
-        path, tiny_config()
-    )  # config.base reaches the loader
-    assert torch.equal(d.unet.conv_in.weight, ref.conv_in.weight)
     ckpt = tmp_path / "sdxl_tiny.ckpt"
     torch.save({"state_dict": {**ldm, **extra}, "global_step": 3}, ckpt)
     trunk = load_trunk(ckpt, config="sdxl-tiny", dtype=torch.bfloat16)
@@ -836,6 +832,20 @@ def test_trunk_files_every_layout_and_refusal(tmp_path, monkeypatch):
         f"{nothing}: no LDM UNet keys (model.diffusion_model.input_blocks...)"
     )
     assert refusal(single).startswith(f"{single}: not the expected UNet: ")  # sdxl-base default
+    # a 2048-wide config is checked too: an SDXL layout with 1024-wide context is no SDXL file
+    torch.manual_seed(7)
+    narrow = build_trunk({**cfg, "cross_attention_dim": 1024})
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in sdxl_trunk_to_ldm(narrow.state_dict()).items()},
+              str(other))  # fmt: skip
+    assert refusal(other, config=wide_cfg) == (
+        f"{other}: this is a unknown checkpoint; the discriminator backbone needs sdxl"
+    )
+    no_map = folder("no_map", {"diffusion_pytorch_model.safetensors.index.json": {}})
+    assert refusal(no_map) == (
+        f"{no_map}: not the expected UNet: {len(keys)} of {len(keys)} down/mid tensors missing, "
+        f"e.g. {keys[:3]}"
+    )
     # safetensors' own errors (after the header check passed) name the file
     import safetensors
 
@@ -898,3 +908,16 @@ def test_unsupported_unet_options_are_named():
         assert str(err.value) == (
             f"UNet config options the discriminator trunk does not support: {opts}"
         )
+
+
+def test_from_pretrained_reads_a_single_file_with_the_config_base(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    ref = build_trunk("sdxl-tiny")
+    path = tmp_path / "sdxl_tiny.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in sdxl_trunk_to_ldm(ref.state_dict()).items()}, str(path)
+    )
+    d = DiffusionDiscriminator.from_pretrained(path, tiny_config())
+    assert torch.equal(d.unet.conv_in.weight, ref.conv_in.weight)
