@@ -159,6 +159,13 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "CPU-only: the "
+        "statistics .to(device=None) / without device stay on the CPU"
+        for i in (7, 9, 17, 19)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_52": "batch_norm's momentum is "
+    "unused with training=False",
+    **{
         _DT + name: "CPU-only: no device / device=None keeps the tensors on the CPU"
         for name in (
             "load_trunk__mutmut_33",

@@ -446,3 +446,46 @@ def test_in_place_checkpoints_are_exact(monkeypatch):
     assert len(runner.report.tile_sizes) == runner.report.passes
     assert runner.report.tiles > 2 * runner.report.passes, "several bands per pass"
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_tile_norm_is_group_norm_with_the_merged_statistics(monkeypatch):
+    """Statistics merged from two tiles applied to the image equal F.group_norm on it; the
+    fused path is exactly eval-mode batch_norm with float32 statistics, and the fallback for
+    backends without it (batch_norm raising) gives the same normalisation."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae import norm as norm_module
+    from d3sr_core.inference.tiled_vae.ops import Norm
+
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(4, 8, eps=1e-3)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(2, 8, 5, 7) * 3 + 1
+    stats = tiled_vae.GroupStats(4)
+    stats.add(x[..., :3])
+    stats.add(x[..., 3:])
+    with torch.no_grad():
+        ref = F.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+        mean = stats.mean.repeat_interleave(2, dim=1).float()
+        var = stats.var.repeat_interleave(2, dim=1).float()
+        exact = torch.cat([
+            F.batch_norm(x[i : i + 1], mean[i], var[i], gn.weight, gn.bias, False, 0.0, gn.eps)
+            for i in range(2)
+        ])  # fmt: skip
+        got = norm_module._apply_norm(Norm(gn, act=False), stats, x)
+        assert torch.equal(got, exact)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        act = norm_module._apply_norm(Norm(gn, act=True), stats, x)
+        assert torch.equal(act, F.silu(exact))
+
+        def no_batch_norm(*args, **kwargs):
+            raise RuntimeError("not on this backend")
+
+        monkeypatch.setattr(norm_module.F, "batch_norm", no_batch_norm)
+        torch.testing.assert_close(
+            norm_module._apply_norm(Norm(gn, act=False), stats, x), ref, atol=1e-5, rtol=0
+        )
+        half = norm_module._apply_norm(Norm(gn, act=False), stats, x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.02)
