@@ -159,6 +159,18 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "CPU-only: no device / "
+        "device=None keeps the tensor on the CPU"
+        for name in ("write__mutmut_10", "write__mutmut_12", "read__mutmut_34")
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "a signed-byte view of "
+        "the same memory: write / readinto copy the same bytes"
+        for name in ("write__mutmut_29", "read__mutmut_22")
+    },
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
+    "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    **{
         f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "CPU-only: the "
         "statistics .to(device=None) / without device stay on the CPU"
         for i in (7, 9, 17, 19)
