@@ -159,6 +159,34 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "every Norm op the programs emit has act=True (resnets and heads)"
+        for i in (84,)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "SiLU out of place on a fresh GroupNorm output: same values"
+        for i in (86, 88, 89)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "every program holds a Conv op, so next()'s default is never used"
+        for i in (3, 5)
+    },
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_13": "the programs' pads are symmetric or (0, 1, 0, 1): `or` picks the same branch",
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "a symmetric pad through F.pad then padding 0 is the same zero-padded "
+        "convolution as the conv's own padding"
+        for i in (14, 15)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "the budget only sets the query-row chunk; rows are independent, so "
+        "the values are the same"
+        for i in (145, 146, 147)
+    },
+    **{
         f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "CPU-only: no device / "
         "device=None keeps the tensor on the CPU"
         for name in ("write__mutmut_10", "write__mutmut_12", "read__mutmut_34")

@@ -526,3 +526,38 @@ def test_group_moments_equal_float64_statistics(monkeypatch):
     monkeypatch.setattr(torch, "native_group_norm", no_mixed_kernel)
     for got, ref in zip(group_moments(xb, 4), expected, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_whole_path_equals_diffusers_with_every_option():
+    """Non-trivial GroupNorm affine parameters, a residual output_scale_factor, an upsampler
+    without conv (plain nearest upsampling) and global attention: the untiled path against
+    diffusers' own encode / decode."""
+    import copy
+
+    vae = copy.deepcopy(tiny_vae())
+    g = torch.Generator().manual_seed(9)
+    for m in vae.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.weight.data = 1 + 0.3 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = 0.3 * torch.randn(m.bias.shape, generator=g)
+    vae.decoder.up_blocks[0].resnets[0].output_scale_factor = 2.0
+    vae.encoder.down_blocks[0].resnets[0].output_scale_factor = 0.5
+    up = next(m for m in vae.decoder.modules() if type(m).__name__ == "Upsample2D")
+    up.use_conv = False
+    x = torch.rand(1, 3, 24, 40, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 3, 5, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            tiled_vae.whole_encode(vae, x, attention_window=None), _untiled_moments(vae, x)
+        )
+        torch.testing.assert_close(
+            tiled_vae.whole_decode(vae, z, attention_window=None),
+            vae.decode(z).sample, atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+        half = copy.deepcopy(vae).to(torch.bfloat16)  # float32 latents are cast to the weights
+        got = tiled_vae.whole_decode(half, z, attention_window=None)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, half.decode(z.bfloat16()).sample, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError) as err:
+        tiled_vae.estimate_untiled_bytes(vae, "both", (1, 4, 8, 8), torch.float32)
+    assert str(err.value) == "kind must be 'encode' or 'decode', got 'both'"
