@@ -159,6 +159,39 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        "d3sr_core.inference.tiled_vae.program.x_"
+        + name: "diffusers' ResnetBlock2D / Downsample2D / Upsample2D / VAE blocks always "
+        "set this attribute (maybe to None): the getattr default is never used"
+        for name in (
+            "_resnet__mutmut_21",
+            "_downsampler__mutmut_6",
+            "_downsampler__mutmut_13",
+            "_downsampler__mutmut_16",
+            "_downsampler__mutmut_19",
+            "_downsampler__mutmut_26",
+            "_downsampler__mutmut_29",
+            "_downsampler__mutmut_32",
+            "_upsampler__mutmut_6",
+            "_upsampler__mutmut_12",
+            "_upsampler__mutmut_15",
+            "_upsampler__mutmut_18",
+            "_upsampler__mutmut_25",
+            "_upsampler__mutmut_28",
+            "_upsampler__mutmut_31",
+            "_upsampler__mutmut_38",
+            "_upsampler__mutmut_41",
+            "_upsampler__mutmut_44",
+            "_upsampler__mutmut_50",
+            "_upsampler__mutmut_53",
+            "_upsampler__mutmut_56",
+            "_upsampler__mutmut_57",
+            "encoder_program__mutmut_12",
+            "encoder_program__mutmut_28",
+            "decoder_program__mutmut_7",
+            "decoder_program__mutmut_26",
+        )
+    },
+    **{
         "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
         + str(i): "every Norm op the programs emit has act=True (resnets and heads)"
         for i in (84,)

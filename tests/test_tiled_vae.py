@@ -561,3 +561,90 @@ def test_whole_path_equals_diffusers_with_every_option():
     with pytest.raises(ValueError) as err:
         tiled_vae.estimate_untiled_bytes(vae, "both", (1, 4, 8, 8), torch.float32)
     assert str(err.value) == "kind must be 'encode' or 'decode', got 'both'"
+
+
+def _edit(vae, change):
+    import copy
+
+    odd = copy.deepcopy(vae)
+    change(odd)
+    return odd
+
+
+def _set(obj, **attrs):
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+
+
+def test_programs_refuse_what_they_cannot_tile(vae):
+    """Each structure the programs do not translate is refused with its reason."""
+    from d3sr_core.inference.tiled_vae.ops import UnsupportedVAEError
+
+    down = lambda v: v.encoder.down_blocks[0].downsamplers[0]  # noqa: E731
+    up = lambda v: v.decoder.up_blocks[0].upsamplers[0]  # noqa: E731
+    res = lambda v: v.decoder.up_blocks[0].resnets[0]  # noqa: E731
+    cases = [
+        ("decode", lambda v: _set(v.decoder, conv_in=nn.Identity()),
+         "expected a Conv2d, got Identity"),
+        ("decode", lambda v: _set(v.decoder.conv_in, padding="same"), "string padding 'same'"),
+        ("decode", lambda v: v.decoder.up_blocks[0].resnets.__setitem__(0, nn.Identity()),
+         "Identity is not a ResnetBlock2D"),
+        ("decode", lambda v: _set(res(v), upsample=nn.Identity()),
+         "resnet with built-in up/downsampling"),
+        ("decode", lambda v: _set(res(v), downsample=nn.Identity()),
+         "resnet with built-in up/downsampling"),
+        ("encode", lambda v: _set(down(v), norm=nn.Identity()), "downsampler without a plain conv"),
+        ("encode", lambda v: _set(down(v), use_conv=False), "downsampler without a plain conv"),
+        ("decode", lambda v: _set(up(v), norm=nn.Identity()),
+         "upsampler with a norm or transposed conv"),
+        ("decode", lambda v: _set(up(v), use_conv_transpose=True),
+         "upsampler with a norm or transposed conv"),
+        ("decode", lambda v: _set(up(v), interpolate=False), "upsampler without interpolation"),
+    ]  # fmt: skip
+    for kind, change, message in cases:
+        odd = _edit(vae, change)
+        program = tiled_vae.encoder_program if kind == "encode" else tiled_vae.decoder_program
+        with pytest.raises(UnsupportedVAEError) as err:
+            program(odd)
+        assert str(err.value) == message
+
+
+def test_programs_follow_the_vae_layout_variants(vae):
+    """Layouts the programs do translate, against diffusers' own forward: SD's padding-0
+    downsampler (padded (0, 1, 0, 1) by diffusers), an upsampler conv named Conv2d_0, an
+    upsampler conv that cannot be folded (1x1: upsample then conv), a conv with unequal
+    row / column padding."""
+
+    def padding0(v):
+        d = v.encoder.down_blocks[0].downsamplers[0]
+        d.padding, d.conv.padding = 0, (0, 0)
+
+    def conv2d_0(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        u.name, u.Conv2d_0 = "Conv2d_0", u.conv
+        del u.conv
+
+    def one_by_one(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        c = u.conv.in_channels
+        torch.manual_seed(11)
+        u.conv = nn.Conv2d(c, c, 1)
+
+    def uneven(v):
+        conv = v.decoder.conv_out
+        v.decoder.conv_out = nn.Conv2d(conv.in_channels, conv.out_channels, (3, 3), padding=(1, 0))
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(1, 3, 24, 40, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 3, 5, generator=g)
+    with torch.inference_mode():
+        odd = _edit(vae, padding0)
+        torch.testing.assert_close(
+            tiled_vae.whole_encode(odd, x, attention_window=None), _untiled_moments(odd, x)
+        )
+        for change in (conv2d_0, one_by_one, uneven):
+            odd = _edit(vae, change)
+            torch.testing.assert_close(
+                tiled_vae.whole_decode(odd, z, attention_window=None),
+                odd.decode(z).sample, atol=1e-5, rtol=1e-5,
+            )  # fmt: skip
