@@ -159,6 +159,11 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        f"d3sr_core.inference.tiled_vae.program.x__mid_block__mutmut_{i}": "diffusers' mid "
+        "block holds one more resnet than attentions: the zip never sees unequal lengths"
+        for i in (6, 9, 11)
+    },
+    **{
         "d3sr_core.inference.tiled_vae.program.x_"
         + name: "diffusers' ResnetBlock2D / Downsample2D / Upsample2D / VAE blocks always "
         "set this attribute (maybe to None): the getattr default is never used"
