@@ -159,6 +159,24 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        "d3sr_core.inference.tiled_vae.program.x_"
+        + name: "diffusers' VAE encoder / decoder and ResnetBlock2D always set this "
+        "attribute: the getattr default is never used"
+        for name in (
+            "_head__mutmut_7",
+            "_resnet__mutmut_29",
+            "_resnet__mutmut_40",
+            "_resnet__mutmut_53",
+            "_resnet__mutmut_80",
+            "_resnet__mutmut_86",
+            "_resnet__mutmut_89",
+            "_resnet__mutmut_92",
+        )
+    },
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_104": "dividing by an output_scale_factor of exactly 1.0 changes no value",
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_116": "F.interpolate's default mode is 'nearest'",
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_148": "unreachable: every op type the programs emit is handled above",
+    **{
         f"d3sr_core.inference.tiled_vae.program.x__mid_block__mutmut_{i}": "diffusers' mid "
         "block holds one more resnet than attentions: the zip never sees unequal lengths"
         for i in (6, 9, 11)

@@ -648,3 +648,32 @@ def test_programs_follow_the_vae_layout_variants(vae):
                 tiled_vae.whole_decode(odd, z, attention_window=None),
                 odd.decode(z).sample, atol=1e-5, rtol=1e-5,
             )  # fmt: skip
+
+
+def test_programs_other_refusals_padding_and_folding(vae):
+    """Activation / time-embedding refusals; both downsampler paddings on odd sizes against
+    diffusers (where a wrong extra pad row would show); 3x3 upsampler convs are folded."""
+    from d3sr_core.inference.tiled_vae.ops import UnsupportedVAEError, UpConv
+
+    res = lambda v: v.decoder.up_blocks[0].resnets[0]  # noqa: E731
+    for change, message in (
+        (lambda v: _set(v.decoder, conv_act=nn.ReLU()), "conv_act is not SiLU"),
+        (lambda v: _set(res(v), time_emb_proj=nn.Linear(2, 2)), "resnet with a time embedding"),
+        (lambda v: _set(res(v), nonlinearity=nn.ReLU()), "resnet nonlinearity is not SiLU"),
+    ):
+        with pytest.raises(UnsupportedVAEError) as err:
+            tiled_vae.decoder_program(_edit(vae, change))
+        assert str(err.value) == message
+
+    def padding1(v):
+        d = v.encoder.down_blocks[0].downsamplers[0]
+        d.padding, d.conv.padding = 1, (1, 1)
+
+    x = torch.rand(1, 3, 25, 41, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    with torch.inference_mode():
+        for odd in (vae, _edit(vae, padding1)):
+            torch.testing.assert_close(
+                tiled_vae.whole_encode(odd, x, attention_window=None), _untiled_moments(odd, x)
+            )
+    ups = [op for op in tiled_vae.decoder_program(vae) if isinstance(op, UpConv)]
+    assert len(ups) == sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks) > 0
