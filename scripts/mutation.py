@@ -159,6 +159,16 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_"
+        + str(i): "one float32 affine tensor is enough for the "
+        "mixed-precision kernel: the same float32 statistics (checked bit for bit, CPU)"
+        for i in (15, 16)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_32": "H * H instead of H * W: equal for square tiles, else the "
+    "kernel raises and the fallback computes the same float32 statistics from a copy",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_67": "scale.view(-1, 1, 1) broadcasts against [1, C, h, w] like "
+    "scale.view(1, -1, 1, 1)",
+    **{
         "d3sr_core.inference.tiled_vae.program.x_"
         + name: "diffusers' VAE encoder / decoder and ResnetBlock2D always set this "
         "attribute: the getattr default is never used"
