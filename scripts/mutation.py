@@ -91,21 +91,30 @@ MODULE_TESTS: dict[str, list[str]] = {
         "-k",
         "condition or logit_grid or noising or config",
     ],
-    "d3sr_core/models/discriminator/model.py": ["tests/test_discriminator.py"],
-    "d3sr_core/models/discriminator/trunk.py": ["tests/test_discriminator.py"],
+    "d3sr_core/models/discriminator/model.py": [
+        "tests/test_discriminator.py",
+        "tests/test_discriminator_trunk.py",
+    ],
+    "d3sr_core/models/discriminator/trunk.py": [
+        "tests/test_discriminator.py",
+        "tests/test_discriminator_trunk.py",
+    ],
     # tiled VAE: mutmut runs a mutant's covering tests fastest first, so the slow whole-decode
     # comparisons only run for mutants the quick ones miss.
     "d3sr_core/inference/tiled_vae/norm.py": [
+        "tests/test_tiled_vae_programs.py",
         "tests/test_vae_attention.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
     ],
     "d3sr_core/inference/tiled_vae/whole.py": [
+        "tests/test_tiled_vae_programs.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
         "tests/test_budget_precision.py",
     ],
     "d3sr_core/inference/tiled_vae/program.py": [
+        "tests/test_tiled_vae_programs.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
     ],
@@ -118,6 +127,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
             "tests/test_vae_attention.py",
+            "tests/test_tiled_vae_programs.py",
             "tests/test_tiled_vae.py",
             "tests/test_tiled_vae_spill.py",
             "tests/test_tiled_vae_half.py",
