@@ -245,3 +245,24 @@ def test_programs_other_refusals_padding_and_folding(vae):
             )
     ups = [op for op in tiled_vae.decoder_program(vae) if isinstance(op, UpConv)]
     assert len(ups) == sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks) > 0
+
+
+def test_tiled_entry_points_pass_tile_and_tick_on(vae):
+    """tiled_encode / tiled_decode give the runner their tile and tick: the same progress
+    ticks as the runner built by hand, several tiles for tile 16, ending at 1."""
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    z = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(15))
+    big = 10**12
+    for entry, program, inp in (
+        (tiled_vae.tiled_encode, tiled_vae.encoder_program, x),
+        (tiled_vae.tiled_decode, tiled_vae.decoder_program, z),
+    ):
+        got, ref = [], []
+        with torch.inference_mode():
+            out = entry(vae, inp, big, tile=16, tick=got.append, attention_window=None)
+            config = TiledVAEConfig(budget=big, tile=16, attention_window=None)
+            expected = TiledVAERunner(program(vae), config, ref.append).run(inp)
+        assert torch.equal(out, expected)
+        assert got == ref and len(got) > 1 and got[-1] == pytest.approx(1.0)
