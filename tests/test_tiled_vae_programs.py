@@ -266,3 +266,25 @@ def test_tiled_entry_points_pass_tile_and_tick_on(vae):
             expected = TiledVAERunner(program(vae), config, ref.append).run(inp)
         assert torch.equal(out, expected)
         assert got == ref and len(got) > 1 and got[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("layout", ["no_conv", "one_by_one"])
+def test_tiled_decode_with_plain_upsampling_equals_diffusers(vae, layout):
+    """Upsamplers that are not folded into a conv (no conv, or a 1x1 conv) run as a separate
+    nearest-upsampling op in tiles: the tiled decode equals diffusers' own."""
+
+    def change(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        if layout == "no_conv":
+            u.use_conv = False
+        else:
+            torch.manual_seed(16)
+            u.conv = nn.Conv2d(u.conv.in_channels, u.conv.out_channels, 1)
+
+    odd = _edit(vae, change)
+    z = torch.randn(1, 4, 7, 9, generator=torch.Generator().manual_seed(17))
+    with torch.inference_mode():
+        ref = odd.decode(z).sample
+        for tile, budget in ((16, 10**12), (24, 1)):
+            got = tiled_vae.tiled_decode(odd, z, budget, tile=tile, attention_window=None)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
