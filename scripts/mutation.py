@@ -168,6 +168,22 @@ _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
+    "d3sr_core.inference.tiled_vae.ops.x_subpixel_weights__mutmut_38": "fold() treats every "
+    "phase other than 0 as phase 1: (0, 2) folds like (0, 1)",
+    **{
+        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁ_in_region__mutmut_"
+        + str(i): "asks for one more input row / column than the "
+        "3x3 taps reach: the extra context is cropped away"
+        for i in (12, 15, 18, 22, 25, 28)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_"
+        + str(i): "a larger end of the computed region: _crop slices from "
+        "its origin, so the same view of the same values"
+        for i in (43, 44, 51, 52)
+    },
+    "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_55": "UpConv follows a resnet's Residual in every program, one element "
+    "on the stack: pieces[:-2] and pieces[:-1] are both empty",
     **{
         "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_"
         + str(i): "one float32 affine tensor is enough for the "
