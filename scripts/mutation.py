@@ -168,6 +168,11 @@ _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"d3sr_core.inference.tiled_vae.ops.x_upsample_conv__mutmut_{i}": "CPU-only: "
+        "torch.empty without device / device=None is on the CPU"
+        for i in (34, 41)
+    },
     "d3sr_core.inference.tiled_vae.ops.x_subpixel_weights__mutmut_38": "fold() treats every "
     "phase other than 0 as phase 1: (0, 2) folds like (0, 1)",
     **{

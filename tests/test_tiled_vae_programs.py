@@ -288,3 +288,30 @@ def test_tiled_decode_with_plain_upsampling_equals_diffusers(vae, layout):
         for tile, budget in ((16, 10**12), (24, 1)):
             got = tiled_vae.tiled_decode(odd, z, budget, tile=tile, attention_window=None)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_crop_and_bias_free_folded_upsampling():
+    """_crop refuses a region outside the tile with both regions named; the folded
+    upsampling conv without bias equals conv(upsample(x)) and keeps the input's layout."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae.ops import Region, _crop
+
+    t = torch.arange(16.0).view(1, 1, 4, 4)
+    have = Region(0, 4, 0, 4)
+    assert torch.equal(_crop(t, have, Region(1, 3, 2, 4)), t[:, :, 1:3, 2:4])
+    for want in (Region(1, 5, 0, 4), Region(0, 4, 1, 5), Region(-1, 2, 0, 4), Region(0, 4, -1, 2)):
+        with pytest.raises(AssertionError) as err:
+            _crop(t, have, want)
+        assert str(err.value) == f"region {want} is not inside {have}"
+    torch.manual_seed(18)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    x = torch.randn(2, 6, 5, 7)
+    with torch.inference_mode():
+        ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        weights = tiled_vae.subpixel_weights(conv.weight)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xp = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=fmt)
+            out = tiled_vae.upsample_conv(xp, weights, None)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert out.is_contiguous(memory_format=fmt)
