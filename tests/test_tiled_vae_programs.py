@@ -268,15 +268,18 @@ def test_tiled_entry_points_pass_tile_and_tick_on(vae):
         assert got == ref and len(got) > 1 and got[-1] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("layout", ["no_conv", "one_by_one"])
+@pytest.mark.parametrize("layout", ["no_conv", "one_by_one", "scaled_residual"])
 def test_tiled_decode_with_plain_upsampling_equals_diffusers(vae, layout):
     """Upsamplers that are not folded into a conv (no conv, or a 1x1 conv) run as a separate
-    nearest-upsampling op in tiles: the tiled decode equals diffusers' own."""
+    nearest-upsampling op in tiles, and a resnet's output_scale_factor divides its residual
+    sum: the tiled decode equals diffusers' own."""
 
     def change(v):
         u = v.decoder.up_blocks[0].upsamplers[0]
         if layout == "no_conv":
             u.use_conv = False
+        elif layout == "scaled_residual":  # diffusers divides the residual sum by it
+            v.decoder.up_blocks[0].resnets[0].output_scale_factor = 2.0
         else:
             torch.manual_seed(16)
             u.conv = nn.Conv2d(u.conv.in_channels, u.conv.out_channels, 1)
