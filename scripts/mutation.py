@@ -169,6 +169,12 @@ _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
     **{
+        "d3sr_core.inference.tiled_vae.ops.x"
+        + name: "the programs push only at stack depth 1 (each resnet's input): Push "
+        "sees one piece and leaves two, Residual sees exactly two, so these slices agree"
+        for name in ("ǁPushǁrun__mutmut_7", "ǁPushǁrun__mutmut_9", "ǁResidualǁrun__mutmut_4")
+    },
+    **{
         f"d3sr_core.inference.tiled_vae.ops.x_upsample_conv__mutmut_{i}": "CPU-only: "
         "torch.empty without device / device=None is on the CPU"
         for i in (34, 41)
