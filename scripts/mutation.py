@@ -91,22 +91,49 @@ MODULE_TESTS: dict[str, list[str]] = {
         "-k",
         "condition or logit_grid or noising or config",
     ],
-    "d3sr_core/models/discriminator/model.py": ["tests/test_discriminator.py"],
-    "d3sr_core/models/discriminator/trunk.py": ["tests/test_discriminator.py"],
+    "d3sr_core/models/discriminator/model.py": [
+        "tests/test_discriminator.py",
+        "tests/test_discriminator_trunk.py",
+    ],
+    "d3sr_core/models/discriminator/trunk.py": [
+        "tests/test_discriminator.py",
+        "tests/test_discriminator_trunk.py",
+    ],
+    # tiled VAE: mutmut runs a mutant's covering tests fastest first, so the slow whole-decode
+    # comparisons only run for mutants the quick ones miss.
+    "d3sr_core/inference/tiled_vae/norm.py": [
+        "tests/test_tiled_vae_programs.py",
+        "tests/test_vae_attention.py",
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+    ],
+    "d3sr_core/inference/tiled_vae/whole.py": [
+        "tests/test_tiled_vae_programs.py",
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+        "tests/test_budget_precision.py",
+    ],
+    "d3sr_core/inference/tiled_vae/program.py": [
+        "tests/test_tiled_vae_programs.py",
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_half.py",
+    ],
+    "d3sr_core/inference/tiled_vae/spill.py": ["tests/test_tiled_vae_spill.py"],
+    "d3sr_core/inference/tiled_vae/planner.py": [
+        "tests/test_tiled_vae.py",
+        "tests/test_tiled_vae_spill.py",
+        "tests/test_budget_precision.py",
+    ],
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_vae_attention.py",
+            "tests/test_tiled_vae_programs.py",
             "tests/test_tiled_vae.py",
+            "tests/test_tiled_vae_spill.py",
+            "tests/test_tiled_vae_half.py",
             "tests/test_budget_precision.py",
         ]
-        for name in (
-            "norm",
-            "planner",
-            "whole",
-            "program",
-            "runner",
-            "ops",
-            "__init__",
-        )
+        for name in ("__init__", "ops", "runner")
     },
     "d3sr_core/inference/tiled_vae/attention.py": [
         "tests/test_vae_attention.py",
@@ -137,7 +164,268 @@ _ONE_SIDE = (
     "pooling a 1-pixel side by 2 with ceil_mode gives the same single row/column (the divisor "
     "counts only pixels inside)"
 )
+_DM = "d3sr_core.models.discriminator.model.x"
+_DD = _DM + "ǁDiffusionDiscriminatorǁ"
+_DT = "d3sr_core.models.discriminator.trunk.x_"
 EQUIVALENT: dict[str, str] = {
+    **{
+        "d3sr_core.inference.tiled_vae.ops.x"
+        + name: "the programs push only at stack depth 1 (each resnet's input): Push "
+        "sees one piece and leaves two, Residual sees exactly two, so these slices agree"
+        for name in ("ǁPushǁrun__mutmut_7", "ǁPushǁrun__mutmut_9", "ǁResidualǁrun__mutmut_4")
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.ops.x_upsample_conv__mutmut_{i}": "CPU-only: "
+        "torch.empty without device / device=None is on the CPU"
+        for i in (34, 41)
+    },
+    "d3sr_core.inference.tiled_vae.ops.x_subpixel_weights__mutmut_38": "fold() treats every "
+    "phase other than 0 as phase 1: (0, 2) folds like (0, 1)",
+    **{
+        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁ_in_region__mutmut_"
+        + str(i): "asks for one more input row / column than the "
+        "3x3 taps reach: the extra context is cropped away"
+        for i in (12, 15, 18, 22, 25, 28)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_"
+        + str(i): "a larger end of the computed region: _crop slices from "
+        "its origin, so the same view of the same values"
+        for i in (43, 44, 51, 52)
+    },
+    "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_55": "UpConv follows a resnet's Residual in every program, one element "
+    "on the stack: pieces[:-2] and pieces[:-1] are both empty",
+    **{
+        "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_"
+        + str(i): "one float32 affine tensor is enough for the "
+        "mixed-precision kernel: the same float32 statistics (checked bit for bit, CPU)"
+        for i in (15, 16)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_32": "H * H instead of H * W: equal for square tiles, else the "
+    "kernel raises and the fallback computes the same float32 statistics from a copy",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_67": "scale.view(-1, 1, 1) broadcasts against [1, C, h, w] like "
+    "scale.view(1, -1, 1, 1)",
+    **{
+        "d3sr_core.inference.tiled_vae.program.x_"
+        + name: "diffusers' VAE encoder / decoder and ResnetBlock2D always set this "
+        "attribute: the getattr default is never used"
+        for name in (
+            "_head__mutmut_7",
+            "_resnet__mutmut_29",
+            "_resnet__mutmut_40",
+            "_resnet__mutmut_53",
+            "_resnet__mutmut_80",
+            "_resnet__mutmut_86",
+            "_resnet__mutmut_89",
+            "_resnet__mutmut_92",
+        )
+    },
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_104": "dividing by an output_scale_factor of exactly 1.0 changes no value",
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_116": "F.interpolate's default mode is 'nearest'",
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_148": "unreachable: every op type the programs emit is handled above",
+    **{
+        f"d3sr_core.inference.tiled_vae.program.x__mid_block__mutmut_{i}": "diffusers' mid "
+        "block holds one more resnet than attentions: the zip never sees unequal lengths"
+        for i in (6, 9, 11)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.program.x_"
+        + name: "diffusers' ResnetBlock2D / Downsample2D / Upsample2D / VAE blocks always "
+        "set this attribute (maybe to None): the getattr default is never used"
+        for name in (
+            "_resnet__mutmut_21",
+            "_downsampler__mutmut_6",
+            "_downsampler__mutmut_13",
+            "_downsampler__mutmut_16",
+            "_downsampler__mutmut_19",
+            "_downsampler__mutmut_26",
+            "_downsampler__mutmut_29",
+            "_downsampler__mutmut_32",
+            "_upsampler__mutmut_6",
+            "_upsampler__mutmut_12",
+            "_upsampler__mutmut_15",
+            "_upsampler__mutmut_18",
+            "_upsampler__mutmut_25",
+            "_upsampler__mutmut_28",
+            "_upsampler__mutmut_31",
+            "_upsampler__mutmut_38",
+            "_upsampler__mutmut_41",
+            "_upsampler__mutmut_44",
+            "_upsampler__mutmut_50",
+            "_upsampler__mutmut_53",
+            "_upsampler__mutmut_56",
+            "_upsampler__mutmut_57",
+            "encoder_program__mutmut_12",
+            "encoder_program__mutmut_28",
+            "decoder_program__mutmut_7",
+            "decoder_program__mutmut_26",
+        )
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "every Norm op the programs emit has act=True (resnets and heads)"
+        for i in (84,)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "SiLU out of place on a fresh GroupNorm output: same values"
+        for i in (86, 88, 89)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "every program holds a Conv op, so next()'s default is never used"
+        for i in (3, 5)
+    },
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_13": "the programs' pads are symmetric or (0, 1, 0, 1): `or` picks the same branch",
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "a symmetric pad through F.pad then padding 0 is the same zero-padded "
+        "convolution as the conv's own padding"
+        for i in (14, 15)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "the budget only sets the query-row chunk; rows are independent, so "
+        "the values are the same"
+        for i in (145, 146, 147)
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "CPU-only: no device / "
+        "device=None keeps the tensor on the CPU"
+        for name in ("write__mutmut_10", "write__mutmut_12", "read__mutmut_34")
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "a signed-byte view of "
+        "the same memory: write / readinto copy the same bytes"
+        for name in ("write__mutmut_29", "read__mutmut_22")
+    },
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
+    "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    **{
+        f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "CPU-only: the "
+        "statistics .to(device=None) / without device stay on the CPU"
+        for i in (7, 9, 17, 19)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_52": "batch_norm's momentum is "
+    "unused with training=False",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_80": "shift.view(-1, 1, 1) "
+    "broadcasts against [1, C, h, w] like shift.view(1, -1, 1, 1)",
+    "d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_91": "torch.cat of one tensor is "
+    "a copy of it: same values",
+    **{
+        f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "SiLU out of place on "
+        "a fresh tensor nobody else holds: same values, one more buffer"
+        for i in (100, 102, 103)
+    },
+    **{
+        f"d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_{i}": "CPU-only: "
+        "torch.ones without device is on the CPU"
+        for i in (10, 12)
+    },
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_7": "float32 tiles through the "
+    "affine kernel give the same statistics; half tiles through an fp32 copy accumulate in "
+    "float32 like the mixed kernel: only the copy's memory differs",
+    "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_47": "only float32/float64 "
+    "tiles reach this line (half ones are converted by the fallback above): x.float() is x",
+    **{
+        _DT + name: "CPU-only: no device / device=None keeps the tensors on the CPU"
+        for name in (
+            "load_trunk__mutmut_33",
+            "load_trunk__mutmut_60",
+            "assign_trunk_weights__mutmut_34",
+            "assign_trunk_weights__mutmut_36",
+        )
+    },
+    **{
+        _DT + f"load_trunk__mutmut_{i}": "a trunk built on the CPU (random init) whose every "
+        "tensor assign_trunk_weights then replaces: same result, only memory and time"
+        for i in (16, 49)
+    },
+    **{
+        _DT + f"assign_trunk_weights__mutmut_{i}": "only the shapes and dtypes of the expected "
+        "tensors are read: keep_vars only decides Parameter or detached tensor"
+        for i in (5, 6)
+    },
+    _DT + "assign_trunk_weights__mutmut_31": "get_submodule('') is the model itself",
+    **{
+        _DT + f"assign_trunk_weights__mutmut_{i}": "a UNet trunk holds only floating-point "
+        "parameters, no buffers (checked for the four backbones)"
+        for i in (39, 47)
+    },
+    **{
+        _DT + f"trunk_forward__mutmut_{i}": "getattr default None is falsy like False"
+        for i in (64, 85)
+    },
+    _DT + "trunk_forward__mutmut_70": "diffusers' DownBlock2D.forward takes **kwargs and ignores "
+    "encoder_hidden_states (diffusers 0.42; the blocks without it have no attention)",
+    _DT + "trunk_forward__mutmut_39": "text_embeds and time_embeds are 2-d [B, D]: torch.cat "
+    "along dim +1 is along dim -1",
+    _DT + "trunk_forward__mutmut_49": "UNet2DConditionModel always has time_embed_act (None "
+    "unless configured)",
+    _DT + "prune_up_path__mutmut_5": "every UNet2DConditionModel has the four up-path attributes "
+    "(None once pruned)",
+    **{
+        _DT + f"build_trunk__mutmut_{i}": "to_empty('meta') and initialising meta tensors leave "
+        "the same meta trunk: only time"
+        for i in (15, 16)
+    },
+    **{
+        _DT + f"build_trunk__mutmut_{i}": "in the trunks every module with reset_parameters owns "
+        "parameters directly and every module owning parameters has reset_parameters (checked "
+        "for sdxl/sd21 base and tiny)"
+        for i in (19, 28, 29)
+    },
+    **{
+        _DD + name: "CPU-only: no device / device=None / .to(None) keeps tensors on the CPU"
+        for name in (
+            "from_pretrained__mutmut_8",
+            "from_pretrained__mutmut_13",
+            "sample_timesteps__mutmut_1",
+            "sample_timesteps__mutmut_2",
+            "sample_timesteps__mutmut_3",
+            "sample_timesteps__mutmut_4",
+            "sample_timesteps__mutmut_9",
+            "sample_timesteps__mutmut_14",
+            "noise_latents__mutmut_11",
+            "noise_latents__mutmut_15",
+            "noise_latents__mutmut_24",
+            "forward__mutmut_4",
+            "forward__mutmut_11",
+            "load_trainable__mutmut_33",
+        )
+    },
+    **{
+        _DD + f"from_pretrained__mutmut_{i}": "trunk read in float32 (or the file's dtype), "
+        "then the final .to(dtype) rounds it once: the same values, only the load's peak differs"
+        for i in (9, 14)
+    },
+    **{
+        _DD + f"from_config__mutmut_{i}": "build_trunk initialises in float32 and casts; "
+        "without its dtype the final .to(dtype) casts the same values (peft casts LoRA after init)"
+        for i in (11, 14)
+    },
+    **{
+        _DM + f"__schedule_for__mutmut_{i}": "the fallback alphas_cumprod() defaults (scaled "
+        "linear 0.00085..0.012, 1000 steps) are exactly both bundled scheduler configs"
+        for i in (2, 3, 6, 7)
+    },
+    _DD + "__init____mutmut_84": "_schedule_for(None) falls back to alphas_cumprod(), the same "
+    "schedule as both bundled bases' scheduler configs",
+    _DD + "__init____mutmut_6": "the loop below sets requires_grad of every trunk parameter",
+    _DD + "__init____mutmut_27": "peft's LoraConfig default lora_dropout is 0.0",
+    _DD + "__init____mutmut_28": "peft's LoraConfig default init_lora_weights is True",
+    _DD + "noise_latents__mutmut_3": "multiplying by a rescale of exactly 1.0 changes no value",
+    _DD + "logits__mutmut_16": "the None defaults are overwritten for SDXL trunks and unused by "
+    "trunk_forward for trunks without the text_time add-embedding",
+    _DD + "logits__mutmut_23": "trunk_forward casts the concatenated add-embedding input to the "
+    "trunk's dtype: one rounding of each element either way",
+    _DD + "load_trainable_state_dict__mutmut_33": "load_state_dict tests `if strict:`; None is "
+    "falsy like False",
+    **{
+        _DD + f"_check_condition__mutmut_{i}": "text_embeds / time_ids are 2-d [1, D] "
+        "(DiscriminatorCondition): shape[+1] is shape[-1]"
+        for i in (38, 41)
+    },
     "d3sr_core.inference.pipeline.x_pad_to_multiple__mutmut_2": "shape[+2:] of the documented "
     "4-d image is shape[-2:]",
     **{
@@ -558,6 +846,17 @@ def main() -> None:
         work = prepare(args.module, tests, args.workdir)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.setdefault("OMP_NUM_THREADS", "1")
+        # mutmut's children leave with os._exit, so pytest never unlocks its numbered temp
+        # folders and never deletes them: one per mutant, up to hundreds of MB each (this filled
+        # a 64 GB disk). With one worker every mutant's pytest reuses (and first empties) one
+        # --basetemp; with several, TMPDIR keeps the folders here, emptied after the run. Given
+        # through the environment, not [tool.mutmut]: a changed pytest_add_cli_args makes mutmut
+        # discard every cached result.
+        (work / "tmp").mkdir(exist_ok=True)
+        env["TMPDIR"] = str(work / "tmp")
+        if args.max_children == 1:
+            basetemp = f"--basetemp={work / 'tmp' / 'pytest'}"
+            env["PYTEST_ADDOPTS"] = f"{env.get('PYTEST_ADDOPTS', '')} {basetemp}".strip()
         cmd = ["mutmut", "run", "--max-children", str(args.max_children)]
         if args.survivors:
             meta = json.loads((work / "mutants" / (args.module + ".meta")).read_text())
@@ -571,7 +870,10 @@ def main() -> None:
                 return
             cmd += names
         print("+", " ".join(cmd), f"(in {work}; tests: {' '.join(tests)})", flush=True)
-        subprocess.run(cmd, cwd=work, env=env, check=False)
+        try:
+            subprocess.run(cmd, cwd=work, env=env, check=False)
+        finally:
+            shutil.rmtree(work / "tmp", ignore_errors=True)
     print(json.dumps(summarise(work, args.module)))
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
 from d3sr_core.loading.files import WeightsFileError
 from d3sr_core.losses.gan import discriminator_loss, generator_loss
@@ -16,9 +19,9 @@ from d3sr_core.models.discriminator import (
     DiffusionDiscriminator,
     DiscriminatorCondition,
     DiscriminatorConfig,
+    PatchHead,
     build_trunk,
     encode_condition,
-    load_trunk,
     lora_target_names,
     trunk_forward,
     zero_condition,
@@ -45,6 +48,9 @@ def _latents(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 def test_full_size_sdxl_trunk_on_meta():
     d = DiffusionDiscriminator.from_config(DiscriminatorConfig(), device="meta")
     unet = d.unet
+    assert unet.conv_in.weight.is_meta and d.head.proj_in.weight.is_meta
+    assert d.condition_context.is_meta and d.condition_text_embeds.is_meta
+    assert d.condition_time_ids.is_meta
     trunk = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     assert abs(trunk - 1.243e9) / 1.243e9 < 0.01, trunk
     assert unet.up_blocks is None and unet.conv_out is None and unet.conv_norm_out is None
@@ -111,30 +117,6 @@ def test_timesteps_and_noising(tiny_sdxl):
     with torch.no_grad():
         torch.testing.assert_close(d(z, t, eps), d.logits(by_hand, t), atol=1e-5, rtol=0)
         assert (d.logits(by_hand, t) - d.logits(by_hand, t.flip(0))).abs().max() > 1e-4
-
-
-def test_trunk_forward_matches_full_unet_mid_block():
-    torch.manual_seed(0)
-    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"]).eval()
-    trunk = build_trunk("sdxl-tiny")
-    missing, unexpected = trunk.load_state_dict(full.state_dict(), strict=False)
-    assert not missing and all(
-        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in unexpected
-    )
-    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
-    cond.text_embeds.normal_()
-    z, t = _latents(2, 16), torch.tensor([10, 700])
-    ctx = torch.randn(2, 77, 32)
-    kwargs = {
-        "text_embeds": cond.text_embeds.expand(2, -1),
-        "time_ids": cond.time_ids.expand(2, -1),
-    }
-    seen = {}
-    full.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
-    with torch.no_grad():
-        full(z, t, encoder_hidden_states=ctx, added_cond_kwargs=kwargs)
-        mine = trunk_forward(trunk, z, t, ctx, **kwargs)
-    assert torch.allclose(mine, seen["mid"], atol=1e-5)
 
 
 def test_discriminator_steps_lower_its_loss():
@@ -228,109 +210,6 @@ def _plain_safetensors(tmp_path):
     return path
 
 
-# ---------------------------------------------------------------- loading
-
-
-def test_load_trunk_from_diffusers_folder(tmp_path):
-    torch.manual_seed(3)
-    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
-    full.save_pretrained(tmp_path / "sdxl" / "unet")
-    trunk = load_trunk(tmp_path / "sdxl")
-    assert trunk.up_blocks is None
-    ref = full.state_dict()
-    for k, v in trunk.state_dict().items():
-        assert torch.equal(v, ref[k]), k
-    assert all(not p.requires_grad for p in trunk.parameters())
-    d = DiffusionDiscriminator.from_pretrained(tmp_path / "sdxl" / "unet", tiny_config())
-    assert d(_latents(1, 16)).shape == (1, 1, 4, 4)
-    # a damaged/other model: tensors missing -> clear error naming the folder
-    from safetensors.torch import load_file, save_file
-
-    weights = tmp_path / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(weights))
-    save_file({k: v for k, v in state.items() if not k.startswith("mid_block")}, str(weights))
-    with pytest.raises(WeightsFileError, match="missing"):
-        load_trunk(tmp_path / "sdxl")
-    with pytest.raises(WeightsFileError, match="not a diffusers UNet folder"):
-        load_trunk(tmp_path)
-
-
-def sdxl_trunk_to_ldm(state: dict) -> dict:
-    """Diffusers SDXL down/mid keys -> original LDM names, written out for 3 levels x 2 layers
-    (attention at levels 1 and 2), independently of the loader's converter."""
-    renames = [
-        ("time_embedding.linear_1.", "time_embed.0."),
-        ("time_embedding.linear_2.", "time_embed.2."),
-        ("add_embedding.linear_1.", "label_emb.0.0."),
-        ("add_embedding.linear_2.", "label_emb.0.2."),
-        ("conv_in.", "input_blocks.0.0."),
-        ("down_blocks.0.downsamplers.0.conv.", "input_blocks.3.0.op."),
-        ("down_blocks.1.downsamplers.0.conv.", "input_blocks.6.0.op."),
-        ("mid_block.resnets.0.", "middle_block.0."),
-        ("mid_block.attentions.0.", "middle_block.1."),
-        ("mid_block.resnets.1.", "middle_block.2."),
-    ]
-    for level in range(3):
-        for j in range(2):
-            idx = 3 * level + j + 1
-            renames.append((f"down_blocks.{level}.resnets.{j}.", f"input_blocks.{idx}.0."))
-            renames.append((f"down_blocks.{level}.attentions.{j}.", f"input_blocks.{idx}.1."))
-    resnet = [
-        ("norm1.", "in_layers.0."),
-        ("conv1.", "in_layers.2."),
-        ("time_emb_proj.", "emb_layers.1."),
-        ("norm2.", "out_layers.0."),
-        ("conv2.", "out_layers.3."),
-        ("conv_shortcut.", "skip_connection."),
-    ]
-    out = {}
-    for key, value in state.items():
-        new = next(ldm + key[len(hf) :] for hf, ldm in renames if key.startswith(hf))
-        if ".resnets." in key:  # inside a resnet: LDM's in_layers/out_layers names
-            parts = new.split(".")
-            cut = 3 if new.startswith("input_blocks") else 2  # input_blocks.N.0 / middle_block.N
-            rest = ".".join(parts[cut:])
-            for hf, ldm in resnet:
-                if rest.startswith(hf):
-                    rest = ldm + rest[len(hf) :]
-                    break
-            new = ".".join(parts[:cut] + [rest])
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def test_load_trunk_from_sdxl_single_file(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(4)
-    full = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
-    ref = build_trunk("sdxl-tiny")
-    ref.load_state_dict(full.state_dict(), strict=False)
-    ldm = sdxl_trunk_to_ldm(ref.state_dict())
-    assert "model.diffusion_model.input_blocks.8.1.transformer_blocks.1.attn2.to_k.weight" in ldm
-    assert "model.diffusion_model.input_blocks.7.0.in_layers.2.weight" in ldm
-    # what else a real single file carries: up path, VAE, text encoders (all ignored)
-    extra = {
-        "model.diffusion_model.output_blocks.0.0.in_layers.0.weight": torch.zeros(3),
-        "first_stage_model.encoder.conv_in.weight": torch.zeros(2),
-        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
-    }
-    path = tmp_path / "sdxl_tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in {**ldm, **extra}.items()}, str(path))
-    trunk = load_trunk(path, config="sdxl-tiny")
-    for k, v in ref.state_dict().items():
-        assert torch.equal(trunk.state_dict()[k], v), k
-    ckpt = tmp_path / "sdxl_tiny.ckpt"
-    torch.save({"state_dict": {**ldm, **extra}, "global_step": 3}, ckpt)
-    trunk = load_trunk(ckpt, config="sdxl-tiny", dtype=torch.bfloat16)
-    assert trunk.conv_in.weight.dtype == torch.bfloat16
-    # a different UNet (SD2.1 layout) for an SDXL backbone: clear error
-    wrong = tmp_path / "wrong.safetensors"
-    save_file({k: v for k, v in ldm.items() if "label_emb" not in k}, str(wrong))
-    with pytest.raises(WeightsFileError, match="wrong.safetensors"):
-        load_trunk(wrong, config="sdxl-tiny")
-
-
 # ---------------------------------------------------------------- conditioning and SD2.1
 
 
@@ -393,7 +272,7 @@ def test_encode_condition_with_tiny_text_encoders():
 
 def test_sd21_backbone_builds_and_runs():
     d = DiffusionDiscriminator.from_config(tiny_config("sd21-tiny"), seed=0)
-    assert d.condition_text_embeds is None
+    assert d.condition_text_embeds is None and d.condition_time_ids is None
     cfg = TINY_TRUNK_CONFIGS["sd21-tiny"]
     assert d.condition_context.shape == (1, 77, cfg["cross_attention_dim"])
     logits = d(_latents(2, 16))
@@ -494,3 +373,239 @@ def test_zero_condition_and_encoder_calls_written_out():
     torch.testing.assert_close(both.encoder_hidden_states, penultimate)
     torch.testing.assert_close(both.text_embeds, pooled)
     assert both.time_ids.tolist() == [[7.0, 7.0, 0.0, 0.0, 7.0, 7.0]]
+
+
+# ---------------------------------------------------------------- construction and state, written out
+
+
+_LORA_KEY = re.compile(r"^unet\.(down_blocks|mid_block)\..*\.lora_[AB]\.default\.weight$")
+_HEAD_KEYS = {f"head.{m}.{p}" for m in ("proj_in", "norm", "proj_out") for p in ("weight", "bias")}
+
+
+def test_from_pretrained_passes_every_argument_on(tmp_path):
+    """Variant file, dtype, config, condition and seed all reach the discriminator."""
+    torch.manual_seed(3)
+    plain = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    plain.save_pretrained(tmp_path / "unet")
+    fp16 = UNet2DConditionModel(**TINY_TRUNK_CONFIGS["sdxl-tiny"])  # other weights
+    fp16.save_pretrained(tmp_path / "unet", variant="fp16")
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.encoder_hidden_states.normal_()
+    d = DiffusionDiscriminator.from_pretrained(
+        tmp_path / "unet", cfg, condition=cond, dtype=torch.bfloat16, variant="fp16"
+    )
+    assert d.config is cfg and d.head.proj_in.out_channels == 32
+    assert d.head.proj_in.weight.dtype == torch.bfloat16
+    assert torch.equal(d.unet.conv_in.weight, fp16.conv_in.weight.to(torch.bfloat16))
+    assert torch.equal(d.condition_context, cond.encoder_hidden_states.to(torch.bfloat16))
+    ranks = {p.shape[0] for n, p in d.named_parameters() if n.endswith("lora_A.default.weight")}
+    assert ranks == {4}
+    # seed 0 by default, whatever the global generator's state
+    heads = []
+    for global_seed, kw in ((5, {}), (6, {"seed": 0})):
+        torch.manual_seed(global_seed)
+        heads.append(DiffusionDiscriminator.from_pretrained(tmp_path / "unet", tiny_config(), **kw))
+    assert torch.equal(heads[0].head.proj_in.weight, heads[1].head.proj_in.weight)
+
+
+def test_trainable_state_is_lora_head_and_condition(tiny_sdxl):
+    state = tiny_sdxl.trainable_state_dict()
+    lora = {k for k in state if _LORA_KEY.match(k)}
+    assert len(lora) == 2 * len(lora_target_names(build_trunk("sdxl-tiny", device="meta")))
+    cond = {"condition_context", "condition_text_embeds", "condition_time_ids"}
+    assert set(state) == lora | _HEAD_KEYS | cond
+    assert not any(v.requires_grad for v in state.values())
+
+
+def test_trainable_state_refusals_name_the_keys(tiny_sdxl):
+    d = tiny_sdxl
+    state = d.trainable_state_dict()
+    keys = sorted(state)
+    prefix = "discriminator state does not match this model (different backbone, rank or targets?)"
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict({k: v for k, v in state.items() if k not in keys[:4]})
+    assert str(err.value) == f"state: {prefix}: missing {keys[:3]}, unexpected []"
+    extra = {**state, **{f"extra.{i}": torch.zeros(1) for i in range(4)}}
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict(extra, "disc.safetensors")
+    assert str(err.value) == (
+        f"disc.safetensors: {prefix}: missing [], unexpected ['extra.0', 'extra.1', 'extra.2']"
+    )
+    order = list(state)
+    wrong = {k: torch.zeros(2, 2) if k in order[-4:] else v for k, v in state.items()}
+    with pytest.raises(WeightsFileError) as err:
+        d.load_trainable_state_dict(wrong, "disc.safetensors")
+    assert str(err.value) == f"disc.safetensors: shape mismatch for {order[-4:-1]}"
+
+
+def test_trainable_file_header_and_refusals(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    d = DiffusionDiscriminator(build_trunk("sdxl-tiny"), cfg)
+    path = tmp_path / "d.safetensors"
+    d.save_trainable(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta == {
+        "format": "d3sr-discriminator",
+        "format_version": "1",
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    d.load_trainable(path)  # rank 4 / alpha 2 on both sides (the defaults say 16 / 16)
+    state = {k: v.contiguous() for k, v in d.trainable_state_dict().items()}
+    for name, header, problem in (
+        ("bare.safetensors", {"format": "d3sr-discriminator"},
+         "LoRA rank/alpha 16/16.0 differ from this model's 4/2.0"),
+        ("plain.safetensors", None, "not a D3SR discriminator file (format None)"),
+        ("part.safetensors", meta, "discriminator state does not match this model (different "
+         f"backbone, rank or targets?): missing {sorted(state)[:3]}, unexpected []"),
+        ("other.safetensors", {"format": "other"}, "not a D3SR discriminator file (format 'other')"),
+    ):  # fmt: skip
+        part = {k: v for k, v in state.items() if k not in sorted(state)[:3]}
+        save_file(part if header is meta else state, str(tmp_path / name), metadata=header)
+        with pytest.raises(WeightsFileError) as err:
+            d.load_trainable(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: {problem}"
+
+
+def test_from_config_passes_every_argument_on():
+    cfg = tiny_config(lora_rank=4, lora_alpha=2.0)
+    cond = zero_condition(TINY_TRUNK_CONFIGS["sdxl-tiny"])
+    cond.encoder_hidden_states.normal_()
+    d = DiffusionDiscriminator.from_config(cfg, condition=cond, dtype=torch.bfloat16)
+    assert d.config is cfg and d.head.proj_in.out_channels == 32
+    assert d.head.proj_in.weight.dtype == d.unet.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(d.condition_context, cond.encoder_hidden_states.to(torch.bfloat16))
+    # a bf16 model takes float32 latents (cast to its own dtype) and gives bf16 logits close
+    # to the float32 model's with the same seed
+    d32 = DiffusionDiscriminator.from_config(cfg, condition=cond)
+    z, t = _latents(1, 16), torch.tensor([500])
+    with torch.no_grad():
+        got, ref = d.logits(z, t), d32.logits(z, t)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    nn.Module.to(d32.unet, torch.bfloat16)  # the trunk alone: condition buffers stay float32
+    with torch.no_grad():
+        mixed = d32.logits(z, t)  # float32 head on bf16 features
+    torch.testing.assert_close(mixed, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    heads = []
+    for global_seed, kw in ((5, {}), (6, {"seed": 0})):  # seed 0 by default
+        torch.manual_seed(global_seed)
+        heads.append(DiffusionDiscriminator.from_config(tiny_config(), **kw).head.proj_in.weight)
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_random_timesteps_and_noise_come_from_the_generator():
+    """forward(z, generator=g) draws t ~ U[t_min, t_max) then eps ~ N(0, 1) from g, in that
+    order; F(z, t) and the logits are then written out."""
+    d = DiffusionDiscriminator(
+        build_trunk("sdxl-tiny"), tiny_config(t_min=200, t_max=300, latent_rescale=2.0)
+    )
+    z = _latents(2, 8)
+    ref = torch.Generator().manual_seed(7)
+    t = torch.randint(200, 300, (2,), generator=ref)
+    eps = torch.randn(z.shape, generator=ref)
+    abar = d.alphas_cumprod[t].view(2, 1, 1, 1)
+    noisy = abar.sqrt() * 2.0 * z + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        got = d(z, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, d.logits(noisy, t), atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(8)
+    assert torch.equal(
+        d.sample_timesteps(5, generator=g),
+        torch.randint(200, 300, (5,), generator=torch.Generator().manual_seed(8)),
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # the noise is float32 whatever the default dtype
+        got = d.noise_latents(z, t, generator=torch.Generator().manual_seed(9))
+    finally:
+        torch.set_default_dtype(default)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, abar.sqrt() * 2.0 * z + (1 - abar).sqrt() * eps)
+
+
+def test_lora_and_head_follow_the_config():
+    """Rank, alpha, targets and head sizes reach peft and the head; LoRA starts at B = 0, so
+    the discriminator's features are the plain trunk's."""
+    bare = PatchHead()
+    assert (bare.proj_in.in_channels, bare.proj_in.out_channels, bare.norm.num_groups) == (
+        1280,
+        256,
+        32,
+    )
+    trunk_cfg = {**TINY_TRUNK_CONFIGS["sdxl-tiny"], "block_out_channels": [32, 64, 96]}
+    torch.manual_seed(0)
+    plain = build_trunk(trunk_cfg)
+    trunk = build_trunk(trunk_cfg)
+    trunk.load_state_dict(plain.state_dict())
+    cfg = tiny_config(lora_rank=1, lora_alpha=3.0, lora_targets=["to_q"])
+    d = DiffusionDiscriminator(trunk, cfg)
+    assert (d.head.proj_in.in_channels, d.head.norm.num_groups) == (96, 8)
+    lora = {n: m for n, m in d.unet.named_modules() if hasattr(m, "lora_A")}
+    assert set(lora) == set(lora_target_names(plain, ["to_q"])) and lora
+    assert all(m.lora_A["default"].weight.shape[0] == 1 for m in lora.values())
+    assert all(m.scaling["default"] == 3.0 for m in lora.values())  # alpha / rank
+    assert all(not m.lora_B["default"].weight.any() for m in lora.values())
+    z, t = _latents(1, 16), torch.tensor([300])
+    cond = zero_condition(trunk_cfg)
+    with torch.no_grad():
+        feats = trunk_forward(plain, z, t, cond.encoder_hidden_states, cond.text_embeds,
+                              cond.time_ids)  # fmt: skip
+        torch.testing.assert_close(d.logits(z, t), d.head(feats))
+    none = DiffusionDiscriminator(build_trunk("sdxl-tiny"), tiny_config(lora_rank=0))
+    assert not any("lora_" in n for n, _ in none.named_parameters())
+
+
+def test_config_condition_and_schedule_refusals():
+    for kw, message in (
+        ({"t_min": 5, "t_max": 5}, "need 0 <= t_min < t_max, got 5, 5"),
+        ({"t_min": -1}, "need 0 <= t_min < t_max, got -1, 1000"),
+        ({"lora_rank": -1}, "lora_rank must be >= 0, got -1"),
+    ):
+        with pytest.raises(ValueError) as err:
+            DiscriminatorConfig(**kw)
+        assert str(err.value) == message
+    cfg = TINY_TRUNK_CONFIGS["sdxl-tiny"]  # context width 32, add-embedding 16 + 6 x 8 = 64
+    ctx, text, ids = torch.zeros(1, 77, 32), torch.zeros(1, 16), torch.zeros(1, 6)
+    no_lora = tiny_config(lora_rank=0)  # refused before or after peft alike; faster without
+    for cond, message in (
+        (DiscriminatorCondition(torch.zeros(77, 32), text, ids),
+         "condition context must be [1, L, 32], got (77, 32)"),
+        (DiscriminatorCondition(torch.zeros(2, 77, 32), text, ids),
+         "condition context must be [1, L, 32], got (2, 77, 32)"),
+        (DiscriminatorCondition(torch.zeros(1, 77, 16), text, ids),
+         "condition context must be [1, L, 32], got (1, 77, 16)"),
+        (DiscriminatorCondition(ctx), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, text), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, None, ids), "an SDXL trunk needs a condition with text_embeds and time_ids"),
+        (DiscriminatorCondition(ctx, torch.zeros(1, 8), ids),
+         "text_embeds (1, 8) + time_ids (1, 6) do not give the add-embedding's 64 inputs"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            DiffusionDiscriminator(build_trunk(cfg, device="meta"), no_lora, condition=cond)
+        assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        DiffusionDiscriminator(
+            build_trunk(cfg, device="meta"), no_lora, alphas_cumprod=torch.ones(500)
+        )
+    assert str(err.value) == "t_max 1000 exceeds the schedule's 500 steps"
+    d = DiffusionDiscriminator(
+        build_trunk(cfg, device="meta"), tiny_config(gradient_checkpointing=True, t_max=500),
+        alphas_cumprod=torch.linspace(1, 0, 500, dtype=torch.float64),
+    )  # fmt: skip
+    assert d.unet.is_gradient_checkpointing and d.config.gradient_checkpointing
+    assert d.alphas_cumprod.dtype == torch.float32 and d.alphas_cumprod[-1] == 0
+
+
+def test_patch_head_casts_its_input_to_its_weights():
+    torch.manual_seed(0)
+    head = PatchHead(8, 16, 4).to(torch.bfloat16)
+    x = torch.randn(1, 8, 3, 3)
+    out = head(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 3, 3)
+    assert torch.equal(out, head(x.to(torch.bfloat16)))

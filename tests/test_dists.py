@@ -53,11 +53,15 @@ def _real_alpha_beta_path():
 
 
 def _fake_vgg16_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with torchvision's vgg16 key names and shapes (classifier kept small)."""
+    """A state dict with torchvision's vgg16 key names and shapes (classifier kept small).
+
+    Every tensor is a view into ONE random storage, each at its own offset (so no two are
+    equal): ``torch.save`` writes that storage once, ~10 MB instead of the 58 MB of separate
+    tensors. Tests save it many times, and mutation runs keep every pytest temp folder."""
+    shapes = {k: v.shape for k, v in VGG16Features().state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    state = {
-        k: torch.randn(v.shape, generator=g) * 0.05 for k, v in VGG16Features().state_dict().items()
-    }
+    base = torch.randn(max(s.numel() for s in shapes.values()) + len(shapes), generator=g) * 0.05
+    state = {k: base[i : i + s.numel()].view(s) for i, (k, s) in enumerate(shapes.items())}
     # torchvision's file also holds classifier.{0,3,6}.*; they must be ignored.
     state.update({"classifier.0.weight": torch.zeros(4, 8), "classifier.6.bias": torch.zeros(1000)})
     return state

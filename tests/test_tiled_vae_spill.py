@@ -259,3 +259,82 @@ def test_a_small_disk_means_recomputing(vae, tmp_path, monkeypatch, cheap_io):
     assert small.spill_peak <= runner_module.SPILL_DISK_FRACTION * 10_000
     assert small.recomputed
     torch.testing.assert_close(outs[10_000], outs[10**12], atol=1e-5, rtol=1e-5)
+
+
+class _Trickle:
+    """A file that moves at most 7 bytes per call (what the OS may do) and can fail writes."""
+
+    def __init__(self, f, fail=None):
+        self.f, self.fail = f, fail
+
+    def seek(self, offset):
+        return self.f.seek(offset)
+
+    def write(self, view):
+        if self.fail:
+            raise self.fail
+        return self.f.write(view[:7])
+
+    def readinto(self, view):
+        return self.f.readinto(view[:7])
+
+    def close(self):
+        self.f.close()
+
+
+def test_spill_file_details_written_out(tmp_path, monkeypatch):
+    """Defaults, file size, casting on write, regions starting at column 1, partial reads and
+    writes, and the whole message of each failure."""
+    import tempfile
+    import warnings
+
+    from d3sr_core.inference.tiled_vae.spill import spill_directory
+
+    assert spill_directory(None) == tempfile.gettempdir()
+    assert spill_directory(tmp_path) == str(tmp_path)
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. line buffering on a binary file
+        t = SpilledTensor(tuple(x.shape), torch.bfloat16, tmp_path)
+    assert t.device == torch.device("cpu") and t.nbytes == 2 * 3 * 4 * 5 * 2
+    assert os.fstat(t._file.fileno()).st_size == t.nbytes  # reserved up front, no more
+    t.write(Region(0, 4, 0, 5), x)  # float32 in, stored as bf16
+    assert torch.equal(t.read(Region(0, 4, 0, 5)), x.bfloat16())
+    t.write(Region(1, 3, 1, 5), x[:, :, 1:3, 1:5] * 2)  # from column 1 to the right edge
+    expected = x.bfloat16().clone()
+    expected[:, :, 1:3, 1:5] = (x[:, :, 1:3, 1:5] * 2).bfloat16()
+    assert torch.equal(t.read(Region(0, 4, 0, 5)), expected)
+    t._file = _Trickle(t._file)
+    t.write(Region(0, 4, 0, 5), x)
+    assert torch.equal(t.read(Region(0, 4, 0, 5)), x.bfloat16())
+    t._file = _Trickle(t._file.f, OSError(errno.EIO, os.strerror(errno.EIO)))
+    with pytest.raises(SpillError) as err:
+        t.write(Region(0, 4, 0, 5), x)
+    assert err.value.errno == errno.EIO
+    assert str(err.value) == (
+        f"[Errno {errno.EIO}] tiled VAE: writing a checkpoint to {str(tmp_path)!r} failed: "
+        f"{os.strerror(errno.EIO)}"
+    )
+    os.ftruncate(t._file.f.fileno(), 10)
+    with pytest.raises(SpillError) as err:
+        t.read(Region(0, 4, 0, 5))
+    assert err.value.errno == 0
+    assert str(err.value) == f"[Errno 0] tiled VAE: short read of a checkpoint in {str(tmp_path)!r}"
+    t.close()
+    with pytest.raises(ValueError) as err:
+        t.read(Region(0, 1, 0, 1))
+    assert str(err.value) == "spilled checkpoint used after close()"
+    empty = SpilledTensor((1, 3, 0, 5), torch.float32, tmp_path)  # nothing to reserve
+    empty.close()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(SpillError) as err:
+        SpilledTensor((1, 1, 1000, 1250), torch.float32, tmp_path)  # 5 000 000 bytes
+    assert str(err.value) == (
+        f"[Errno {errno.ENOSPC}] tiled VAE: cannot store a 0.01 GB checkpoint in "
+        f"{str(tmp_path)!r}: {os.strerror(errno.ENOSPC)}. Free disk space there, point TMPDIR "
+        "(or the spill directory) at a larger disk, or raise the memory budget"
+    )

@@ -1,0 +1,320 @@
+"""The tiled VAE's building blocks against independent references: GroupNorm statistics
+merged from tiles vs float64 / F.group_norm, the untiled path vs diffusers' own forward with
+VAE options the tiny model does not use, and the programs' refusals."""
+
+import pytest
+import torch
+from test_tiled_vae import _untiled_moments
+from tiny_models import tiny_vae
+from torch import nn
+
+from d3sr_core.inference import tiled_vae
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+def test_tile_norm_is_group_norm_with_the_merged_statistics(monkeypatch):
+    """Statistics merged from two tiles applied to the image equal F.group_norm on it; the
+    fused path is exactly eval-mode batch_norm with float32 statistics, and the fallback for
+    backends without it (batch_norm raising) gives the same normalisation."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae import norm as norm_module
+    from d3sr_core.inference.tiled_vae.ops import Norm
+
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(4, 8, eps=1e-3)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(2, 8, 5, 7) * 3 + 1
+    stats = tiled_vae.GroupStats(4)
+    stats.add(x[..., :3])
+    stats.add(x[..., 3:])
+    with torch.no_grad():
+        ref = F.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+        mean = stats.mean.repeat_interleave(2, dim=1).float()
+        var = stats.var.repeat_interleave(2, dim=1).float()
+        exact = torch.cat([
+            F.batch_norm(x[i : i + 1], mean[i], var[i], gn.weight, gn.bias, False, 0.0, gn.eps)
+            for i in range(2)
+        ])  # fmt: skip
+        got = norm_module._apply_norm(Norm(gn, act=False), stats, x)
+        assert torch.equal(got, exact)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        act = norm_module._apply_norm(Norm(gn, act=True), stats, x)
+        assert torch.equal(act, F.silu(exact))
+
+        def no_batch_norm(*args, **kwargs):
+            raise RuntimeError("not on this backend")
+
+        monkeypatch.setattr(norm_module.F, "batch_norm", no_batch_norm)
+        torch.testing.assert_close(
+            norm_module._apply_norm(Norm(gn, act=False), stats, x), ref, atol=1e-5, rtol=0
+        )
+        half = norm_module._apply_norm(Norm(gn, act=False), stats, x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_group_moments_equal_float64_statistics(monkeypatch):
+    """Per-(sample, group) mean and biased variance against float64 ones written out: small
+    variances (the kernel's eps is taken back out), non-square tiles, float64 tiles kept in
+    float64, bf16 tiles accumulated in float32, and the path for backends without the
+    mixed-precision kernel."""
+    from d3sr_core.inference.tiled_vae.norm import group_moments
+
+    def reference(x):
+        flat = x.double().reshape(x.shape[0], 4, -1)
+        return flat.mean(-1), flat.var(-1, unbiased=False)
+
+    torch.manual_seed(0)
+    for scale, rtol in ((1e-3, 1e-3), (1e-5, 1e-2)):
+        x = 1 + scale * torch.randn(2, 8, 5, 7)
+        mean, var = group_moments(x, 4)
+        ref_mean, ref_var = reference(x)
+        torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(var, ref_var, atol=0, rtol=rtol)
+    x64 = torch.randn(2, 8, 5, 7, dtype=torch.float64) + 0.5
+    for got, ref in zip(group_moments(x64, 4), reference(x64), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    xb = (torch.randn(2, 8, 5, 7) + 0.5).bfloat16()
+    expected = reference(xb)
+    for got, ref in zip(group_moments(xb, 4), expected, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    native = torch.native_group_norm
+
+    def no_mixed_kernel(x, weight, *args):
+        if x.dtype == torch.bfloat16 and weight is not None:
+            raise RuntimeError("no mixed-precision group_norm here")
+        return native(x, weight, *args)
+
+    monkeypatch.setattr(torch, "native_group_norm", no_mixed_kernel)
+    for got, ref in zip(group_moments(xb, 4), expected, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_whole_path_equals_diffusers_with_every_option():
+    """Non-trivial GroupNorm affine parameters, a residual output_scale_factor, an upsampler
+    without conv (plain nearest upsampling) and global attention: the untiled path against
+    diffusers' own encode / decode."""
+    import copy
+
+    vae = copy.deepcopy(tiny_vae())
+    g = torch.Generator().manual_seed(9)
+    for m in vae.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.weight.data = 1 + 0.3 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = 0.3 * torch.randn(m.bias.shape, generator=g)
+    vae.decoder.up_blocks[0].resnets[0].output_scale_factor = 2.0
+    vae.encoder.down_blocks[0].resnets[0].output_scale_factor = 0.5
+    up = next(m for m in vae.decoder.modules() if type(m).__name__ == "Upsample2D")
+    up.use_conv = False
+    x = torch.rand(1, 3, 24, 40, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 3, 5, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            tiled_vae.whole_encode(vae, x, attention_window=None), _untiled_moments(vae, x)
+        )
+        torch.testing.assert_close(
+            tiled_vae.whole_decode(vae, z, attention_window=None),
+            vae.decode(z).sample, atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+        half = copy.deepcopy(vae).to(torch.bfloat16)  # float32 latents are cast to the weights
+        got = tiled_vae.whole_decode(half, z, attention_window=None)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, half.decode(z.bfloat16()).sample, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError) as err:
+        tiled_vae.estimate_untiled_bytes(vae, "both", (1, 4, 8, 8), torch.float32)
+    assert str(err.value) == "kind must be 'encode' or 'decode', got 'both'"
+
+
+def _edit(vae, change):
+    import copy
+
+    odd = copy.deepcopy(vae)
+    change(odd)
+    return odd
+
+
+def _set(obj, **attrs):
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+
+
+def test_programs_refuse_what_they_cannot_tile(vae):
+    """Each structure the programs do not translate is refused with its reason."""
+    from d3sr_core.inference.tiled_vae.ops import UnsupportedVAEError
+
+    down = lambda v: v.encoder.down_blocks[0].downsamplers[0]  # noqa: E731
+    up = lambda v: v.decoder.up_blocks[0].upsamplers[0]  # noqa: E731
+    res = lambda v: v.decoder.up_blocks[0].resnets[0]  # noqa: E731
+    cases = [
+        ("decode", lambda v: _set(v.decoder, conv_in=nn.Identity()),
+         "expected a Conv2d, got Identity"),
+        ("decode", lambda v: _set(v.decoder.conv_in, padding="same"), "string padding 'same'"),
+        ("decode", lambda v: v.decoder.up_blocks[0].resnets.__setitem__(0, nn.Identity()),
+         "Identity is not a ResnetBlock2D"),
+        ("decode", lambda v: _set(res(v), upsample=nn.Identity()),
+         "resnet with built-in up/downsampling"),
+        ("decode", lambda v: _set(res(v), downsample=nn.Identity()),
+         "resnet with built-in up/downsampling"),
+        ("encode", lambda v: _set(down(v), norm=nn.Identity()), "downsampler without a plain conv"),
+        ("encode", lambda v: _set(down(v), use_conv=False), "downsampler without a plain conv"),
+        ("decode", lambda v: _set(up(v), norm=nn.Identity()),
+         "upsampler with a norm or transposed conv"),
+        ("decode", lambda v: _set(up(v), use_conv_transpose=True),
+         "upsampler with a norm or transposed conv"),
+        ("decode", lambda v: _set(up(v), interpolate=False), "upsampler without interpolation"),
+    ]  # fmt: skip
+    for kind, change, message in cases:
+        odd = _edit(vae, change)
+        program = tiled_vae.encoder_program if kind == "encode" else tiled_vae.decoder_program
+        with pytest.raises(UnsupportedVAEError) as err:
+            program(odd)
+        assert str(err.value) == message
+
+
+def test_programs_follow_the_vae_layout_variants(vae):
+    """Layouts the programs do translate, against diffusers' own forward: SD's padding-0
+    downsampler (padded (0, 1, 0, 1) by diffusers), an upsampler conv named Conv2d_0, an
+    upsampler conv that cannot be folded (1x1: upsample then conv), a conv with unequal
+    row / column padding."""
+
+    def padding0(v):
+        d = v.encoder.down_blocks[0].downsamplers[0]
+        d.padding, d.conv.padding = 0, (0, 0)
+
+    def conv2d_0(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        u.name, u.Conv2d_0 = "Conv2d_0", u.conv
+        del u.conv
+
+    def one_by_one(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        c = u.conv.in_channels
+        torch.manual_seed(11)
+        u.conv = nn.Conv2d(c, c, 1)
+
+    def uneven(v):
+        conv = v.decoder.conv_out
+        v.decoder.conv_out = nn.Conv2d(conv.in_channels, conv.out_channels, (3, 3), padding=(1, 0))
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(1, 3, 24, 40, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 3, 5, generator=g)
+    with torch.inference_mode():
+        odd = _edit(vae, padding0)
+        torch.testing.assert_close(
+            tiled_vae.whole_encode(odd, x, attention_window=None), _untiled_moments(odd, x)
+        )
+        for change in (conv2d_0, one_by_one, uneven):
+            odd = _edit(vae, change)
+            torch.testing.assert_close(
+                tiled_vae.whole_decode(odd, z, attention_window=None),
+                odd.decode(z).sample, atol=1e-5, rtol=1e-5,
+            )  # fmt: skip
+
+
+def test_programs_other_refusals_padding_and_folding(vae):
+    """Activation / time-embedding refusals; both downsampler paddings on odd sizes against
+    diffusers (where a wrong extra pad row would show); 3x3 upsampler convs are folded."""
+    from d3sr_core.inference.tiled_vae.ops import UnsupportedVAEError, UpConv
+
+    res = lambda v: v.decoder.up_blocks[0].resnets[0]  # noqa: E731
+    for change, message in (
+        (lambda v: _set(v.decoder, conv_act=nn.ReLU()), "conv_act is not SiLU"),
+        (lambda v: _set(res(v), time_emb_proj=nn.Linear(2, 2)), "resnet with a time embedding"),
+        (lambda v: _set(res(v), nonlinearity=nn.ReLU()), "resnet nonlinearity is not SiLU"),
+    ):
+        with pytest.raises(UnsupportedVAEError) as err:
+            tiled_vae.decoder_program(_edit(vae, change))
+        assert str(err.value) == message
+
+    def padding1(v):
+        d = v.encoder.down_blocks[0].downsamplers[0]
+        d.padding, d.conv.padding = 1, (1, 1)
+
+    x = torch.rand(1, 3, 25, 41, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    with torch.inference_mode():
+        for odd in (vae, _edit(vae, padding1)):
+            torch.testing.assert_close(
+                tiled_vae.whole_encode(odd, x, attention_window=None), _untiled_moments(odd, x)
+            )
+    ups = [op for op in tiled_vae.decoder_program(vae) if isinstance(op, UpConv)]
+    assert len(ups) == sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks) > 0
+
+
+def test_tiled_entry_points_pass_tile_and_tick_on(vae):
+    """tiled_encode / tiled_decode give the runner their tile and tick: the same progress
+    ticks as the runner built by hand, several tiles for tile 16, ending at 1."""
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    z = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(15))
+    big = 10**12
+    for entry, program, inp in (
+        (tiled_vae.tiled_encode, tiled_vae.encoder_program, x),
+        (tiled_vae.tiled_decode, tiled_vae.decoder_program, z),
+    ):
+        got, ref = [], []
+        with torch.inference_mode():
+            out = entry(vae, inp, big, tile=16, tick=got.append, attention_window=None)
+            config = TiledVAEConfig(budget=big, tile=16, attention_window=None)
+            expected = TiledVAERunner(program(vae), config, ref.append).run(inp)
+        assert torch.equal(out, expected)
+        assert got == ref and len(got) > 1 and got[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("layout", ["no_conv", "one_by_one", "scaled_residual"])
+def test_tiled_decode_with_plain_upsampling_equals_diffusers(vae, layout):
+    """Upsamplers that are not folded into a conv (no conv, or a 1x1 conv) run as a separate
+    nearest-upsampling op in tiles, and a resnet's output_scale_factor divides its residual
+    sum: the tiled decode equals diffusers' own."""
+
+    def change(v):
+        u = v.decoder.up_blocks[0].upsamplers[0]
+        if layout == "no_conv":
+            u.use_conv = False
+        elif layout == "scaled_residual":  # diffusers divides the residual sum by it
+            v.decoder.up_blocks[0].resnets[0].output_scale_factor = 2.0
+        else:
+            torch.manual_seed(16)
+            u.conv = nn.Conv2d(u.conv.in_channels, u.conv.out_channels, 1)
+
+    odd = _edit(vae, change)
+    z = torch.randn(1, 4, 7, 9, generator=torch.Generator().manual_seed(17))
+    with torch.inference_mode():
+        ref = odd.decode(z).sample
+        for tile, budget in ((16, 10**12), (24, 1)):
+            got = tiled_vae.tiled_decode(odd, z, budget, tile=tile, attention_window=None)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_crop_and_bias_free_folded_upsampling():
+    """_crop refuses a region outside the tile with both regions named; the folded
+    upsampling conv without bias equals conv(upsample(x)) and keeps the input's layout."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae.ops import Region, _crop
+
+    t = torch.arange(16.0).view(1, 1, 4, 4)
+    have = Region(0, 4, 0, 4)
+    assert torch.equal(_crop(t, have, Region(1, 3, 2, 4)), t[:, :, 1:3, 2:4])
+    for want in (Region(1, 5, 0, 4), Region(0, 4, 1, 5), Region(-1, 2, 0, 4), Region(0, 4, -1, 2)):
+        with pytest.raises(AssertionError) as err:
+            _crop(t, have, want)
+        assert str(err.value) == f"region {want} is not inside {have}"
+    torch.manual_seed(18)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    x = torch.randn(2, 6, 5, 7)
+    with torch.inference_mode():
+        ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        weights = tiled_vae.subpixel_weights(conv.weight)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xp = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=fmt)
+            out = tiled_vae.upsample_conv(xp, weights, None)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert out.is_contiguous(memory_format=fmt)
