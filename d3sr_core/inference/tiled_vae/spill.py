@@ -140,7 +140,10 @@ class SpilledTensor:
         self._close_direct()
         for name in ("_bounce", "_read_bounce"):
             if getattr(self, name, None) is not None:
-                getattr(self, name).close()
+                try:
+                    getattr(self, name).close()
+                except BufferError:  # a view of it lives on in a traceback's frame: the
+                    pass  # anonymous map is unmapped when that view is collected
                 setattr(self, name, None)
         if not self.closed:
             self._file.close()
