@@ -140,10 +140,7 @@ class SpilledTensor:
         self._close_direct()
         for name in ("_bounce", "_read_bounce"):
             if getattr(self, name, None) is not None:
-                try:
-                    getattr(self, name).close()
-                except BufferError:  # a view of it lives on in a traceback's frame: the
-                    pass  # anonymous map is unmapped when that view is collected
+                getattr(self, name).close()
                 setattr(self, name, None)
         if not self.closed:
             self._file.close()
@@ -219,20 +216,22 @@ class SpilledTensor:
         self._write_buffered(a1, view[a1 - offset :])
         if self._bounce is None:
             self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
-        bounce = memoryview(self._bounce)
-        pos = a0
-        while pos < a1:
-            n = min(DIRECT_CHUNK, a1 - pos)
-            bounce[:n] = view[pos - offset : pos - offset + n]
-            try:
-                done = os.pwrite(self._direct, bounce[:n], pos)
-            except OSError:  # e.g. a larger block size than DIRECT_ALIGN: stop using it
-                done = 0
-            if done != n:  # (short direct writes are not resumed at unaligned offsets)
-                self._close_direct()
-                self._write_buffered(pos + done, view[pos + done - offset : a1 - offset])
-                return
-            pos += n
+        # released on the way out, also through an exception whose traceback keeps this
+        # frame, so that close() can unmap the bounce buffer
+        with memoryview(self._bounce) as bounce:
+            pos = a0
+            while pos < a1:
+                n = min(DIRECT_CHUNK, a1 - pos)
+                bounce[:n] = view[pos - offset : pos - offset + n]
+                try:
+                    done = os.pwrite(self._direct, bounce[:n], pos)
+                except OSError:  # e.g. a larger block size than DIRECT_ALIGN: stop using it
+                    done = 0
+                if done != n:  # (short direct writes are not resumed at unaligned offsets)
+                    self._close_direct()
+                    self._write_buffered(pos + done, view[pos + done - offset : a1 - offset])
+                    return
+                pos += n
 
     def _write_buffered(self, offset: int, view: memoryview) -> None:
         f = self._raw()
@@ -290,6 +289,8 @@ class SpilledTensor:
                 self._close_direct()
                 view = view[pos - offset :]
                 offset = pos
+            finally:  # (as in _write_run: so that close() can unmap the bounce buffer)
+                bounce.release()
         f = self._raw()
         f.seek(offset)
         while view:
