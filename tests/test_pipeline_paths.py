@@ -1,0 +1,163 @@
+"""The pipeline's other paths, each against a reference written out here or in
+``tests/reference.py`` (tiny models, fp32): a VAE the tiled path does not know (diffusers'
+modules), out-of-memory messages per stage, progress inside a tiled VAE stage, the UNet tile
+overlap in latent pixels."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from reference import SD21_SCHEDULER, bicubic_resize, reference_upscale
+from tiny_models import tiny_generator
+from torch import nn
+
+from d3sr_core.inference import tiled_vae
+from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.models import GeneratorConfig
+
+SCALING = 0.18215
+
+
+class WrappedVAE(nn.Module):
+    """diffusers' ``encode`` / ``decode`` of an inner VAE behind a structure the tiled VAE
+    does not recognise (no ``encoder`` / ``decoder`` attributes)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.inner = vae
+
+    def encode(self, x, return_dict=True):
+        return self.inner.encode(x, return_dict=return_dict)
+
+    def decode(self, z, return_dict=True):
+        return self.inner.decode(z, return_dict=return_dict)
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _options(**kw) -> UpscaleOptions:
+    base = dict(scale=4, color_fix="none", tile_size=None, vae_attention_window=None)
+    return UpscaleOptions(**{**base, "memory_budget_bytes": 2**30, **kw})
+
+
+@pytest.mark.parametrize("vae_tile_size", [None, 32, "auto"])
+def test_unknown_vae_structure_runs_diffusers_modules(vae_tile_size, caplog):
+    g = tiny_generator()
+    vae = g.vae
+    g.vae = WrappedVAE(vae)
+    assert not tiled_vae.is_supported(g.vae)
+    x = _image(6, 5, seed=1)
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = D3SRPipeline(g).upscale_tensor(x, _options(vae_tile_size=vae_tile_size))
+    cfg = g.config
+    expected = reference_upscale(
+        g.unet, vae, g.prompt_embeds, x, 4, cfg.timestep, cfg.prediction_type
+    )
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
+    warned = "this VAE's structure is not supported by the tiled VAE; running it whole"
+    assert (warned in caplog.text) == (vae_tile_size is not None)
+
+
+@torch.no_grad()
+def test_unknown_vae_structure_samples_the_posterior_with_the_seed():
+    """``latent_mode="sample"`` through diffusers' modules: the noise comes from the seed."""
+    g = tiny_generator(GeneratorConfig(latent_mode="sample"))
+    vae = g.vae
+    g.vae = WrappedVAE(vae)
+    x = _image(4, 6, seed=2)
+    out = D3SRPipeline(g).upscale_tensor(x, _options(seed=11, vae_tile_size=None))
+    # the same chain written out: the posterior sample replaces E(x).mode()
+    up = bicubic_resize(x, 16, 24).clamp(0, 1) * 2 - 1
+    dist = vae.encode(up).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(11))
+    z = (dist.mean + dist.std * noise) * SCALING
+    t = torch.tensor([g.config.timestep])
+    eps = g.unet(z, t, encoder_hidden_states=g.prompt_embeds).sample
+    abar = SD21_SCHEDULER.alphas_cumprod[g.config.timestep].double()
+    x0 = (z - (1 - abar).sqrt().float() * eps) / abar.sqrt().float()
+    expected = ((vae.decode(x0 / SCALING).sample.clamp(-1, 1) + 1) / 2).clamp(0, 1)
+    assert (dist.std * noise).abs().max() > 1e-2
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_unknown_vae_structure_overflow_is_recomputed_in_fp32(caplog):
+    g = tiny_generator()
+    with torch.no_grad():
+        for conv in (g.vae.encoder.conv_in, g.vae.decoder.conv_in):
+            conv.weight.mul_(6e4 / conv.weight.abs().max())
+            conv.bias.fill_(6.4e4)  # overflows float16 (max 65504)
+    g.vae = WrappedVAE(g.vae).half()
+    full = copy.deepcopy(g)
+    full.vae.float()
+    x = _image(4, 4, seed=3)
+    expected = D3SRPipeline(full).upscale_tensor(x, _options(vae_tile_size=None))
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = D3SRPipeline(g).upscale_tensor(x, _options(vae_tile_size=None))
+    torch.testing.assert_close(out, expected, atol=5e-4, rtol=0)  # fp16-rounded VAE input
+    assert "the VAE encode overflowed in torch.float16; recomputing in fp32" in caplog.text
+    assert "the VAE decode overflowed in torch.float16; recomputing in fp32" in caplog.text
+    assert next(g.vae.parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+@pytest.mark.parametrize("vae_tile_size", [None, "auto", 32])
+def test_out_of_memory_in_a_vae_stage_names_it(monkeypatch, caplog, stage, vae_tile_size):
+    """The first attempt runs out of memory: the warning names the stage, the retry gives
+    the same image; with "auto" it runs tiled (never whole again), with None whole."""
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(6, 7, seed=4)
+    options = _options(vae_tile_size=vae_tile_size)
+    expected = pipe.upscale_tensor(x, options)
+    calls = []
+    names = [f"whole_{stage}", f"tiled_{stage}"]
+    for name in names:
+        real = getattr(tiled_vae, name)
+
+        def flaky(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("out of memory (planted)")
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tiled_vae, name, flaky)
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = pipe.upscale_tensor(x, options)
+    what = "VAE encode" if stage == "encode" else "VAE decode"
+    assert f"{what} ran out of memory (out of memory (planted))" in caplog.text
+    assert calls[0] == f"{'tiled' if vae_tile_size == 32 else 'whole'}_{stage}"
+    assert calls[1] == f"{'whole' if vae_tile_size is None else 'tiled'}_{stage}"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_tiled_vae_stages_report_progress_per_tile():
+    """Tiled encode and decode each report several steps within their share (25 and 55 %)."""
+    pipe = D3SRPipeline(tiny_generator())
+    seen = []
+    options = _options(vae_tile_size=32, scale=4)
+    pipe.upscale_tensor(_image(16, 16), options, progress=lambda d, t: seen.append(d))
+    assert seen[-1] == 100
+    encode = [d for d in seen if d < 25]
+    decode = [d for d in seen if 45 < d < 100]
+    assert len(encode) >= 3 and len(decode) >= 3, seen
+
+
+def test_unet_tile_overlap_is_whole_latent_pixels():
+    """``tile_overlap`` (output pixels) is rounded down to latent pixels: 20 and 16 px give
+    the same tiles (2 latent px), so the same image; 24 px (3) another one."""
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(10, 40, seed=5)  # a 5x20 latent, 8-wide tiles
+
+    def run(overlap: int) -> torch.Tensor:
+        return pipe.upscale_tensor(
+            x, _options(tile_size=64, tile_overlap=overlap, vae_tile_size=None)
+        )
+
+    sixteen = run(16)
+    assert torch.equal(run(20), sixteen)
+    assert not torch.equal(run(24), sixteen)

@@ -1,0 +1,205 @@
+"""The pipeline's stages and helpers against references written out here (tiny models, fp32):
+``encode`` / ``denoise`` / ``decode`` called on their own (outside ``upscale_tensor``) against
+diffusers' classes and the closed-form x0, the posterior sample, the default memory budget's
+dtype, the progress arithmetic, PIL modes, and the fp16-overflow recomputation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import SD21_SCHEDULER
+from tiny_models import tiny_generator
+from torch import nn
+
+from d3sr_core.inference import memory
+from d3sr_core.inference.pipeline import (
+    D3SRPipeline,
+    UpscaleCancelled,
+    UpscaleOptions,
+    _Progress,
+    _shrink_tile,
+    _upcast,
+    pil_to_tensor,
+)
+from d3sr_core.models import GeneratorConfig
+
+SCALING = 0.18215  # SD2.x's VAE latent scale (the spec's constant)
+
+
+def _rand(*shape: int, seed: int = 0, low: float = 0.0) -> torch.Tensor:
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+    return x * (1 - low) + low  # [low, 1]
+
+
+@torch.no_grad()
+def test_stages_called_on_their_own_match_diffusers():
+    """Outside ``upscale_tensor`` (default options): E(x).mode() * 0.18215, the UNet at the
+    checkpoint's timestep with x0 from the scheduler's alphas_cumprod, D(z / 0.18215)."""
+    for prediction, timestep in (("epsilon", 399), ("v_prediction", 700)):
+        g = tiny_generator(GeneratorConfig(prediction_type=prediction, timestep=timestep))
+        pipe = D3SRPipeline(g)
+        x = _rand(1, 3, 24, 32, seed=1, low=-1.0)
+        latent = pipe.encode(x)
+        expected = g.vae.encode(x).latent_dist.mode() * SCALING
+        torch.testing.assert_close(latent, expected, atol=1e-5, rtol=0)
+        x0 = pipe.denoise(latent)
+        t = torch.tensor([timestep])
+        out = g.unet(latent, t, encoder_hidden_states=g.prompt_embeds).sample
+        abar = SD21_SCHEDULER.alphas_cumprod[timestep].double()
+        a, s = abar.sqrt().float(), (1 - abar).sqrt().float()
+        expected = (latent - s * out) / a if prediction == "epsilon" else a * latent - s * out
+        torch.testing.assert_close(x0, expected, atol=1e-5, rtol=0)
+        image = pipe.decode(x0)
+        expected = g.vae.decode(x0 / SCALING).sample.clamp(-1, 1)
+        assert (g.vae.decode(x0 / SCALING).sample.abs() > 1).any()  # the clamp matters
+        torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_posterior_sample_written_out():
+    """``latent_mode="sample"``: (mean + exp(logvar / 2) * noise) * 0.18215 with the noise
+    drawn from the caller's generator."""
+    g = tiny_generator(GeneratorConfig(latent_mode="sample"))
+    x = _rand(1, 3, 40, 48, seed=2, low=-1.0)
+    latent = D3SRPipeline(g).encode(x, torch.Generator().manual_seed(5))
+    dist = g.vae.encode(x).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
+    std = torch.exp(0.5 * dist.logvar)
+    expected = (dist.mean + std * noise) * SCALING
+    assert (std * noise).abs().max() > 1e-2  # the noise term matters
+    torch.testing.assert_close(latent, expected, atol=1e-5, rtol=0)
+
+
+def test_default_budget_follows_the_widest_floating_point_weights(monkeypatch):
+    """The default budget is the CPU cap of the widest floating-point dtype among the UNet's
+    and the VAE's weights (half precision: the larger cap); modules without parameters or
+    with integer ones do not count."""
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**40)
+    full, half = memory.CPU_BUDGET_CAP_BYTES, memory.CPU_BUDGET_CAP_BYTES_HALF
+    assert full != half
+
+    def module(dtype: torch.dtype | None) -> nn.Module:
+        m = nn.Module()
+        if dtype is not None:
+            m.weight = nn.Parameter(torch.zeros(2, dtype=dtype), requires_grad=False)
+        return m
+
+    def budget(unet: torch.dtype | None, vae: torch.dtype | None, given=None) -> int:
+        g = SimpleNamespace(unet=module(unet), vae=module(vae), device=torch.device("cpu"))
+        return D3SRPipeline(g)._budget(given)
+
+    assert budget(torch.float32, torch.float32) == full
+    assert budget(torch.bfloat16, torch.float16) == half
+    assert budget(torch.bfloat16, torch.float32) == full  # an fp32 VAE next to a bf16 UNet
+    assert budget(None, torch.float16) == half
+    assert budget(torch.int64, torch.bfloat16) == half
+    assert budget(None, None) == full  # nothing known: fp32
+    assert budget(torch.bfloat16, torch.bfloat16, 12345) == 12345
+
+
+def test_progress_reports_each_new_step_of_the_weighted_stages():
+    """25 / 20 / 55 % of each image for encode / denoise / decode; a report only when the
+    integer count grows; fractions are clamped to the stage."""
+    seen = []
+    p = _Progress(2, lambda d, t: seen.append((d, t)), None)
+    tick = p.stage("encode")
+    tick(0.05)  # int(25 * 0.05) = 1
+    tick(0.05)
+    tick(0.5)
+    tick(-1.0)
+    tick(3.0)
+    tick = p.stage("denoise")
+    tick(0.5)
+    tick = p.stage("decode")
+    tick(0.999)
+    tick(1.0)
+    tick = p.stage("encode")  # the second image
+    tick(0.2)
+    assert seen == [(1, 200), (12, 200), (25, 200), (35, 200), (99, 200), (100, 200), (105, 200)]
+    with pytest.raises(UpscaleCancelled, match="^upscale cancelled$"):
+        _Progress(1, None, lambda: True).check()
+    _Progress(1, None, lambda: False).check()
+
+
+def test_pil_modes_written_out():
+    """16-bit gray in either byte order -> one channel / 65535; other modes -> PIL's RGB."""
+    values = np.array([[0, 65535, 1000], [30000, 7, 40000]], dtype=np.uint16)
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2")):
+        image = Image.frombytes(mode, (3, 2), values.astype(dtype).tobytes())
+        assert image.mode == mode
+        got = pil_to_tensor(image)
+        assert got.shape == (1, 1, 2, 3) and got.dtype == torch.float32
+        torch.testing.assert_close(got[0, 0], torch.tensor(values / 65535.0).float())
+    rgb = (np.arange(2 * 3 * 3).reshape(2, 3, 3) * 9).astype(np.uint8)
+    for mode in ("CMYK", "YCbCr", "1"):
+        image = Image.fromarray(rgb, "RGB").convert(mode)
+        expected = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        got = pil_to_tensor(image)
+        assert got.shape == (1, 3, 2, 3)
+        torch.testing.assert_close(got[0], torch.tensor(expected).permute(2, 0, 1))
+
+
+def test_pil_upscale_passes_progress_and_cancel_on():
+    pipe = D3SRPipeline(tiny_generator())
+    image = Image.fromarray((np.arange(48).reshape(4, 4, 3) * 5).astype(np.uint8), "RGB")
+    options = UpscaleOptions(scale=2, color_fix="none", tile_size=None, vae_tile_size=None)
+    seen = []
+    out = pipe.upscale(image, options, progress=lambda d, t: seen.append((d, t)))
+    assert out.size == (8, 8) and seen and seen[-1] == (100, 100)
+    with pytest.raises(UpscaleCancelled):
+        pipe.upscale(image, options, cancel=lambda: True)
+
+
+def test_retry_tile_keeps_the_given_size_at_full_budget():
+    # VAE tiles need not be multiples of 8: at shrink 1 the user's size is used as given
+    assert [_shrink_tile(t, 1.0) for t in (36, 70, 64)] == [36, 70, 64]
+
+
+def test_upcast_restores_the_dtype_and_lets_errors_through():
+    m = nn.Linear(2, 2).half()
+    with _upcast(m) as inner:
+        assert inner is m and m.weight.dtype == torch.float32
+    assert m.weight.dtype == torch.float16
+    with pytest.raises(KeyError), _upcast(m):
+        raise KeyError("inside")
+    assert m.weight.dtype == torch.float16
+
+
+def _overflowing(g: nn.Module) -> nn.Module:
+    """``g`` with first convolutions whose largest weight is 6e4 and bias 6.4e4: their
+    outputs overflow float16 (max 65504), float32 is fine (GroupNorm brings it back)."""
+    with torch.no_grad():
+        for conv in (g.unet.conv_in, g.vae.encoder.conv_in, g.vae.decoder.conv_in):
+            conv.weight.mul_(6e4 / conv.weight.abs().max())
+            conv.bias.fill_(6.4e4)
+    return g
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("vae_tile_size", [None, 32])
+def test_half_precision_overflow_is_recomputed_in_fp32(vae_tile_size, caplog):
+    """A float16 UNet / VAE whose activations overflow: each stage is redone in fp32 (and
+    says so), so the result is the fp32 result of the same weights; the weights stay fp16."""
+    half = _overflowing(tiny_generator()).half()
+    full = copy.deepcopy(half).float()  # the same (fp16-rounded) weights, in fp32
+    x = _rand(1, 3, 10, 12, seed=3)
+    options = UpscaleOptions(
+        scale=4, color_fix="none", tile_size=None, vae_tile_size=vae_tile_size,
+        vae_attention_window=None, memory_budget_bytes=2**30,
+    )  # fmt: skip
+    expected = D3SRPipeline(full).upscale_tensor(x, options)
+    assert torch.isfinite(expected).all()
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = D3SRPipeline(half).upscale_tensor(x, options)
+    # the encoder's input and the prompt embedding are rounded to fp16 first: 1e-4 apart
+    torch.testing.assert_close(out, expected, atol=5e-4, rtol=0)
+    assert "the VAE encode overflowed in torch.float16; recomputing in fp32" in caplog.text
+    assert "the UNet overflowed in torch.float16; recomputing this tile in fp32" in caplog.text
+    assert "the VAE decode overflowed in torch.float16; recomputing in fp32" in caplog.text
+    assert half.dtype == torch.float16 and next(half.vae.parameters()).dtype == torch.float16
