@@ -140,6 +140,9 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_tiled_vae.py",
     ],
     "d3sr_core/inference/pipeline.py": [
+        "tests/test_pipeline_options.py",
+        "tests/test_pipeline_stages.py",
+        "tests/test_pipeline_paths.py",
         "tests/test_reference_pipeline.py",
         "tests/test_pipeline.py",
         "tests/test_size_option.py",

@@ -161,3 +161,83 @@ def test_unet_tile_overlap_is_whole_latent_pixels():
     sixteen = run(16)
     assert torch.equal(run(20), sixteen)
     assert not torch.equal(run(24), sixteen)
+
+
+def _unet_tiles(pipe: D3SRPipeline, monkeypatch, fail_first: bool = False) -> list:
+    """Spy on the UNet calls: the latent shape ``(batch, h, w)`` of each (the first one
+    raises an out-of-memory error when ``fail_first``)."""
+    shapes = []
+    real = pipe.generator.predict
+
+    def predict(latent):
+        shapes.append((latent.shape[0], *latent.shape[-2:]))
+        if fail_first and len(shapes) == 1:
+            raise torch.OutOfMemoryError("out of memory (planted)")
+        return real(latent)
+
+    monkeypatch.setattr(pipe.generator, "predict", predict)
+    return shapes
+
+
+# The UNet's activation estimate per latent pixel (tiling.unet_bytes_per_latent_pixel):
+# (sum_i 3 c_i / 4^i + 24 c_0) * bytes * 1.5 = 471 * 6 = 2826 B for the tiny UNet
+# (c = 16, 32, 64, 64) in fp32, 1413 B in bf16; an "auto" tile t costs (t + t // 16)^2 of them.
+@pytest.mark.parametrize("dtype,budget", [(torch.float32, 1_800_000), (torch.bfloat16, 900_000)])
+def test_auto_unet_tile_follows_the_budget_and_the_unets_size(monkeypatch, dtype, budget):
+    """fp32 at 1.8 MB and bf16 at 900 kB: a 24 px tile fits (1.77 MB / 883 kB), so the 8x24
+    latent runs whole; a larger estimate (other channels, fp32 bytes for bf16) would cut it
+    into 16 px tiles."""
+    g = tiny_generator()
+    g.unet.to(dtype)
+    pipe = D3SRPipeline(g)
+    shapes = _unet_tiles(pipe, monkeypatch)
+    options = _options(
+        tile_size="auto", tile_overlap=32, vae_tile_size=None, memory_budget_bytes=budget,
+        unet_attention_window=512,
+    )  # fmt: skip
+    out = pipe.upscale_tensor(_image(16, 48, seed=6), options)
+    assert out.shape == (1, 3, 64, 192) and torch.isfinite(out).all()
+    assert shapes == [(1, 8, 24)]
+
+
+@pytest.mark.parametrize("tile_size,retry", [("auto", [(1, 8, 14)] * 2), (0, [(1, 8, 24)])])
+def test_unet_out_of_memory_retries_with_half_the_budget(monkeypatch, caplog, tile_size, retry):
+    """At 1.8 MB "auto" runs the 8x24 latent whole (see above); after an out-of-memory error
+    it plans with half the budget (900 kB: 16 px tiles, 816 kB, cut into two 8x14 with a 4 px
+    overlap); no tiling (0) stays untiled."""
+    pipe = D3SRPipeline(tiny_generator())
+    shapes = _unet_tiles(pipe, monkeypatch, fail_first=True)
+    options = _options(
+        tile_size=tile_size, tile_overlap=32, vae_tile_size=None,
+        memory_budget_bytes=1_800_000, unet_attention_window=512,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        pipe.upscale_tensor(_image(16, 48, seed=6), options)
+    assert shapes == [(1, 8, 24), *retry]
+    assert "UNet ran out of memory (out of memory (planted))" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "width,tile_size,logged",
+    [
+        (48, 64, "UNet: 5 tiles of 8x8 latent px, batch 1"),
+        (24, 64, "UNet: 2 tiles of 8x8 latent px, batch 1"),
+        (24, None, None),
+    ],
+)
+def test_unet_tiles_run_one_at_a_time_on_cpu_and_are_logged(
+    monkeypatch, caplog, width, tile_size, logged
+):
+    """On the CPU every tile is its own UNet call (batch 1); several tiles are logged at
+    debug level, a single one is not."""
+    pipe = D3SRPipeline(tiny_generator())
+    shapes = _unet_tiles(pipe, monkeypatch)
+    options = _options(tile_size=tile_size, tile_overlap=32, vae_tile_size=None)
+    with caplog.at_level(logging.DEBUG, logger="d3sr"):
+        pipe.upscale_tensor(_image(16, width, seed=7), options)
+    unet_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("UNet")]
+    if logged is None:
+        assert shapes == [(1, 8, width // 2)] and unet_lines == []
+    else:
+        tiles = int(logged.split()[1])
+        assert shapes == [(1, 8, 8)] * tiles and unet_lines == [logged]
