@@ -241,3 +241,13 @@ def test_unet_tiles_run_one_at_a_time_on_cpu_and_are_logged(
     else:
         tiles = int(logged.split()[1])
         assert shapes == [(1, 8, 8)] * tiles and unet_lines == [logged]
+
+
+def test_unet_tiles_report_progress_within_the_denoise_share():
+    """Five UNet tiles (one per call on the CPU): the denoise stage's 20 % of the progress
+    (after the encoder's 25 %) advances by a fifth per tile."""
+    pipe = D3SRPipeline(tiny_generator())
+    seen = []
+    options = _options(tile_size=64, tile_overlap=32, vae_tile_size=None)
+    pipe.upscale_tensor(_image(16, 48, seed=7), options, progress=lambda d, t: seen.append(d))
+    assert seen == [25, 29, 33, 37, 41, 45, 100]

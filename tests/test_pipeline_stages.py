@@ -203,3 +203,35 @@ def test_half_precision_overflow_is_recomputed_in_fp32(vae_tile_size, caplog):
     assert "the UNet overflowed in torch.float16; recomputing this tile in fp32" in caplog.text
     assert "the VAE decode overflowed in torch.float16; recomputing in fp32" in caplog.text
     assert half.dtype == torch.float16 and next(half.vae.parameters()).dtype == torch.float16
+
+
+def test_rgb_stays_rgb_whatever_its_transparency_entry():
+    """RGB and RGBA images are read as they are (an RGB colour key does not become alpha)."""
+    rgb = Image.fromarray((np.arange(18).reshape(2, 3, 3) * 13).astype(np.uint8), "RGB")
+    rgb.info["transparency"] = (0, 13, 26)
+    got = pil_to_tensor(rgb)
+    assert got.shape == (1, 3, 2, 3)
+    torch.testing.assert_close(
+        got[0].permute(1, 2, 0), torch.tensor(np.asarray(rgb) / 255.0).float()
+    )
+
+
+class _OnMPS(D3SRPipeline):
+    """A pipeline that reports an MPS device (only the attention-cost estimate reads it)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("mps")
+
+
+def test_attention_score_matrix_is_counted_only_on_mps():
+    """MPS materialises the score matrix: n^2 * heads * bytes (heads = the UNet config's
+    largest ``attention_head_dim``, 8 when it has none); other devices need none."""
+    g = tiny_generator()  # attention_head_dim [2, 2, 4, 4], fp32
+    assert D3SRPipeline(g)._attention_cost() is None
+    cost = _OnMPS(g)._attention_cost()
+    assert [cost(n) for n in (1, 64, 100)] == [n * n * 4 * 4 for n in (1, 64, 100)]
+    g.unet.to(torch.bfloat16)
+    assert _OnMPS(g)._attention_cost()(64) == 64 * 64 * 4 * 2
+    other = SimpleNamespace(unet=nn.Linear(1, 1), dtype=torch.float16)  # no UNet config
+    assert _OnMPS(other)._attention_cost()(64) == 64 * 64 * 8 * 2
