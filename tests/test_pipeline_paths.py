@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
 from reference import SD21_SCHEDULER, bicubic_resize, reference_upscale
-from tiny_models import tiny_generator
+from tiny_models import tiny_generator, tiny_prompt_embeds
 from torch import nn
 
 from d3sr_core.inference import tiled_vae
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.pipeline import (
+    D3SRPipeline,
+    InvalidImageError,
+    UpscaleCancelled,
+    UpscaleOptions,
+)
 from d3sr_core.models import GeneratorConfig
 
 SCALING = 0.18215
@@ -251,3 +257,31 @@ def test_unet_tiles_report_progress_within_the_denoise_share():
     options = _options(tile_size=64, tile_overlap=32, vae_tile_size=None)
     pipe.upscale_tensor(_image(16, 48, seed=7), options, progress=lambda d, t: seen.append(d))
     assert seen == [25, 29, 33, 37, 41, 45, 100]
+
+
+def test_prompt_embeds_option_conditions_one_call_only():
+    """``options.prompt_embeds`` replaces the stored condition for that call (the reference
+    with that embedding), also when the call is cancelled; a wrong width is refused with the
+    generator's message and changes nothing."""
+    g = tiny_generator()
+    pipe = D3SRPipeline(g)
+    stored = g.prompt_embeds.clone()
+    other = tiny_prompt_embeds(7)
+    x = _image(4, 6, seed=8)
+    out = pipe.upscale_tensor(x, _options(prompt_embeds=other, vae_tile_size=None))
+    cfg = g.config
+    expected = reference_upscale(g.unet, g.vae, other, x, 4, cfg.timestep, cfg.prediction_type)
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
+    assert torch.equal(g.prompt_embeds, stored)
+    checks = []
+    with pytest.raises(UpscaleCancelled):
+        pipe.upscale_tensor(
+            x, _options(prompt_embeds=other), cancel=lambda: checks.append(1) or len(checks) > 2
+        )
+    assert torch.equal(g.prompt_embeds, stored)
+    message = (
+        "prompt_embeds width 8 does not match the UNet's context 32 (SD2.x text encoders give 1024)"
+    )
+    with pytest.raises(InvalidImageError, match=f"^{re.escape(message)}$"):
+        pipe.upscale_tensor(x, _options(prompt_embeds=torch.zeros(1, 77, 8)))
+    assert torch.equal(g.prompt_embeds, stored)
