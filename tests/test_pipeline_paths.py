@@ -285,3 +285,39 @@ def test_prompt_embeds_option_conditions_one_call_only():
     with pytest.raises(InvalidImageError, match=f"^{re.escape(message)}$"):
         pipe.upscale_tensor(x, _options(prompt_embeds=torch.zeros(1, 77, 8)))
     assert torch.equal(g.prompt_embeds, stored)
+
+
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+def test_auto_vae_runs_whole_exactly_when_its_estimate_fits(monkeypatch, stage):
+    """``vae_tile_size="auto"``: whole when the untiled estimate is at most the budget, in
+    tiles one byte below it."""
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(4, 5, seed=9)  # x4: 16x20, padded to 16x24; latent 2x3
+    shape = (1, 3, 16, 24) if stage == "encode" else (1, 4, 2, 3)
+    estimate = tiled_vae.estimate_untiled_bytes(pipe.generator.vae, stage, shape, torch.float32)
+    calls = []
+    for name in (f"whole_{stage}", f"tiled_{stage}"):
+        real = getattr(tiled_vae, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name.split("_")[0])
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tiled_vae, name, spy)
+    for budget in (estimate, estimate - 1):
+        pipe.upscale_tensor(x, _options(vae_tile_size="auto", memory_budget_bytes=budget))
+    assert calls == ["whole", "tiled"]
+
+
+def test_attention_windows_count_whole_latent_positions():
+    """Windows are given in output pixels and used in latent positions (8 px each, at least
+    one): 4 and 8 px are both one position, 16 px two (another image)."""
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(4, 6, seed=10)  # a 2x3 latent
+    for name in ("vae_attention_window", "unet_attention_window"):
+        out = {
+            px: pipe.upscale_tensor(x, _options(vae_tile_size=None, **{name: px}))
+            for px in (4, 8, 16)
+        }
+        assert torch.equal(out[4], out[8]), name
+        assert not torch.equal(out[8], out[16]), name

@@ -235,3 +235,20 @@ def test_attention_score_matrix_is_counted_only_on_mps():
     assert _OnMPS(g)._attention_cost()(64) == 64 * 64 * 4 * 2
     other = SimpleNamespace(unet=nn.Linear(1, 1), dtype=torch.float16)  # no UNet config
     assert _OnMPS(other)._attention_cost()(64) == 64 * 64 * 8 * 2
+
+
+@torch.no_grad()
+def test_posterior_log_variance_is_clamped_like_diffusers():
+    """log-variances outside [-30, 20] are clamped before exp(logvar / 2), as diffusers'
+    DiagonalGaussianDistribution does (mean 0 here, so the latent is std * noise * 0.18215)."""
+    g = tiny_generator(GeneratorConfig(latent_mode="sample"))
+    conv = g.vae.quant_conv
+    conv.weight.zero_()
+    conv.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, -35.0, -29.0, 19.0, 25.0]))
+    x = _rand(1, 3, 16, 16, seed=4, low=-1.0)
+    latent = D3SRPipeline(g).encode(x, torch.Generator().manual_seed(6))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(6))
+    std = torch.exp(0.5 * torch.tensor([-30.0, -29.0, 19.0, 20.0])).view(1, 4, 1, 1)
+    torch.testing.assert_close(latent, std * noise * SCALING, rtol=1e-5, atol=0)
+    dist = g.vae.encode(x).latent_dist
+    torch.testing.assert_close(latent, dist.std * noise * SCALING, rtol=1e-5, atol=0)
