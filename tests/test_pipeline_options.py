@@ -51,7 +51,9 @@ ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("options", ACCEPTED, ids=repr)
+@pytest.mark.parametrize(
+    "options", ACCEPTED, ids=[f"{next(iter(o))}-{i}" for i, o in enumerate(ACCEPTED)]
+)
 def test_valid_options_pass(options):
     validate_options(UpscaleOptions(**options))
 
@@ -119,7 +121,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("options,message", REFUSED, ids=repr)
+@pytest.mark.parametrize(
+    "options,message", REFUSED, ids=[f"{next(iter(o))}-{i}" for i, (o, _) in enumerate(REFUSED)]
+)
 def test_invalid_options_are_refused_with_their_message(options, message):
     with pytest.raises(InvalidImageError, match=f"^{re.escape(message)}$"):
         validate_options(UpscaleOptions(**options))
@@ -165,7 +169,8 @@ def test_images_are_checked_before_the_options_and_returned_as_float_4d():
         (torch.tensor([[[[0.5, math.nan]]] * 3]), "image contains NaN or infinite pixel values"),
         (torch.tensor([[[[-math.inf, 0.5]]] * 3]), "image contains NaN or infinite pixel values"),
     ],
-    ids=repr,
+    ids=["list", "2d", "5d", "2-channels", "5-channels", "no-batch", "no-rows", "no-columns",
+         "complex", "bool", "nan", "inf"],
 )  # fmt: skip
 def test_invalid_images_are_refused_with_their_message(images, message):
     with pytest.raises(InvalidImageError, match=f"^{re.escape(message)}$"):

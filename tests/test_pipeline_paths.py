@@ -230,6 +230,7 @@ def test_unet_out_of_memory_retries_with_half_the_budget(monkeypatch, caplog, ti
         (24, 64, "UNet: 2 tiles of 8x8 latent px, batch 1"),
         (24, None, None),
     ],
+    ids=["5-tiles", "2-tiles", "untiled"],
 )
 def test_unet_tiles_run_one_at_a_time_on_cpu_and_are_logged(
     monkeypatch, caplog, width, tile_size, logged
