@@ -471,6 +471,25 @@ EQUIVALENT: dict[str, str] = {
                 "CPU-only: the batch of tiles on accelerators (the CPU's is 1, tested)",
             ),
             (
+                (
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_26",
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_30",
+                    "ǁD3SRPipelineǁ_reference__mutmut_10",
+                ),
+                "CPU-only: device=None / .to(None) is the CPU the tensors are on",
+            ),
+            (
+                (
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_27",
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_31",
+                ),
+                "the mean is float32 (moments.float()), randn's default dtype",
+            ),
+            (
+                ("ǁD3SRPipelineǁ_reference__mutmut_5", "ǁD3SRPipelineǁ_reference__mutmut_9"),
+                "align_corners=None (or left out) is False for bicubic (PyTorch's default)",
+            ),
+            (
                 ("ǁD3SRPipelineǁdenoise__mutmut_83", "ǁD3SRPipelineǁdenoise__mutmut_84"),
                 "tiles share one size (tile_grid) and the log line needs > 1 tile: "
                 "tiles[1] has tiles[0]'s h and w",
