@@ -194,3 +194,15 @@ def test_output_limit_is_inclusive_and_reported_in_megapixels():
     )
     with pytest.raises(InvalidImageError, match=f"^{re.escape(message)}$"):
         validate_images(x, sized)
+
+
+def test_megapixels_are_millions_of_pixels():
+    """1,050,000 pixels are 1.1 MP (rounded from 1.05), 1,049,999 are 1.0 MP."""
+    x = torch.rand(1, 3, 4, 4)
+    for size, limit, message in (
+        ((1050, 1000), 1_049_999, "output would be 1050x1000 = 1.1 MP, above the limit of 1.0 MP"),
+        ((1050, 1001), 1_050_000, "output would be 1050x1001 = 1.1 MP, above the limit of 1.1 MP"),
+    ):
+        options = UpscaleOptions(scale=2, size=size, max_output_pixels=limit)
+        with pytest.raises(InvalidImageError, match=f"^{re.escape(message)} "):
+            validate_images(x, options)
