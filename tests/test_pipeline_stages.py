@@ -252,3 +252,15 @@ def test_posterior_log_variance_is_clamped_like_diffusers():
     torch.testing.assert_close(latent, std * noise * SCALING, rtol=1e-5, atol=0)
     dist = g.vae.encode(x).latent_dist
     torch.testing.assert_close(latent, dist.std * noise * SCALING, rtol=1e-5, atol=0)
+
+
+def test_padding_replicates_when_either_side_is_too_small_to_reflect():
+    """A pad as wide as the image cannot be reflected: both sides repeat their last row /
+    column (a 6x4 image to 8x8: 2 rows, 4 columns)."""
+    from d3sr_core.inference.pipeline import pad_to_multiple
+
+    x = torch.rand(1, 2, 6, 4, generator=torch.Generator().manual_seed(3))
+    padded, hw = pad_to_multiple(x, 8)
+    rows = [0, 1, 2, 3, 4, 5, 5, 5]
+    cols = [0, 1, 2, 3, 3, 3, 3, 3]
+    assert hw == (6, 4) and torch.equal(padded, x[..., rows, :][..., cols])
