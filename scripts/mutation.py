@@ -444,12 +444,20 @@ EQUIVALENT: dict[str, str] = {
                 'an RGBA image then goes through convert("RGBA"): a copy of the same values',
             ),
             (
-                ("ǁ_Progressǁstage__mutmut_22", "ǁD3SRPipelineǁencode__mutmut_54"),
+                (
+                    "ǁ_Progressǁstage__mutmut_22",
+                    "ǁD3SRPipelineǁencode__mutmut_54",
+                    "ǁD3SRPipelineǁdecode__mutmut_58",
+                ),
                 "a fraction above 1 (clamped at 2, or tick(2.0)): the count is capped at the "
                 "stage's end by the outer min()",
             ),
             (
-                ("ǁD3SRPipelineǁencode__mutmut_57", "ǁD3SRPipelineǁdenoise__mutmut_112"),
+                (
+                    "ǁD3SRPipelineǁencode__mutmut_57",
+                    "ǁD3SRPipelineǁdenoise__mutmut_112",
+                    "ǁD3SRPipelineǁdecode__mutmut_61",
+                ),
                 "_retry does not read its run argument",
             ),
             (
