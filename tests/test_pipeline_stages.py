@@ -199,9 +199,10 @@ def test_half_precision_overflow_is_recomputed_in_fp32(vae_tile_size, caplog):
         out = D3SRPipeline(half).upscale_tensor(x, options)
     # the encoder's input and the prompt embedding are rounded to fp16 first: 1e-4 apart
     torch.testing.assert_close(out, expected, atol=5e-4, rtol=0)
-    assert "the VAE encode overflowed in torch.float16; recomputing in fp32" in caplog.text
-    assert "the UNet overflowed in torch.float16; recomputing this tile in fp32" in caplog.text
-    assert "the VAE decode overflowed in torch.float16; recomputing in fp32" in caplog.text
+    logged = {r.getMessage() for r in caplog.records}
+    assert "the VAE encode overflowed in torch.float16; recomputing in fp32" in logged
+    assert "the UNet overflowed in torch.float16; recomputing this tile in fp32" in logged
+    assert "the VAE decode overflowed in torch.float16; recomputing in fp32" in logged
     assert half.dtype == torch.float16 and next(half.vae.parameters()).dtype == torch.float16
 
 
