@@ -290,14 +290,19 @@ def test_prompt_embeds_option_conditions_one_call_only():
     assert torch.equal(g.prompt_embeds, stored)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stage", ["encode", "decode"])
-def test_auto_vae_runs_whole_exactly_when_its_estimate_fits(monkeypatch, stage):
-    """``vae_tile_size="auto"``: whole when the untiled estimate is at most the budget, in
-    tiles one byte below it."""
-    pipe = D3SRPipeline(tiny_generator())
+def test_auto_vae_runs_whole_exactly_when_its_estimate_fits(monkeypatch, stage, dtype):
+    """``vae_tile_size="auto"``: whole when the untiled estimate for the VAE's dtype is at
+    most the budget, in tiles one byte below it."""
+    g = tiny_generator()
+    g.vae.to(dtype)
+    pipe = D3SRPipeline(g)
     x = _image(4, 5, seed=9)  # x4: 16x20, padded to 16x24; latent 2x3
     shape = (1, 3, 16, 24) if stage == "encode" else (1, 4, 2, 3)
-    estimate = tiled_vae.estimate_untiled_bytes(pipe.generator.vae, stage, shape, torch.float32)
+    estimate = tiled_vae.estimate_untiled_bytes(g.vae, stage, shape, dtype)
+    full = tiled_vae.estimate_untiled_bytes(g.vae, stage, shape, torch.float32)
+    assert dtype == torch.float32 or estimate < full  # bf16: the dtype changes the decision
     calls = []
     for name in (f"whole_{stage}", f"tiled_{stage}"):
         real = getattr(tiled_vae, name)
@@ -324,3 +329,19 @@ def test_attention_windows_count_whole_latent_positions():
         }
         assert torch.equal(out[4], out[8]), name
         assert not torch.equal(out[8], out[16]), name
+
+
+def test_vae_tile_size_zero_runs_the_vae_whole(monkeypatch):
+    """0 means no tiling, like None, whatever the budget."""
+    pipe = D3SRPipeline(tiny_generator())
+    calls = []
+    for name in ("whole_encode", "whole_decode", "tiled_encode", "tiled_decode"):
+        real = getattr(tiled_vae, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tiled_vae, name, spy)
+    pipe.upscale_tensor(_image(4, 5), _options(vae_tile_size=0, memory_budget_bytes=1))
+    assert calls == ["whole_encode", "whole_decode"]
