@@ -498,6 +498,10 @@ EQUIVALENT: dict[str, str] = {
                 "align_corners=None (or left out) is False for bicubic (PyTorch's default)",
             ),
             (
+                tuple(f"ǁD3SRPipelineǁ_vae_plan__mutmut_{i}" for i in (44, 45, 46, 47)),
+                'the "tiled" label is never compared: _own_vae tiles every mode but "whole"',
+            ),
+            (
                 ("ǁD3SRPipelineǁdenoise__mutmut_83", "ǁD3SRPipelineǁdenoise__mutmut_84"),
                 "tiles share one size (tile_grid) and the log line needs > 1 tile: "
                 "tiles[1] has tiles[0]'s h and w",
