@@ -265,3 +265,18 @@ def test_padding_replicates_when_either_side_is_too_small_to_reflect():
     rows = [0, 1, 2, 3, 4, 5, 5, 5]
     cols = [0, 1, 2, 3, 3, 3, 3, 3]
     assert hw == (6, 4) and torch.equal(padded, x[..., rows, :][..., cols])
+
+
+@torch.no_grad()
+def test_half_precision_without_overflow_is_not_recomputed(caplog):
+    """Finite fp16 results are kept (no fp32 recomputation, no warning)."""
+    g = tiny_generator().half()
+    x = _rand(1, 3, 4, 5, seed=5)
+    options = UpscaleOptions(
+        scale=4, color_fix="none", tile_size=None, vae_tile_size=None,
+        vae_attention_window=None, memory_budget_bytes=2**30,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="d3sr"):
+        out = D3SRPipeline(g).upscale_tensor(x, options)
+    assert torch.isfinite(out).all()
+    assert [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()] == []
