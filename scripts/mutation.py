@@ -140,6 +140,9 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_tiled_vae.py",
     ],
     "d3sr_core/inference/pipeline.py": [
+        "tests/test_pipeline_options.py",
+        "tests/test_pipeline_stages.py",
+        "tests/test_pipeline_paths.py",
         "tests/test_reference_pipeline.py",
         "tests/test_pipeline.py",
         "tests/test_size_option.py",
@@ -167,6 +170,7 @@ _ONE_SIDE = (
 _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
+_P = "d3sr_core.inference.pipeline.x"
 EQUIVALENT: dict[str, str] = {
     **{
         "d3sr_core.inference.tiled_vae.ops.x"
@@ -428,6 +432,83 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.pipeline.x_pad_to_multiple__mutmut_2": "shape[+2:] of the documented "
     "4-d image is shape[-2:]",
+    **{
+        _P + name: why
+        for names, why in (
+            (
+                ("_pil_to_tensor__mutmut_22", "_pil_to_tensor__mutmut_24"),
+                'mode "F" is 32-bit float: np.asarray gives float32 with or without the dtype',
+            ),
+            (
+                ("_pil_to_tensor__mutmut_30", "_pil_to_tensor__mutmut_31"),
+                'an RGBA image then goes through convert("RGBA"): a copy of the same values',
+            ),
+            (
+                (
+                    "ǁ_Progressǁstage__mutmut_22",
+                    "ǁD3SRPipelineǁencode__mutmut_54",
+                    "ǁD3SRPipelineǁdecode__mutmut_58",
+                ),
+                "a fraction above 1 (clamped at 2, or tick(2.0)): the count is capped at the "
+                "stage's end by the outer min()",
+            ),
+            (
+                (
+                    "ǁD3SRPipelineǁencode__mutmut_57",
+                    "ǁD3SRPipelineǁdenoise__mutmut_112",
+                    "ǁD3SRPipelineǁdecode__mutmut_61",
+                ),
+                "_retry does not read its run argument",
+            ),
+            (
+                ("ǁD3SRPipelineǁdenoise__mutmut_16",),
+                "max(1, overlap) // 8 == max(0, overlap) // 8 for every int",
+            ),
+            (
+                ("ǁD3SRPipelineǁdenoise__mutmut_30",),
+                "UNet tiles are multiples of 8 (validated, _shrink_tile keeps them so): "
+                "tile / 8 is the same whole number, int()ed by plan_latent_tiles",
+            ),
+            (
+                ("ǁD3SRPipelineǁdenoise__mutmut_43", "ǁD3SRPipelineǁdenoise__mutmut_52"),
+                "CPU-only: _attention_cost() is None except on MPS "
+                "(test_attention_score_matrix_is_counted_only_on_mps checks it there)",
+            ),
+            (
+                ("ǁD3SRPipelineǁdenoise__mutmut_59", "ǁD3SRPipelineǁdenoise__mutmut_61"),
+                "CPU-only: the batch of tiles on accelerators (the CPU's is 1, tested)",
+            ),
+            (
+                (
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_26",
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_30",
+                    "ǁD3SRPipelineǁ_reference__mutmut_10",
+                ),
+                "CPU-only: device=None / .to(None) is the CPU the tensors are on",
+            ),
+            (
+                (
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_27",
+                    "ǁD3SRPipelineǁ_latent_from_moments__mutmut_31",
+                ),
+                "the mean is float32 (moments.float()), randn's default dtype",
+            ),
+            (
+                ("ǁD3SRPipelineǁ_reference__mutmut_5", "ǁD3SRPipelineǁ_reference__mutmut_9"),
+                "align_corners=None (or left out) is False for bicubic (PyTorch's default)",
+            ),
+            (
+                tuple(f"ǁD3SRPipelineǁ_vae_plan__mutmut_{i}" for i in (44, 45, 46, 47)),
+                'the "tiled" label is never compared: _own_vae tiles every mode but "whole"',
+            ),
+            (
+                ("ǁD3SRPipelineǁdenoise__mutmut_83", "ǁD3SRPipelineǁdenoise__mutmut_84"),
+                "tiles share one size (tile_grid) and the log line needs > 1 tile: "
+                "tiles[1] has tiles[0]'s h and w",
+            ),
+        )
+        for name in names
+    },
     **{
         f"d3sr_core.inference.tiled_vae.attention.x__run_attention__mutmut_{i}": "CPU-only: "
         "the keys buffer's device None / omitted is the CPU, like x"
