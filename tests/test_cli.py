@@ -284,7 +284,7 @@ def test_options_reach_the_engine():
         memory_budget_bytes=int(1.5 * 2**30),
     )
     defaults = cli.build_options(cli.build_parser().parse_args(["upscale", "x.png", "-o", "o"]))
-    assert defaults.vae_attention_window == UpscaleOptions().vae_attention_window == 1024
+    assert defaults.vae_attention_window == UpscaleOptions().vae_attention_window == 512
     assert defaults.unet_attention_window == UpscaleOptions().unet_attention_window == 512
 
 

@@ -239,6 +239,31 @@ def test_vae_attention_window_reaches_both_vae_paths(pipe, monkeypatch):
     assert not torch.equal(glob, whole), "a window smaller than the 10x14 latent changes it"
 
 
+def test_default_vae_attention_window_is_512_px(pipe, monkeypatch):
+    """Default options window the VAE attention at 512 px (64 latents): a 528x544 output
+    equals the explicit 512 px window and differs from the former 1024 px default (global
+    there)."""
+    seen = []
+    for name in ("whole_encode", "whole_decode"):
+        real = getattr(tiled_vae, name)
+
+        def spy(*a, _real=real, **k):
+            seen.append(a[2])
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tiled_vae, name, spy)
+    x = _image(132, 136)
+    base = dict(scale=4, tile_size=None, vae_tile_size=None, color_fix="none")
+    default = pipe.upscale_tensor(x, UpscaleOptions(**base))
+    assert seen == [64, 64]
+    assert torch.equal(
+        pipe.upscale_tensor(x, UpscaleOptions(vae_attention_window=512, **base)), default
+    )
+    former = pipe.upscale_tensor(x, UpscaleOptions(vae_attention_window=1024, **base))
+    assert seen[-2:] == [128, 128]
+    assert not torch.equal(former, default)
+
+
 def test_unet_attention_window_only_beyond_the_window(pipe):
     """Default on: a window covering the UNet tile changes nothing (bit for bit), a smaller
     one windows the self-attention; the UNet is restored after each call."""

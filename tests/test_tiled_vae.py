@@ -379,6 +379,29 @@ def test_windowed_attention_equals_masked_full_attention(vae, shape, window):
         )
 
 
+def test_default_attention_window_is_64_latents(vae, monkeypatch):
+    """By default (512 px, the UNet's training-crop bound) the VAE attention is global up to
+    64 latents per side, exactly diffusers' decoder, and windowed beyond: equal to diffusers'
+    decoder whose mid-block attention is the brute-force masked 64x64 window, whole and
+    tiled alike."""
+    g = torch.Generator().manual_seed(13)
+    small = torch.randn(1, 4, 64, 40, generator=g)
+    large = torch.randn(1, 4, 66, 70, generator=g)  # 528 x 560 px
+    attn = vae.decoder.mid_block.attentions[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            tiled_vae.whole_decode(vae, small), vae.decode(small).sample, atol=1e-4, rtol=1e-4
+        )
+        global_large = vae.decode(large).sample
+        monkeypatch.setattr(attn, "forward", lambda x, *a, **k: _masked_reference(attn, x, 64))
+        ref = vae.decode(large).sample
+        whole = tiled_vae.whole_decode(vae, large)
+        tiled = tiled_decode(vae, large, BIG, 128)
+    assert not torch.allclose(ref, global_large, atol=1e-3), "the window is not global at 66"
+    torch.testing.assert_close(whole, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tiled, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("budget", [BIG, TINY])
 def test_tiled_equals_whole_with_windowed_attention(vae, budget):
     g = torch.Generator().manual_seed(11)

@@ -133,9 +133,14 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
                 outs[name], reports[name] = runner.run(inp), runner.report
             assert reports["spill"].spilled and not reports["spill"].recomputed
             assert 0 < reports["spill"].spill_peak <= reports["spill"].spill_bytes
+            # the I/O threads' CPU time is counted, and only when there is file I/O
+            assert reports["spill"].spill_io_cpu_s > 0 == reports["keep"].spill_io_cpu_s
             assert reports["recompute"].recomputed and not reports["recompute"].spilled
             assert not reports["keep"].spilled and not reports["keep"].recomputed
-            untimed = {k: dataclasses.replace(r, spill_wait_s=0.0) for k, r in reports.items()}
+            untimed = {
+                k: dataclasses.replace(r, spill_wait_s=0.0, spill_io_cpu_s=0.0)
+                for k, r in reports.items()
+            }
             assert untimed["spill"] == untimed["spill in memory"]
             assert torch.equal(outs["spill"], outs["spill in memory"]), program.__name__
             for name in ("spill", "recompute"):

@@ -24,7 +24,7 @@ ENGINE_DEFAULTS = {
     "tile_size": "auto",
     "tile_overlap": 256,
     "vae_tile_size": "auto",
-    "vae_attention_window": 1024,
+    "vae_attention_window": 512,
     "unet_attention_window": 512,
     "color_fix": "wavelet",
     "max_output_pixels": 256 * 1024 * 1024,
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="VAE attention is global up to N pixels per side, windowed beyond "
-        f"(linear cost; default {ENGINE_DEFAULTS['vae_attention_window']}; 0 = always global)",
+        f"(linear cost; default {ENGINE_DEFAULTS['vae_attention_window']} = the training crop, "
+        "as for the UNet; 0 = always global)",
     )
     perf.add_argument(
         "--unet-attention-window",

@@ -77,7 +77,11 @@ class UpscaleOptions:
         vae_attention_window: the VAE's self-attention is global for images up to this many
             output pixels per side and windowed (each query block attends to this many pixels
             around it) beyond, so cost stays linear in pixels; None or 0 = always global
-            (quadratic: about 45 s per VAE pass at 2048x2048 on 2 CPU cores).
+            (quadratic: about 45 s per VAE pass at 2048x2048 on 2 CPU cores). 512 (64x64
+            latents, :data:`.tiled_vae.ATTENTION_WINDOW`) is the UNet's bound too (SD2.1's
+            training crop) and twice per side the 256x256 images the SD VAE was trained on;
+            it keeps the attention's cost per pixel at every size what it is at 512x512.
+            Images up to 512 px per side are unchanged; 1024 was the default before.
         unet_attention_window: the UNet's self-attention is global over UNet tiles up to this
             many output pixels per side (512 = SD2.1's 64x64-latent training crop) and
             windowed beyond (:mod:`.unet_attention`: each position attends to the window
@@ -100,7 +104,7 @@ class UpscaleOptions:
     tile_size: int | str | None = "auto"
     tile_overlap: int = 256
     vae_tile_size: int | str | None = "auto"
-    vae_attention_window: int | None = 1024
+    vae_attention_window: int | None = 512
     unet_attention_window: int | None = 512
     color_fix: str = "wavelet"
     memory_budget_bytes: int | None = None

@@ -10,9 +10,14 @@ from torch import Tensor, nn
 from .norm import GroupStats, _apply_norm
 from .ops import Attend, _spans
 
-# VAE self-attention is global up to this many latent positions per side (1024 output pixels);
-# larger images attend within windows of this side (see attention_spans).
-ATTENTION_WINDOW = 128
+# VAE self-attention is global up to this many latent positions per side (512 output pixels);
+# larger images attend within windows of this side (see attention_spans). 64 latents is the
+# same principled bound as the UNet's default window (SD2.1's 64x64-latent training crop), and
+# twice per side the 256x256 images (32x32 latents) the SD kl-f8 VAE was trained and evaluated
+# on (Stability's sd-vae-ft-ema/mse: "Improved Autoencoders for 256 x 256 Images", COCO
+# 256x256). It makes the attention's cost per pixel at every size what it is at 512x512 (a
+# 128-latent window cost 4x that per pixel beyond 1024 px: ~84 s per VAE pass at 4096x4096).
+ATTENTION_WINDOW = 64
 # Query blocks are window / 4 per side: every query sees at least 3/8 of a window each way.
 ATTENTION_BLOCK_DIVISOR = 4
 

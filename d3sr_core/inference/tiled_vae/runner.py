@@ -104,6 +104,9 @@ class RunReport:
     # Seconds the computation waited for the disk (spill writes and reads that the I/O
     # threads had not finished yet).
     spill_wait_s: float = 0.0
+    # Thread CPU seconds of the spill reads and writes on the I/O threads (not in the
+    # computing thread's CPU time; they compete with it when no core is idle).
+    spill_io_cpu_s: float = 0.0
     # Resolutions (h, w) whose checkpoints were stored in bfloat16 (compact_checkpoints).
     compact: list[tuple[int, int]] = field(default_factory=list)
     # Largest checkpoint bytes held by choice (the forced ones - the attention input at latent
@@ -283,6 +286,7 @@ class TiledVAERunner:
         finally:
             io.close()
             self.report.spill_wait_s = io.waited
+            self.report.spill_io_cpu_s = io.cpu
             for f in files:
                 f.close()
 

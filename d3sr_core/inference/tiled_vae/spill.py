@@ -304,14 +304,19 @@ class SpilledTensor:
         return loaded.to(self.device).contiguous(memory_format=self.memory_format)
 
 
-def _as_caller(fn):
+def _as_caller(fn, spent: list[float]):
     """``fn`` for another thread, run in the caller's inference mode (a thread-local state:
-    tensors made or updated there must be of the same kind as the caller's)."""
+    tensors made or updated there must be of the same kind as the caller's); the thread CPU
+    seconds each call takes are appended to ``spent``."""
     mode = torch.is_inference_mode_enabled()
 
     def call(*args):
-        with torch.inference_mode(mode):
-            return fn(*args)
+        start = time.thread_time()
+        try:
+            with torch.inference_mode(mode):
+                return fn(*args)
+        finally:
+            spent.append(time.thread_time() - start)  # (list.append is atomic)
 
     return call
 
@@ -329,6 +334,8 @@ class SpillIO:
     def __init__(self, write_behind: int = 0):
         self.write_behind = write_behind
         self.waited = 0.0  # seconds the caller spent waiting for the disk
+        # thread CPU seconds of each read and write on the I/O threads (see :attr:`cpu`)
+        self._spent: list[float] = []
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._writes: deque[tuple[Future, int]] = deque()
@@ -342,7 +349,9 @@ class SpillIO:
         n = rows.numel() * rows.element_size()
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="d3sr-spill-write")
-        self._writes.append((self._writer.submit(_as_caller(file.store), region, rows), n))
+        self._writes.append(
+            (self._writer.submit(_as_caller(file.store, self._spent), region, rows), n)
+        )
         self._queued += n
         del rows
         while self._queued > self.write_behind:
@@ -353,11 +362,19 @@ class SpillIO:
         :meth:`flush` after writing a file before reading it."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="d3sr-spill-read")
-        return self._reader.submit(_as_caller(file.load), region, file.empty(region))
+        load = _as_caller(file.load, self._spent)
+        return self._reader.submit(load, region, file.empty(region))
 
     def result(self, file: SpilledTensor, pending: Future) -> Tensor:
         """The tensor a :meth:`read` of ``file`` started, as :meth:`SpilledTensor.read` gives it."""
         return file.place(self._wait(pending))
+
+    @property
+    def cpu(self) -> float:
+        """Thread CPU seconds the I/O threads spent on the reads and writes finished so far:
+        the CPU they take from the computation when no core is idle (e.g. as many torch
+        threads as cores); only their waits for the disk are off the CPU."""
+        return sum(self._spent)
 
     def flush(self) -> None:
         """Wait until every queued write is on its file (re-raising the first failure)."""
