@@ -70,7 +70,8 @@ class UpscaleOptions:
         tile_size: UNet latent tile in *output* pixels (multiple of 8, >= 64); ``"auto"``
             picks it from the memory budget (at most 1024 while the UNet attention is global,
             see ``unet_attention_window``); None or 0 never tiles.
-        tile_overlap: minimum overlap between UNet tiles, output pixels (clamped to half a tile).
+        tile_overlap: overlap between UNet tiles, output pixels, in whole latent pixels (rounded
+            down to a multiple of 8) and at least this (after the rounding); clamped to half a tile.
         vae_tile_size: VAE tile side in pixels of the full-resolution image (>= 32);
             ``"auto"`` runs the VAE whole when it fits the budget, else in tiles that fit;
             None or 0 never tiles. Tiling does not change the result (whole-image GroupNorm).
