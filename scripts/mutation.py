@@ -108,6 +108,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_tiled_vae_half.py",
     ],
     "d3sr_core/inference/tiled_vae/whole.py": [
+        "tests/test_tiled_vae_numbers.py",
         "tests/test_tiled_vae_programs.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
@@ -120,12 +121,14 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "d3sr_core/inference/tiled_vae/spill.py": ["tests/test_tiled_vae_spill.py"],
     "d3sr_core/inference/tiled_vae/planner.py": [
+        "tests/test_tiled_vae_numbers.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_spill.py",
         "tests/test_budget_precision.py",
     ],
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_tiled_vae_numbers.py",
             "tests/test_vae_attention.py",
             "tests/test_tiled_vae_programs.py",
             "tests/test_tiled_vae.py",
