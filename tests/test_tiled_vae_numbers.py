@@ -271,3 +271,200 @@ def test_plan_is_the_cheapest_of_every_choice(spill, io, monkeypatch):
     assert len(seen) >= 4, "the budgets lead to different plans"
     if spill:
         assert any(spilled for _, spilled in seen), "some plans spill"
+
+
+def _runner(ops, budget, **kw):
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    return TiledVAERunner(ops, TiledVAEConfig(budget=budget, attention_window=None, **kw))
+
+
+def test_runner_budget_floor_and_tile_limit_written_out():
+    """The runner plans in (1 - UNESTIMATED_FRACTION) of the budget, gives a tile at least
+    max(MIN_WORK_FRACTION of that, MIN_WORK_BYTES), and (tile=None) work_fraction of it."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    ops = [_conv(2, 3), Norm(nn.GroupNorm(1, 3), act=True), _conv(3, 2)]
+    planned = 1 - runner_module.UNESTIMATED_FRACTION
+    for budget in (10**6, 10**10):
+        r = _runner(ops, budget, work_fraction=0.25)
+        assert r._budget() == pytest.approx(budget * planned, rel=1e-12)
+        floor = max(
+            budget * planned * runner_module.MIN_WORK_FRACTION, runner_module.MIN_WORK_BYTES
+        )
+        assert r._floor() == pytest.approx(floor, rel=1e-12)
+        assert r._work_limit([(5, 5)] * 4, [[2], [3], [3], [2]], [1, 3], 4) == pytest.approx(
+            budget * planned * 0.25, rel=1e-12
+        )
+    assert _runner(ops, 10**6)._floor() == runner_module.MIN_WORK_BYTES
+    assert _runner(ops, 10**10)._floor() > runner_module.MIN_WORK_BYTES
+
+
+def _estimate(elements: list[int], itemsize: int) -> int:
+    """planner._work_bytes written out for a chain of one-element boundaries."""
+    pair = max(a + b for a, b in zip(elements, elements[1:], strict=False))
+    return int(1.6 * (pair * itemsize + max(elements) * 4 * 1.5))
+
+
+def test_probe_is_the_tile_working_set_written_out():
+    """A t x t tile in the middle of the image of a pass through a 3x3 conv needs its
+    (t + 2)^2 input and t^2 output (one more conv: (t + 4)^2, ...), clipped to the image;
+    with a checkpoint on disk the next tile's read-ahead of it and one tile's queued writes
+    (WRITE_BEHIND_TILES) come on top."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+    sizes = [(20, 30)] * 4
+    chans = [[2], [3], [5], [5]]
+    r = _runner(ops, 10**9)
+    for tile in (4, 7, 25):
+        t_h, t_w = min(tile, 20), min(tile, 30)
+        # inputs grow by 2 rows and columns per conv, clipped to 20 x 30
+        out = t_h * t_w * 5
+        mid = min(t_h + 2, 20) * min(t_w + 2, 30) * 3
+        inp = min(t_h + 4, 20) * min(t_w + 4, 30) * 2
+        want = _estimate([inp, mid, out], 4)
+        assert r._probe(0, 2, sizes, chans, True, 4, tile) == want
+        assert r._probe(1, 2, sizes, chans, True, 2, tile) == _estimate([mid, out], 2)
+        # the state at boundary 0 is on disk and the pass writes 5 channels to disk
+        disk = ([0], frozenset([0]), 5)
+        behind = runner_module.WRITE_BEHIND_TILES * t_h * t_w * 5
+        assert r._probe(0, 2, sizes, chans, True, 4, tile, disk) == want + (inp + behind) * 4
+        nothing_read = ([0], frozenset(), 5)
+        assert r._probe(0, 2, sizes, chans, True, 4, tile, nothing_read) == want + behind * 4
+
+
+def test_probe_keeps_the_whole_stack_only_when_asked():
+    """keep_all: every element of the stack at the pass's end is stored (a residual block's
+    input and branch); otherwise only the top is needed there."""
+    ops = [Push(), _conv(3, 4)]
+    sizes = [(9, 9)] * 3
+    chans = [[3], [3, 3], [3, 4]]
+    r = _runner(ops, 10**9)
+    # keep_all: 3 ch (the pushed input, 5x5 core) + 4 ch (branch) at the end; the conv's
+    # input covers the core grown by one (7x7); the input before the push, their union
+    top = _estimate([7 * 7 * 3, 25 * 3 + 7 * 7 * 3, 25 * 3 + 25 * 4], 4)
+    only = _estimate([7 * 7 * 3, 7 * 7 * 3, 25 * 4], 4)
+    assert r._probe(0, 2, sizes, chans, True, 4, 5) == top
+    assert r._probe(0, 2, sizes, chans, False, 4, 5) == only
+
+
+@pytest.mark.parametrize("limit", [0, 9000, 20000, 45000, 10**9])
+def test_tile_for_is_the_largest_tile_that_fits(limit):
+    """The tile side chosen for a pass: the whole image if it fits the limit, else a side
+    whose working set fits and within 2 of the first that does not (a bisection down to 2;
+    8 at least)."""
+    ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+    sizes = [(40, 60)] * 4
+    chans = [[2], [3], [5], [5]]
+    r = _runner(ops, 10**9)
+    probe = {t: r._probe(0, 2, sizes, chans, True, 4, t) for t in range(1, 64)}
+    fits = [t for t in range(8, 61) if probe[t] <= limit]
+    tile = r._tile_for(0, 2, sizes, chans, True, 4, limit)
+    if probe[60] <= limit:
+        assert tile == 60
+    elif not fits:
+        assert tile == 8
+    else:
+        assert probe[tile] <= limit and tile + 2 >= max(fits)
+
+
+def test_work_limit_of_a_fixed_tile_is_its_largest_full_resolution_pass():
+    """tile=T: a tile may use what a T x T tile of the most expensive pass at the largest
+    resolution needs (every stored element kept); lower resolutions then get larger tiles."""
+    ops = [_conv(2, 3), Norm(nn.GroupNorm(1, 3), act=True), Upsample(), _conv(3, 6), _conv(6, 2)]
+    ops.append(Norm(nn.GroupNorm(1, 2), act=True))
+    sizes = [(10, 10), (10, 10), (10, 10), (20, 20), (20, 20), (20, 20), (20, 20)]
+    chans = [[2], [3], [3], [3], [6], [2], [2]]
+    syncs = [1, 5, 6]
+    r = _runner(ops, 10**9, tile=6)
+    # passes ending at full resolution: 1 -> 5 (upsample, conv, conv) and 5 -> 6 (nothing)
+    # 1 -> 5: output 6x6x2, conv input 8x8x6, conv input 10x10x3, upsample input 5x5x3
+    big = _estimate([5 * 5 * 3, 10 * 10 * 3, 8 * 8 * 6, 6 * 6 * 2], 4)
+    assert r._work_limit(sizes, chans, syncs, 4) == big
+
+
+def _report_by_hand(ops, sizes, chans, tokens, report, batch, itemsize):
+    """Replays a run's report (kept, spilled, in-place) with the tokens of
+    :func:`_shapes_by_hand`: the bytes written to disk, the most bytes on disk at once and
+    the largest checkpoint bytes held by choice."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    n = len(ops)
+
+    def nbytes(b, t):
+        c = chans[b][tokens[b].index(t)]
+        return c * sizes[b][0] * sizes[b][1] * itemsize * batch
+
+    ck, on_disk, written, disk_peak, peak = 0, {}, 0, 0, 0
+    for s in sorted(report.kept):
+        new = [t for t in dict.fromkeys(tokens[s]) if t not in tokens[ck]]
+        new_bytes = sum(nbytes(s, t) for t in new)
+        in_memory = sum(nbytes(ck, t) for t in dict.fromkeys(tokens[ck]) if t not in on_disk)
+        forced = s == n or isinstance(ops[s], Attend)
+        if s in report.spilled:
+            on_disk |= {t: nbytes(s, t) for t in new}
+            written += new_bytes
+            disk_peak = max(disk_peak, sum(on_disk.values()))
+        if not forced:
+            extra = 0 if s in report.spilled or s in report.in_place else new_bytes
+            peak = max(peak, in_memory + extra)
+        ck = s + 1 if forced and s < n else s
+        on_disk = {t: b for t, b in on_disk.items() if t in tokens[ck]}
+    return written, disk_peak, peak
+
+
+@pytest.mark.parametrize("case", ["spill", "in_place"])
+def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
+    """A tiny decode that spills (cheap disk prices) or overwrites checkpoints in place:
+    the output equals diffusers' decode, there is one pass per sync point kept or
+    recomputed, ceil(h / tile) x ceil(w / tile) tiles per pass, one tick per tile at
+    (pass + tiles done / tiles) / passes, and the spill bytes, the most bytes on disk and the
+    checkpoint peak are those of the states the report says were kept."""
+    import math
+
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    vae = tiny_vae()
+    z = torch.randn(2, 4, 10, 12, generator=torch.Generator().manual_seed(21))
+    ops = decoder_program(vae)
+    sizes, chans, tokens = _shapes_by_hand(ops, 10, 12, 4)
+    full = 2 * sizes[-1][0] * sizes[-1][1] * 4  # one fp32 full-resolution channel, batch 2
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    if case == "spill":
+        monkeypatch.setattr(planner, "SPILL_READ_COST", 1.0)
+        monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
+        budget, kw = 12 * full, {"spill": True, "spill_dir": str(tmp_path)}
+    else:
+        budget, kw = 14 * full, {"spill": False, "compact_checkpoints": False}
+    ticks = []
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    config = TiledVAEConfig(budget=budget, attention_window=None, **kw)
+    runner = TiledVAERunner(ops, config, ticks.append)
+    with torch.inference_mode():
+        out = runner.run(z)
+        ref = vae.decode(z).sample
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    report = runner.report
+    points = sorted(report.kept + report.recomputed)
+    assert len(points) == len(set(points)) == report.passes == len(report.tile_sizes)
+    grids = [
+        math.ceil(sizes[s][0] / t) * math.ceil(sizes[s][1] / t)
+        for s, t in zip(points, report.tile_sizes, strict=True)
+    ]
+    assert report.tiles == sum(grids) > report.passes
+    want = [(p + (t + 1) / g) / len(points) for p, g in enumerate(grids) for t in range(g)]
+    assert ticks == pytest.approx(want, rel=1e-12)
+    if case == "spill":
+        assert report.spilled and not report.in_place
+    else:
+        assert report.in_place and not report.spilled and report.recomputed
+    assert set(report.spilled) | set(report.in_place) <= set(report.kept)
+    written, disk_peak, peak = _report_by_hand(ops, sizes, chans, tokens, report, 2, 4)
+    assert report.spill_bytes == written
+    assert report.spill_peak == disk_peak
+    assert report.peak_estimate == peak > 0
