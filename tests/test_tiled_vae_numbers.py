@@ -63,6 +63,11 @@ def test_work_bytes_is_the_written_out_estimate():
     assert planner._work_bytes(needs[1:], [[0], *chans[1:]], 1, 2) == int(
         1.6 * ((112 + 43) * 2 + 112 * 4 * 1.5)
     )
+    # the largest pair last: 8 x 1, 5 x 2, 9 x 4 elements
+    last = [[r(0, 2, 0, 4)], [r(0, 1, 0, 5)], [r(0, 3, 0, 3)]]
+    assert planner._work_bytes(last, [[1], [2], [4]], 0, 2) == int(
+        1.6 * ((10 + 36) * 2 + 36 * 4 * 1.5)
+    )
     # one boundary: no pair, the boundary alone
     one = [[r(0, 3, 0, 3)]]
     assert planner._work_bytes(one, [[5]], 0, 2) == int(1.6 * (45 * 2 + 45 * 4 * 1.5))
@@ -468,3 +473,6 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     assert report.spill_bytes == written
     assert report.spill_peak == disk_peak
     assert report.peak_estimate == peak > 0
+    # seconds the computation waited for the disk: some when spilling, none otherwise
+    assert isinstance(report.spill_wait_s, float) and report.spill_wait_s >= 0.0
+    assert (report.spill_wait_s > 0.0) == (case == "spill")
