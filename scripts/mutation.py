@@ -170,7 +170,40 @@ _ONE_SIDE = (
 _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
+_P = "d3sr_core.inference.tiled_vae.planner.x_"
 EQUIVALENT: dict[str, str] = {
+    **{
+        _P + name: "zip's strict only checks lengths that agree by construction (one region / "
+        "id per stack element, as many as its channels)"
+        for name in (
+            "_work_bytes__mutmut_10",
+            "_work_bytes__mutmut_13",
+            "_work_bytes__mutmut_14",
+            "plan_checkpoints__mutmut_55",
+            "plan_checkpoints__mutmut_58",
+            "plan_checkpoints__mutmut_59",
+        )
+    },
+    _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
+    "from 2 instead of 1 still never equal the input's 0 or each other",
+    _P + "plan_checkpoints__mutmut_15": "every program starts with a conv (post_quant_conv / "
+    "conv_in) that replaces the input's id before the first sync point: the input's id 1 "
+    "instead of 0 meets no other id",
+    _P + "plan_checkpoints__mutmut_16": "ops[None:s] is ops[0:s]",
+    **{
+        _P + f"plan_checkpoints__mutmut_{i}": "the attention runs at stack depth 1 in every "
+        "program and, always kept, no checkpoint straddles it: the ids after it (any fresh "
+        "value for its output, the elements below it) are only compared with ids after it"
+        for i in (32, 33, 35, 38, 144)
+    },
+    _P + "plan_checkpoints__mutmut_68": "costs are differences of prefix sums: a prefix "
+    "starting at 1.0 cancels",
+    _P + "plan_checkpoints__mutmut_77": "_op_cost does not read c_in (convs use their "
+    "module's in_channels)",
+    **{
+        _P + f"plan_checkpoints__mutmut_{i}": "a type alias only used in annotations"
+        for i in (92, 93)
+    },
     **{
         "d3sr_core.inference.tiled_vae.ops.x"
         + name: "the programs push only at stack depth 1 (each resnet's input): Push "

@@ -81,6 +81,8 @@ def test_in_place_needs_one_same_shaped_tensor_that_is_not_reused():
     chans = {0: [2], 3: [2], 5: [2], 6: [2]}
     assert planner._in_place(3, [7], 5, [8], sizes, chans)
     assert planner._in_place(3, [7, 7], 5, [8, 8], sizes, chans)
+    sizes[1], chans[1] = (4, 4), [2]
+    assert planner._in_place(1, [7], 5, [8], sizes, chans), "any boundary after the input"
     assert not planner._in_place(0, [7], 5, [8], sizes, chans), "the input is the caller's"
     assert not planner._in_place(3, [7, 9], 5, [8], sizes, chans), "two checkpoint tensors"
     assert not planner._in_place(3, [7], 5, [7, 8], sizes, chans), "two new tensors"
