@@ -152,6 +152,10 @@ def _shapes_by_hand(ops, h, w, c):
             tk[-1] = object()
         if isinstance(op, (UpConv, Upsample)):
             h, w = 2 * h, 2 * w
+        elif isinstance(op, Conv):  # (size + pads - kernel) // stride + 1 per axis
+            m, (pt, pb, pl, pr) = op.module, op.pad
+            h = (h + pt + pb - m.kernel_size[0]) // m.stride[0] + 1
+            w = (w + pl + pr - m.kernel_size[1]) // m.stride[1] + 1
         sizes.append((h, w))
         chans.append(ch)
         tokens.append(tk)
@@ -479,3 +483,27 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     # seconds the computation waited for the disk: some when spilling, none otherwise
     assert isinstance(report.spill_wait_s, float) and report.spill_wait_s >= 0.0
     assert (report.spill_wait_s > 0.0) == (case == "spill")
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_untiled_estimate_is_the_written_out_formula(kind):
+    """estimate_untiled_bytes (a calibrated heuristic, see whole.py): factor x batch x
+    ((largest adjacent pair of states + largest state) x itemsize + largest state x the
+    temporaries' itemsize: 4 in fp32, the dtype's own in half precision), states counted
+    over every stack element, factor 0.55 for decode and 0.65 for encode."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import whole
+    from d3sr_core.inference.tiled_vae.program import decoder_program, encoder_program
+
+    vae = tiny_vae()
+    if kind == "decode":
+        ops, shape, factor = decoder_program(vae), (2, 4, 6, 5), 0.55
+    else:
+        ops, shape, factor = encoder_program(vae), (2, 3, 40, 56), 0.65
+    sizes, chans, _ = _shapes_by_hand(ops, shape[2], shape[3], shape[1])
+    per = [sum(c) * h * w for (h, w), c in zip(sizes, chans, strict=True)]
+    pair = max(a + b for a, b in zip(per, per[1:], strict=False))
+    for dtype, item, temp in ((torch.float64, 8, 4), (torch.float32, 4, 4), (torch.bfloat16, 2, 2)):
+        want = int(factor * 2 * ((pair + max(per)) * item + max(per) * temp))
+        assert whole.estimate_untiled_bytes(vae, kind, shape, dtype) == want
