@@ -171,10 +171,11 @@ _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 _P = "d3sr_core.inference.tiled_vae.planner.x_"
+_R = "d3sr_core.inference.tiled_vae.runner.x"
+_ZIP = "zip's strict only checks lengths that agree by construction (one region / id per stack element, as many as its channels)"
 EQUIVALENT: dict[str, str] = {
     **{
-        _P + name: "zip's strict only checks lengths that agree by construction (one region / "
-        "id per stack element, as many as its channels)"
+        _P + name: _ZIP
         for name in (
             "_work_bytes__mutmut_10",
             "_work_bytes__mutmut_13",
@@ -184,6 +185,15 @@ EQUIVALENT: dict[str, str] = {
             "plan_checkpoints__mutmut_59",
         )
     },
+    **{_R + f"__read_pieces__mutmut_{i}": _ZIP for i in (4, 7, 8)},
+    **{
+        _R + f"__materialize__mutmut_{i}": "dead branch: the attention input and the output "
+        "are always made by the pass that ends there (no program pushes right before them) "
+        "and kept in memory (never spilled), so _materialize never gets a SpilledTensor"
+        for i in (1, *range(3, 16))
+    },
+    _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
+    "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
     "from 2 instead of 1 still never equal the input's 0 or each other",
     _P + "plan_checkpoints__mutmut_15": "every program starts with a conv (post_quant_conv / "
