@@ -192,6 +192,12 @@ EQUIVALENT: dict[str, str] = {
         "and kept in memory (never spilled), so _materialize never gets a SpilledTensor"
         for i in (1, *range(3, 16))
     },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_start_tile__mutmut_{i}": "performance only: the tile asks for "
+        "regions it does not store (an element twice, the top without statistics); they are "
+        "computed and dropped, the stored values are the same"
+        for i in (6, 7, 10, 11)
+    },
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
