@@ -507,3 +507,57 @@ def test_untiled_estimate_is_the_written_out_formula(kind):
     for dtype, item, temp in ((torch.float64, 8, 4), (torch.float32, 4, 4), (torch.bfloat16, 2, 2)):
         want = int(factor * 2 * ((pair + max(per)) * item + max(per) * temp))
         assert whole.estimate_untiled_bytes(vae, kind, shape, dtype) == want
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fixed_tile_sets_the_full_resolution_tiles_for_any_batch(batch):
+    """tile=T: the most demanding full-resolution pass runs T x T tiles (within the tile
+    search's 2), whatever the batch (a batch multiplies every pass's bytes alike); the other
+    passes get the tiles that fit the same bytes."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    vae = tiny_vae()
+    z = torch.randn(batch, 4, 6, 7, generator=torch.Generator().manual_seed(31))
+    ops = decoder_program(vae)
+    sizes, _, _ = _shapes_by_hand(ops, 6, 7, 4)
+    config = TiledVAEConfig(budget=10**12, tile=16, attention_window=None)
+    runner = TiledVAERunner(ops, config)
+    with torch.inference_mode():
+        out = runner.run(z)
+    torch.testing.assert_close(out, vae.decode(z).sample, atol=1e-4, rtol=1e-4)
+    report = runner.report
+    points = sorted(report.kept + report.recomputed)
+    at = dict(zip(points, report.tile_sizes, strict=True))
+    full = [t for s, t in at.items() if sizes[s] == sizes[-1]]
+    assert 14 <= min(full) <= 18
+
+
+def test_runner_follows_the_plan_for_its_input_shape(monkeypatch):
+    """An encode under a tight budget keeps exactly the states plan_checkpoints chooses for
+    the image's real shapes (3 input channels, not e.g. its height) with the runner's
+    planning budget and tile floor, and still equals diffusers' encoder."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import encoder_program
+
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(32)) * 2 - 1
+    ops = encoder_program(vae)
+    sizes, chans, _ = _shapes_by_hand(ops, 40, 56, 3)
+    runner = _runner(ops, 200_000, spill=False, compact_checkpoints=False)
+    with torch.inference_mode():
+        out = runner.run(x)
+        h = vae.encoder(x)
+        ref = vae.quant_conv(h) if vae.quant_conv is not None else h
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    plan = planner.plan_checkpoints(
+        ops, sizes, chans, 4, runner._budget(), runner._floor(), optional, False, 0.0
+    )
+    assert set(runner.report.kept) == plan.kept
+    assert runner.report.recomputed, "the budget is tight"
