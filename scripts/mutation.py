@@ -198,6 +198,8 @@ EQUIVALENT: dict[str, str] = {
         "computed and dropped, the stored values are the same"
         for i in (6, 7, 10, 11)
     },
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_15": "ids are only compared for equality: new "
+    "ids counted from 2 instead of 1 still never equal the input's 0 or each other",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
