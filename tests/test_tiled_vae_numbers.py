@@ -396,7 +396,7 @@ def test_work_limit_of_a_fixed_tile_is_its_largest_full_resolution_pass():
     assert r._work_limit(sizes, chans, syncs, 4) == big
 
 
-def _report_by_hand(ops, sizes, chans, tokens, report, batch, itemsize):
+def _report_by_hand(ops, sizes, chans, tokens, report, batch, items):
     """Replays a run's report (kept, spilled, in-place) with the tokens of
     :func:`_shapes_by_hand`: the bytes written to disk, the most bytes on disk at once and
     the largest checkpoint bytes held by choice."""
@@ -406,7 +406,7 @@ def _report_by_hand(ops, sizes, chans, tokens, report, batch, itemsize):
 
     def nbytes(b, t):
         c = chans[b][tokens[b].index(t)]
-        return c * sizes[b][0] * sizes[b][1] * itemsize * batch
+        return c * sizes[b][0] * sizes[b][1] * items[b] * batch
 
     ck, on_disk, written, disk_peak, peak = 0, {}, 0, 0, 0
     for s in sorted(report.kept):
@@ -426,9 +426,10 @@ def _report_by_hand(ops, sizes, chans, tokens, report, batch, itemsize):
     return written, disk_peak, peak
 
 
-@pytest.mark.parametrize("case", ["spill", "in_place"])
+@pytest.mark.parametrize("case", ["spill", "in_place", "compact"])
 def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
-    """A tiny decode that spills (cheap disk prices) or overwrites checkpoints in place:
+    """A tiny decode that spills (cheap disk prices), overwrites checkpoints in place, or
+    also stores the states of the resolutions that do not fit in bfloat16 (compact):
     the output equals diffusers' decode, there is one pass per sync point kept or
     recomputed, ceil(h / tile) x ceil(w / tile) tiles per pass, one tick per tile at
     (pass + tiles done / tiles) / passes, and the spill bytes, the most bytes on disk and the
@@ -438,6 +439,7 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     from tiny_models import tiny_vae
 
     from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.ops import Attend
     from d3sr_core.inference.tiled_vae.program import decoder_program
 
     vae = tiny_vae()
@@ -449,9 +451,10 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     if case == "spill":
         monkeypatch.setattr(planner, "SPILL_READ_COST", 1.0)
         monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
-        budget, kw = 12 * full, {"spill": True, "spill_dir": str(tmp_path)}
+        budget, kw = 4 * full, {"spill": True, "spill_dir": str(tmp_path)}
     else:
-        budget, kw = 14 * full, {"spill": False, "compact_checkpoints": False}
+        budget = (14 if case == "in_place" else 12) * full
+        kw = {"spill": False, "compact_checkpoints": case == "compact"}
     ticks = []
     from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
 
@@ -460,7 +463,11 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     with torch.inference_mode():
         out = runner.run(z)
         ref = vae.decode(z).sample
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if case == "compact":  # bf16-rounded states: within bf16 rounding of the exact output
+        mse = float(((out - ref) ** 2).mean())
+        assert 0 < mse and 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse) >= 40
+    else:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     report = runner.report
     points = sorted(report.kept + report.recomputed)
     assert len(points) == len(set(points)) == report.passes == len(report.tile_sizes)
@@ -475,8 +482,15 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
         assert report.spilled and not report.in_place
     else:
         assert report.in_place and not report.spilled and report.recomputed
+    assert bool(report.compact) == (case == "compact")
     assert set(report.spilled) | set(report.in_place) <= set(report.kept)
-    written, disk_peak, peak = _report_by_hand(ops, sizes, chans, tokens, report, 2, 4)
+    # bytes per element of each boundary's checkpoint: bf16 at the compact resolutions
+    # (not the attention input, not the output)
+    items = [4] * len(sizes)
+    for b, size in enumerate(sizes[:-1]):
+        if size in report.compact and not isinstance(ops[b], Attend):
+            items[b] = 2
+    written, disk_peak, peak = _report_by_hand(ops, sizes, chans, tokens, report, 2, items)
     assert report.spill_bytes == written
     assert report.spill_peak == disk_peak
     assert report.peak_estimate == peak > 0
