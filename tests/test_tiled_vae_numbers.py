@@ -426,6 +426,61 @@ def _report_by_hand(ops, sizes, chans, tokens, report, batch, items):
     return written, disk_peak, peak
 
 
+def _tiles_by_hand(runner, ops, sizes, chans, tokens, report, batch, items):
+    """The tile side of every pass, replayed from the report: a tile may use the planning
+    budget less the checkpoint's bytes in memory and the state being stored in memory
+    (at least the floor, at most the work limit); half of that when the state overwrites
+    its one-tensor checkpoint band by band, and then at most as many rows as two bands of
+    the state fit in; its working set counts the checkpoint's reads from disk and the
+    queued writes (runner._probe)."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    n = len(ops)
+
+    def nbytes(b, t):
+        c = chans[b][tokens[b].index(t)]
+        return c * sizes[b][0] * sizes[b][1] * items[b] * batch
+
+    limit = runner._budget() * runner.config.work_fraction
+    ck, on_disk, tiles = 0, set(), []
+    for s in sorted(report.kept + report.recomputed):
+        keep, spill = s in report.kept, s in report.spilled
+        forced = s == n or isinstance(ops[s], Attend)
+        new = [t for t in dict.fromkeys(tokens[s]) if t not in tokens[ck]]
+        new_bytes = sum(nbytes(s, t) for t in new)
+        held = sum(nbytes(ck, t) for t in dict.fromkeys(tokens[ck]) if t not in on_disk)
+        one = len(set(tokens[ck])) == len(set(tokens[s])) == 1
+        in_place = (
+            keep
+            and not spill
+            and ck > 0
+            and one
+            and sizes[ck] == sizes[s]
+            and chans[ck][0] == chans[s][0]
+            and tokens[ck][0] not in tokens[s]
+            and tokens[ck][0] not in on_disk
+            and items[ck] == items[s]
+        )
+        if keep and not in_place and not spill:
+            held += new_bytes
+        work = min(limit, max(runner._budget() - held, runner._floor()))
+        if in_place:
+            work /= 2
+        written = sum(chans[s][tokens[s].index(t)] for t in new) if spill else 0
+        from_disk = frozenset(t for t in tokens[ck] if t in on_disk)
+        disk = (tokens[ck], from_disk, written) if from_disk or written else None
+        tile = runner._tile_for(ck, s, sizes, chans, keep, 4 * batch, work, disk)
+        if in_place:
+            rows = sizes[s][1] * new_bytes / (sizes[s][0] * sizes[s][1])
+            tile = max(8, min(tile, int(work / (2 * rows))))
+        tiles.append(tile)
+        if keep:
+            on_disk |= set(new) if spill else set()
+            ck = s + 1 if forced and s < n else s
+            on_disk = {t for t in on_disk if t in tokens[ck]}
+    return tiles
+
+
 @pytest.mark.parametrize("case", ["spill", "in_place", "compact"])
 def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     """A tiny decode that spills (cheap disk prices), overwrites checkpoints in place, or
@@ -494,6 +549,8 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     assert report.spill_bytes == written
     assert report.spill_peak == disk_peak
     assert report.peak_estimate == peak > 0
+    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    assert report.tile_sizes == tiles
     # seconds the computation waited for the disk: some when spilling, none otherwise
     assert isinstance(report.spill_wait_s, float) and report.spill_wait_s >= 0.0
     assert (report.spill_wait_s > 0.0) == (case == "spill")
