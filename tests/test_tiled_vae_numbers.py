@@ -506,7 +506,8 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     if case == "spill":
         monkeypatch.setattr(planner, "SPILL_READ_COST", 1.0)
         monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
-        budget, kw = 4 * full, {"spill": True, "spill_dir": str(tmp_path)}
+        budget = 4 * full  # most of it for the tiles: sides between 8 and the image
+        kw = {"spill": True, "spill_dir": str(tmp_path), "work_fraction": 0.9}
     else:
         budget = (14 if case == "in_place" else 12) * full
         kw = {"spill": False, "compact_checkpoints": case == "compact"}
