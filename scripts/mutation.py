@@ -200,6 +200,9 @@ EQUIVALENT: dict[str, str] = {
     },
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_15": "ids are only compared for equality: new "
     "ids counted from 2 instead of 1 still never equal the input's 0 or each other",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_88": "the checkpoints that can be overwritten in "
+    "place are a resnet's input pushed ([x, x], the only one-tensor states with a same-shaped "
+    "successor): ck_ids[1] is ck_ids[0]",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
