@@ -203,6 +203,8 @@ EQUIVALENT: dict[str, str] = {
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_88": "the checkpoints that can be overwritten in "
     "place are a resnet's input pushed ([x, x], the only one-tensor states with a same-shaped "
     "successor): ck_ids[1] is ck_ids[0]",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_98": "one byte less for a tile's work share: "
+    "changes a tile side only if a working-set estimate lands exactly on the float limit",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
