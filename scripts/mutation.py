@@ -205,6 +205,13 @@ EQUIVALENT: dict[str, str] = {
     "successor): ck_ids[1] is ck_ids[0]",
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_98": "one byte less for a tile's work share: "
     "changes a tile side only if a working-set estimate lands exactly on the float limit",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_121": "a disk tuple with nothing on disk and "
+    "nothing written adds no read-ahead and no write-behind in _probe: same as None",
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "a lower bound of 2 instead of 1 on a "
+        "quantity that is at least 64 (a state's pixels, a row's bytes)"
+        for i in (149, 168)
+    },
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _P + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
