@@ -209,7 +209,8 @@ EQUIVALENT: dict[str, str] = {
     "nothing written adds no read-ahead and no write-behind in _probe: same as None",
     **{
         _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "a lower bound of 2 instead of 1 on a "
-        "quantity that is at least 64 (a state's pixels, a row's bytes)"
+        "quantity that is at least 2: a state's pixels (in-place states are full-resolution, "
+        ">= 64) or a row's bytes (>= one 2-byte element)"
         for i in (149, 168)
     },
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
