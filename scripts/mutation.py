@@ -200,9 +200,6 @@ EQUIVALENT: dict[str, str] = {
     },
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_15": "ids are only compared for equality: new "
     "ids counted from 2 instead of 1 still never equal the input's 0 or each other",
-    _R + "ǁTiledVAERunnerǁ_passes__mutmut_88": "the checkpoints that can be overwritten in "
-    "place are a resnet's input pushed ([x, x], the only one-tensor states with a same-shaped "
-    "successor): ck_ids[1] is ck_ids[0]",
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_98": "one byte less for a tile's work share: "
     "changes a tile side only if a working-set estimate lands exactly on the float limit",
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_121": "a disk tuple with nothing on disk and "
@@ -212,6 +209,17 @@ EQUIVALENT: dict[str, str] = {
         "quantity that is at least 2: a state's pixels (in-place states are full-resolution, "
         ">= 64) or a row's bytes (>= one 2-byte element)"
         for i in (149, 168)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the checkpoints that can be overwritten "
+        "in place are a resnet's input pushed ([x, x], the only one-tensor states with a "
+        "same-shaped successor): ck_ids[1] is ck_ids[0]"
+        for i in (88, 208)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "CPU-only: a checkpoint / spill file "
+        "without device or with device=None is on the CPU, like x"
+        for i in (220, 242, 249)
     },
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
