@@ -108,6 +108,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_tiled_vae_half.py",
     ],
     "d3sr_core/inference/tiled_vae/whole.py": [
+        "tests/test_tiled_vae_numbers.py",
         "tests/test_tiled_vae_programs.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
@@ -120,12 +121,14 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "d3sr_core/inference/tiled_vae/spill.py": ["tests/test_tiled_vae_spill.py"],
     "d3sr_core/inference/tiled_vae/planner.py": [
+        "tests/test_tiled_vae_numbers.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_spill.py",
         "tests/test_budget_precision.py",
     ],
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
+            "tests/test_tiled_vae_numbers.py",
             "tests/test_vae_attention.py",
             "tests/test_tiled_vae_programs.py",
             "tests/test_tiled_vae.py",
@@ -171,7 +174,79 @@ _DM = "d3sr_core.models.discriminator.model.x"
 _DD = _DM + "ǁDiffusionDiscriminatorǁ"
 _DT = "d3sr_core.models.discriminator.trunk.x_"
 _P = "d3sr_core.inference.pipeline.x"
+_PL = "d3sr_core.inference.tiled_vae.planner.x_"
+_R = "d3sr_core.inference.tiled_vae.runner.x"
+_ZIP = "zip's strict only checks lengths that agree by construction (one region / id per stack element, as many as its channels)"
 EQUIVALENT: dict[str, str] = {
+    **{
+        _PL + name: _ZIP
+        for name in (
+            "_work_bytes__mutmut_10",
+            "_work_bytes__mutmut_13",
+            "_work_bytes__mutmut_14",
+            "plan_checkpoints__mutmut_55",
+            "plan_checkpoints__mutmut_58",
+            "plan_checkpoints__mutmut_59",
+        )
+    },
+    **{_R + f"__read_pieces__mutmut_{i}": _ZIP for i in (4, 7, 8)},
+    **{
+        _R + f"__materialize__mutmut_{i}": "dead branch: the attention input and the output "
+        "are always made by the pass that ends there (no program pushes right before them) "
+        "and kept in memory (never spilled), so _materialize never gets a SpilledTensor"
+        for i in (1, *range(3, 16))
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_start_tile__mutmut_{i}": "performance only: the tile asks for "
+        "regions it does not store (an element twice, the top without statistics); they are "
+        "computed and dropped, the stored values are the same"
+        for i in (6, 7, 10, 11)
+    },
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_15": "ids are only compared for equality: new "
+    "ids counted from 2 instead of 1 still never equal the input's 0 or each other",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_98": "one byte less for a tile's work share: "
+    "changes a tile side only if a working-set estimate lands exactly on the float limit",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_121": "a disk tuple with nothing on disk and "
+    "nothing written adds no read-ahead and no write-behind in _probe: same as None",
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "a lower bound of 2 instead of 1 on a "
+        "quantity that is at least 2: a state's pixels (in-place states are full-resolution, "
+        ">= 64) or a row's bytes (>= one 2-byte element)"
+        for i in (149, 168)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the checkpoints that can be overwritten "
+        "in place are a resnet's input pushed ([x, x], the only one-tensor states with a "
+        "same-shaped successor): ck_ids[1] is ck_ids[0]"
+        for i in (88, 208)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "CPU-only: a checkpoint / spill file "
+        "without device or with device=None is on the CPU, like x"
+        for i in (220, 242, 249)
+    },
+    _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
+    "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
+    _PL + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
+    "from 2 instead of 1 still never equal the input's 0 or each other",
+    _PL + "plan_checkpoints__mutmut_15": "every program starts with a conv (post_quant_conv / "
+    "conv_in) that replaces the input's id before the first sync point: the input's id 1 "
+    "instead of 0 meets no other id",
+    _PL + "plan_checkpoints__mutmut_16": "ops[None:s] is ops[0:s]",
+    **{
+        _PL + f"plan_checkpoints__mutmut_{i}": "the attention runs at stack depth 1 in every "
+        "program and, always kept, no checkpoint straddles it: the ids after it (any fresh "
+        "value for its output, the elements below it) are only compared with ids after it"
+        for i in (32, 33, 35, 38, 144)
+    },
+    _PL + "plan_checkpoints__mutmut_68": "costs are differences of prefix sums: a prefix "
+    "starting at 1.0 cancels",
+    _PL + "plan_checkpoints__mutmut_77": "_op_cost does not read c_in (convs use their "
+    "module's in_channels)",
+    **{
+        _PL + f"plan_checkpoints__mutmut_{i}": "a type alias only used in annotations"
+        for i in (92, 93)
+    },
     **{
         "d3sr_core.inference.tiled_vae.ops.x"
         + name: "the programs push only at stack depth 1 (each resnet's input): Push "

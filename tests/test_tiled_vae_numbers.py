@@ -1,0 +1,635 @@
+"""Tiled VAE planner and runner numbers against formulas written out here: the op costs, a
+tile's working-set estimate, and the checkpoint plan against a brute-force search over every
+keep / drop choice (tiny hand-made programs, milliseconds each)."""
+
+import pytest
+import torch
+from torch import nn
+
+from d3sr_core.inference.tiled_vae import planner
+from d3sr_core.inference.tiled_vae.ops import Conv, Norm, Push, Residual, UpConv, Upsample
+
+
+def _conv(c_in: int, c_out: int, k: int = 3) -> Conv:
+    m = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    return Conv(m, (k // 2,) * 4)
+
+
+def test_op_cost_is_the_written_out_flop_count():
+    """2 * k_h * k_w * C_in * C_out per output pixel for a conv; the folded upsampling conv
+    as 16 taps at the low resolution plus 600 per output element; GroupNorm 300 per element,
+    a residual add 300 per element (plus a 1x1 shortcut conv), nearest upsampling 100."""
+    conv = _conv(3, 5)
+    assert planner._op_cost(conv, (7, 9), (7, 9), 3, 5) == 2 * 3 * 3 * 3 * 5 * 63
+    one = _conv(4, 6, k=1)
+    assert planner._op_cost(one, (5, 5), (5, 5), 4, 6) == 2 * 1 * 1 * 4 * 6 * 25
+    wide = Conv(nn.Conv2d(2, 3, (1, 3), padding=(0, 1)), (0, 0, 1, 1))
+    assert planner._op_cost(wide, (4, 6), (4, 6), 2, 3) == 2 * 1 * 3 * 2 * 3 * 24
+    up = UpConv(nn.Conv2d(4, 6, 3, padding=1))
+    assert planner._op_cost(up, (3, 5), (6, 10), 4, 6) == 2 * 16 * 4 * 6 * 15 + 600 * 6 * 60
+    norm = Norm(nn.GroupNorm(2, 6), act=True)
+    assert planner._op_cost(norm, (3, 4), (3, 4), 6, 6) == 300 * 6 * 12
+    plain = Residual(None, 1.0)
+    assert planner._op_cost(plain, (3, 4), (3, 4), 6, 6) == 300 * 6 * 12
+    short = Residual(nn.Conv2d(4, 6, 1), 1.0)
+    assert planner._op_cost(short, (3, 4), (3, 4), 6, 6) == 2 * 4 * 6 * 12 + 300 * 6 * 12
+    assert planner._op_cost(Upsample(), (3, 4), (6, 8), 6, 6) == 100 * 6 * 48
+    assert planner._op_cost(Push(), (3, 4), (3, 4), 6, 6) == 0.0
+
+
+def _region(y0: int, y1: int, x0: int, x1: int):
+    from d3sr_core.inference.tiled_vae.ops import Region
+
+    return Region(y0, y1, x0, x1)
+
+
+def test_work_bytes_is_the_written_out_estimate():
+    """1.6 x (the largest adjacent pair of boundaries' elements x itemsize + the largest
+    boundary's elements as fp32 temporaries x 1.5), elements = area x channels over the
+    regions asked (None: not needed)."""
+    r = _region
+    needs = [
+        [r(0, 4, 0, 5), None],  # 20 px x 3 ch = 60
+        [r(0, 6, 0, 6), r(1, 3, 0, 4)],  # 36 x 2 + 8 x 5 = 112
+        [r(0, 2, 0, 3), r(0, 1, 0, 1)],  # 6 x 7 + 1 x 1 = 43
+    ]
+    chans = [[3, 9], [2, 5], [7, 1]]
+    sizes = [60, 112, 43]
+    for itemsize in (2, 4):
+        pair = max(sizes[0] + sizes[1], sizes[1] + sizes[2])
+        want = int(1.6 * (pair * itemsize + max(sizes) * 4 * 1.5))
+        assert planner._work_bytes(needs, chans, 0, itemsize) == want
+    # from a later start: the channels of boundaries start, start + 1, ...
+    assert planner._work_bytes(needs[1:], [[0], *chans[1:]], 1, 2) == int(
+        1.6 * ((112 + 43) * 2 + 112 * 4 * 1.5)
+    )
+    # the largest pair last: 8 x 1, 5 x 2, 9 x 4 elements
+    last = [[r(0, 2, 0, 4)], [r(0, 1, 0, 5)], [r(0, 3, 0, 3)]]
+    assert planner._work_bytes(last, [[1], [2], [4]], 0, 2) == int(
+        1.6 * ((10 + 36) * 2 + 36 * 4 * 1.5)
+    )
+    # one boundary: no pair, the boundary alone
+    one = [[r(0, 3, 0, 3)]]
+    assert planner._work_bytes(one, [[5]], 0, 2) == int(1.6 * (45 * 2 + 45 * 4 * 1.5))
+
+
+def test_in_place_needs_one_same_shaped_tensor_that_is_not_reused():
+    """A state may overwrite its checkpoint only when both are one tensor (a pushed copy is
+    the same tensor) of the same size and channels, the checkpoint is not the caller's input
+    (boundary 0) and not part of the new state."""
+    sizes = {0: (4, 4), 3: (4, 4), 5: (4, 4), 6: (8, 8)}
+    chans = {0: [2], 3: [2], 5: [2], 6: [2]}
+    assert planner._in_place(3, [7], 5, [8], sizes, chans)
+    assert planner._in_place(3, [7, 7], 5, [8, 8], sizes, chans)
+    sizes[1], chans[1] = (4, 4), [2]
+    assert planner._in_place(1, [7], 5, [8], sizes, chans), "any boundary after the input"
+    assert not planner._in_place(0, [7], 5, [8], sizes, chans), "the input is the caller's"
+    assert not planner._in_place(3, [7, 9], 5, [8], sizes, chans), "two checkpoint tensors"
+    assert not planner._in_place(3, [7], 5, [7, 8], sizes, chans), "two new tensors"
+    assert not planner._in_place(3, [7], 5, [7], sizes, chans), "the state reuses it"
+    assert not planner._in_place(3, [7], 6, [8], sizes, chans), "another size"
+    chans[5] = [3]
+    assert not planner._in_place(3, [7], 5, [8], sizes, chans), "other channels"
+    sizes[5], chans[5] = (4, 5), [2]
+    assert not planner._in_place(3, [7], 5, [8], sizes, chans), "another width"
+    sizes[5] = (5, 4)
+    assert not planner._in_place(3, [7], 5, [8], sizes, chans), "another height"
+
+
+# Spill I/O prices as documented in planner.py: one pointwise pass over a bf16 byte (300
+# FLOP-equivalents per element / 2 bytes) to write it, two passes to read it back.
+DOCUMENTED_IO = (150.0, 300.0)
+
+
+def _program():
+    """conv_in, a residual block (push, norm, conv, add), attention, a residual block with a
+    1x1 shortcut, a folded upsampling conv, norm, conv, norm (a state that may overwrite the
+    previous one in place), conv, nearest upsampling, conv_out: every kind of op the planner
+    prices, 6 choices besides the forced ones."""
+    from diffusers.models.attention_processor import Attention
+
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    torch.manual_seed(0)
+    attention = Attention(8, heads=1, dim_head=8, norm_num_groups=2, residual_connection=True)
+    return [
+        _conv(4, 8),
+        Push(),
+        Norm(nn.GroupNorm(2, 8), act=True),
+        _conv(8, 8),
+        Residual(None, 1.0),
+        Attend(attention),
+        _conv(8, 8),  # not a push: the state after the attention differs from 2 ops later
+        Push(),
+        Norm(nn.GroupNorm(2, 8), act=True),
+        _conv(8, 12),
+        Residual(nn.Conv2d(8, 12, 1), 1.0),
+        UpConv(nn.Conv2d(12, 12, 3, padding=1)),
+        Norm(nn.GroupNorm(3, 12), act=True),
+        _conv(12, 12),
+        Norm(nn.GroupNorm(3, 12), act=True),
+        _conv(12, 6),
+        Upsample(),
+        _conv(6, 3),
+    ]
+
+
+def _shapes_by_hand(ops, h, w, c):
+    """Sizes, per-element channels and element tokens per boundary, by running the stack:
+    a push repeats the top token, a residual pops two and pushes a new one, any other op
+    replaces the top (an attention's output included)."""
+    sizes, chans, tokens = [(h, w)], [[c]], [[object()]]
+    for op in ops:
+        ch, tk = list(chans[-1]), list(tokens[-1])
+        if isinstance(op, Push):
+            ch, tk = [*ch, ch[-1]], [*tk, tk[-1]]
+        elif isinstance(op, Residual):
+            ch, tk = [*ch[:-2], ch[-1]], [*tk[:-2], object()]
+        else:
+            out = getattr(op, "module", None)
+            if isinstance(op, (Conv, UpConv)):
+                ch[-1] = out.out_channels
+            tk[-1] = object()
+        if isinstance(op, (UpConv, Upsample)):
+            h, w = 2 * h, 2 * w
+        elif isinstance(op, Conv):  # (size + pads - kernel) // stride + 1 per axis
+            m, (pt, pb, pl, pr) = op.module, op.pad
+            h = (h + pt + pb - m.kernel_size[0]) // m.stride[0] + 1
+            w = (w + pl + pr - m.kernel_size[1]) // m.stride[1] + 1
+        sizes.append((h, w))
+        chans.append(ch)
+        tokens.append(tk)
+    return sizes, chans, tokens
+
+
+def _plan_cost(ops, sizes, chans, tokens, items, budget, floor, optional, choice, disk, io):
+    """Cost of one keep / spill / drop choice per sync point, or None if it breaks a memory
+    or disk limit. A pass costs the ops since the checkpoint plus reading the checkpoint's
+    tensors on disk; a kept state must fit next to the in-memory checkpoint and a minimal
+    tile (or only two bands of tiles when it overwrites its one-tensor checkpoint); a
+    spilled one costs its writes and must fit on disk next to the checkpoint's files."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    n = len(ops)
+    write_cost, read_cost = io
+    cost_of = [
+        planner._op_cost(op, sizes[i], sizes[i + 1], chans[i][-1], chans[i + 1][-1])
+        for i, op in enumerate(ops)
+    ]
+
+    def nbytes(b):
+        out = {}
+        for t, c in zip(tokens[b], chans[b], strict=True):
+            out[t] = c * sizes[b][0] * sizes[b][1] * items[b]
+        return out
+
+    c, mem, cost = 0, set(tokens[0]), 0.0
+    points = sorted({i for i, op in enumerate(ops) if op.sync} | {n} | set(optional))
+    for s in points:
+        what = choice.get(s, "drop")
+        at_c, at_s = nbytes(c), nbytes(s)
+        on_disk = sum(v for t, v in at_c.items() if t not in mem)
+        held = sum(v for t, v in at_c.items() if t in mem)
+        step = sum(cost_of[c:s]) + read_cost * on_disk
+        new = {t: v for t, v in at_s.items() if t not in at_c}
+        stay = {t for t in mem if t in at_s}
+        if what == "drop":
+            if s not in optional:
+                cost += step
+            continue
+        if what == "disk":
+            if not new or on_disk + sum(new.values()) > disk:
+                return None
+            cost += step + write_cost * sum(new.values())
+            c, mem = s, stay
+            continue
+        one = len(set(tokens[c])) == 1 and len(set(tokens[s])) == 1
+        in_place = (
+            c > 0
+            and one
+            and sizes[c] == sizes[s]
+            and chans[c][0] == chans[s][0]
+            and tokens[c][0] not in tokens[s]
+            and tokens[c][0] in mem
+        )
+        extra = 2 * floor if in_place else sum(new.values())
+        forced = s == n or isinstance(ops[s], Attend)
+        if not forced and new and held + extra + floor > budget:
+            return None
+        cost += step
+        c, mem = s, stay | set(new)
+        if s < n and isinstance(ops[s], Attend):
+            c, mem = s + 1, {t for t in mem if t in tokens[s + 1]} | {tokens[s + 1][-1]}
+    return cost
+
+
+@pytest.mark.parametrize("spill,io", [(False, None), (True, None), (True, (1.0, 2.0))])
+def test_plan_is_the_cheapest_of_every_choice(spill, io, monkeypatch):
+    """plan_checkpoints' dynamic programme returns the least cost over all keep / spill /
+    drop choices, found here by trying each one, at budgets from keeping nothing to keeping
+    everything, with a disk limit that allows some states only; the plan it returns is one
+    of the cheapest choices. Disk I/O at the documented prices (which this tiny program's
+    cheap convs rarely pay for) and at prices that make spilling worth it."""
+    import itertools
+
+    if io is None:
+        io = DOCUMENTED_IO
+    else:
+        monkeypatch.setattr(planner, "SPILL_WRITE_COST", io[0])
+        monkeypatch.setattr(planner, "SPILL_READ_COST", io[1])
+
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    ops = _program()
+    sizes, chans, tokens = _shapes_by_hand(ops, 3, 5, 4)
+    n = len(ops)
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    free = [
+        i for i, op in enumerate(ops) if (op.sync or i in optional) and not isinstance(op, Attend)
+    ]
+    forced = {n} | {i for i, op in enumerate(ops) if isinstance(op, Attend)}
+    assert len(free) == 6
+    unit = 3 * 5 * 4  # bytes of one channel at the latent size (fp32)
+    floor = 10 * unit
+    modes = ("drop", "mem", "disk") if spill else ("drop", "mem")
+    seen = set()
+    full = 12 * 6 * 10 * 4  # one fp32 state after the upsampling conv: 48 units
+    assert full == 48 * unit
+    # budgets: nothing; a spilled checkpoint + in-place bands (40 units: 3 floors); one full
+    # state + in-place bands (80: 48 + 3 floors, not 48 + 4 floors), not two (106); ...
+    # disk: room for exactly one full-resolution state
+    for items in ([4] * (n + 1), [4] * 12 + [2] * (n + 1 - 12)):
+        for budget, disk in itertools.product(
+            (0, 40 * unit, 80 * unit, 120 * unit, 10**9), (float("inf"), full)
+        ):
+            best = None
+            for combo in itertools.product(modes, repeat=len(free)):
+                choice = dict(zip(free, combo, strict=True)) | dict.fromkeys(forced, "mem")
+                cost = _plan_cost(
+                    ops, sizes, chans, tokens, items, budget, floor, optional, choice, disk, io
+                )
+                if cost is not None and (best is None or cost < best):
+                    best = cost
+            plan = planner.plan_checkpoints(
+                ops, sizes, chans, items, budget, floor, optional, spill, disk
+            )
+            assert plan.cost == pytest.approx(best, rel=1e-12)
+            choice = {s: "disk" if s in plan.spilled else "mem" for s in plan.kept}
+            assert plan.spilled <= plan.kept and forced <= plan.kept
+            args = (ops, sizes, chans, tokens, items, budget, floor, optional, choice, disk, io)
+            own = _plan_cost(*args)
+            assert own == pytest.approx(best, rel=1e-12)
+            seen.add((frozenset(plan.kept), frozenset(plan.spilled)))
+    assert len(seen) >= 4, "the budgets lead to different plans"
+    if spill:
+        assert any(spilled for _, spilled in seen), "some plans spill"
+
+
+def _runner(ops, budget, **kw):
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    return TiledVAERunner(ops, TiledVAEConfig(budget=budget, attention_window=None, **kw))
+
+
+def test_runner_budget_floor_and_tile_limit_written_out():
+    """The runner plans in (1 - UNESTIMATED_FRACTION) of the budget, gives a tile at least
+    max(MIN_WORK_FRACTION of that, MIN_WORK_BYTES), and (tile=None) work_fraction of it."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    ops = [_conv(2, 3), Norm(nn.GroupNorm(1, 3), act=True), _conv(3, 2)]
+    planned = 1 - runner_module.UNESTIMATED_FRACTION
+    for budget in (10**6, 10**10):
+        r = _runner(ops, budget, work_fraction=0.25)
+        assert r._budget() == pytest.approx(budget * planned, rel=1e-12)
+        floor = max(
+            budget * planned * runner_module.MIN_WORK_FRACTION, runner_module.MIN_WORK_BYTES
+        )
+        assert r._floor() == pytest.approx(floor, rel=1e-12)
+        assert r._work_limit([(5, 5)] * 4, [[2], [3], [3], [2]], [1, 3], 4) == pytest.approx(
+            budget * planned * 0.25, rel=1e-12
+        )
+    assert _runner(ops, 10**6)._floor() == runner_module.MIN_WORK_BYTES
+    assert _runner(ops, 10**10)._floor() > runner_module.MIN_WORK_BYTES
+
+
+def _estimate(elements: list[int], itemsize: int) -> int:
+    """planner._work_bytes written out for a chain of one-element boundaries."""
+    pair = max(a + b for a, b in zip(elements, elements[1:], strict=False))
+    return int(1.6 * (pair * itemsize + max(elements) * 4 * 1.5))
+
+
+def test_probe_is_the_tile_working_set_written_out():
+    """A t x t tile in the middle of the image of a pass through a 3x3 conv needs its
+    (t + 2)^2 input and t^2 output (one more conv: (t + 4)^2, ...), clipped to the image;
+    with a checkpoint on disk the next tile's read-ahead of it and one tile's queued writes
+    (WRITE_BEHIND_TILES) come on top."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+    sizes = [(20, 30)] * 4
+    chans = [[2], [3], [5], [5]]
+    r = _runner(ops, 10**9)
+    for tile in (4, 7, 25):
+        t_h, t_w = min(tile, 20), min(tile, 30)
+        # inputs grow by 2 rows and columns per conv, clipped to 20 x 30
+        out = t_h * t_w * 5
+        mid = min(t_h + 2, 20) * min(t_w + 2, 30) * 3
+        inp = min(t_h + 4, 20) * min(t_w + 4, 30) * 2
+        want = _estimate([inp, mid, out], 4)
+        assert r._probe(0, 2, sizes, chans, True, 4, tile) == want
+        assert r._probe(1, 2, sizes, chans, True, 2, tile) == _estimate([mid, out], 2)
+        # the state at boundary 0 is on disk and the pass writes 5 channels to disk
+        disk = ([0], frozenset([0]), 5)
+        behind = runner_module.WRITE_BEHIND_TILES * t_h * t_w * 5
+        assert r._probe(0, 2, sizes, chans, True, 4, tile, disk) == want + (inp + behind) * 4
+        nothing_read = ([0], frozenset(), 5)
+        assert r._probe(0, 2, sizes, chans, True, 4, tile, nothing_read) == want + behind * 4
+
+
+def test_probe_keeps_the_whole_stack_only_when_asked():
+    """keep_all: every element of the stack at the pass's end is stored (a residual block's
+    input and branch); otherwise only the top is needed there."""
+    ops = [Push(), _conv(3, 4)]
+    sizes = [(9, 9)] * 3
+    chans = [[3], [3, 3], [3, 4]]
+    r = _runner(ops, 10**9)
+    # keep_all: 3 ch (the pushed input, 5x5 core) + 4 ch (branch) at the end; the conv's
+    # input covers the core grown by one (7x7); the input before the push, their union
+    top = _estimate([7 * 7 * 3, 25 * 3 + 7 * 7 * 3, 25 * 3 + 25 * 4], 4)
+    only = _estimate([7 * 7 * 3, 7 * 7 * 3, 25 * 4], 4)
+    assert r._probe(0, 2, sizes, chans, True, 4, 5) == top
+    assert r._probe(0, 2, sizes, chans, False, 4, 5) == only
+
+
+@pytest.mark.parametrize("limit", [0, 9000, 20000, 45000, 10**9])
+def test_tile_for_is_the_largest_tile_that_fits(limit):
+    """The tile side chosen for a pass: the whole image if it fits the limit, else a side
+    whose working set fits and within 2 of the first that does not (a bisection down to 2;
+    8 at least)."""
+    ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+    sizes = [(40, 60)] * 4
+    chans = [[2], [3], [5], [5]]
+    r = _runner(ops, 10**9)
+    probe = {t: r._probe(0, 2, sizes, chans, True, 4, t) for t in range(1, 64)}
+    fits = [t for t in range(8, 61) if probe[t] <= limit]
+    tile = r._tile_for(0, 2, sizes, chans, True, 4, limit)
+    if probe[60] <= limit:
+        assert tile == 60
+    elif not fits:
+        assert tile == 8
+    else:
+        assert probe[tile] <= limit and tile + 2 >= max(fits)
+
+
+def test_work_limit_of_a_fixed_tile_is_its_largest_full_resolution_pass():
+    """tile=T: a tile may use what a T x T tile of the most expensive pass at the largest
+    resolution needs (every stored element kept); lower resolutions then get larger tiles."""
+    ops = [_conv(2, 3), Norm(nn.GroupNorm(1, 3), act=True), Upsample(), _conv(3, 6), _conv(6, 2)]
+    ops.append(Norm(nn.GroupNorm(1, 2), act=True))
+    sizes = [(10, 10), (10, 10), (10, 10), (20, 20), (20, 20), (20, 20), (20, 20)]
+    chans = [[2], [3], [3], [3], [6], [2], [2]]
+    syncs = [1, 5, 6]
+    r = _runner(ops, 10**9, tile=6)
+    # passes ending at full resolution: 1 -> 5 (upsample, conv, conv) and 5 -> 6 (nothing)
+    # 1 -> 5: output 6x6x2, conv input 8x8x6, conv input 10x10x3, upsample input 5x5x3
+    big = _estimate([5 * 5 * 3, 10 * 10 * 3, 8 * 8 * 6, 6 * 6 * 2], 4)
+    assert r._work_limit(sizes, chans, syncs, 4) == big
+
+
+def _report_by_hand(ops, sizes, chans, tokens, report, batch, items):
+    """Replays a run's report (kept, spilled, in-place) with the tokens of
+    :func:`_shapes_by_hand`: the bytes written to disk, the most bytes on disk at once and
+    the largest checkpoint bytes held by choice."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    n = len(ops)
+
+    def nbytes(b, t):
+        c = chans[b][tokens[b].index(t)]
+        return c * sizes[b][0] * sizes[b][1] * items[b] * batch
+
+    ck, on_disk, written, disk_peak, peak = 0, {}, 0, 0, 0
+    for s in sorted(report.kept):
+        new = [t for t in dict.fromkeys(tokens[s]) if t not in tokens[ck]]
+        new_bytes = sum(nbytes(s, t) for t in new)
+        in_memory = sum(nbytes(ck, t) for t in dict.fromkeys(tokens[ck]) if t not in on_disk)
+        forced = s == n or isinstance(ops[s], Attend)
+        if s in report.spilled:
+            on_disk |= {t: nbytes(s, t) for t in new}
+            written += new_bytes
+            disk_peak = max(disk_peak, sum(on_disk.values()))
+        if not forced:
+            extra = 0 if s in report.spilled or s in report.in_place else new_bytes
+            peak = max(peak, in_memory + extra)
+        ck = s + 1 if forced and s < n else s
+        on_disk = {t: b for t, b in on_disk.items() if t in tokens[ck]}
+    return written, disk_peak, peak
+
+
+def _tiles_by_hand(runner, ops, sizes, chans, tokens, report, batch, items):
+    """The tile side of every pass, replayed from the report: a tile may use the planning
+    budget less the checkpoint's bytes in memory and the state being stored in memory
+    (at least the floor, at most the work limit); half of that when the state overwrites
+    its one-tensor checkpoint band by band, and then at most as many rows as two bands of
+    the state fit in; its working set counts the checkpoint's reads from disk and the
+    queued writes (runner._probe)."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    n = len(ops)
+
+    def nbytes(b, t):
+        c = chans[b][tokens[b].index(t)]
+        return c * sizes[b][0] * sizes[b][1] * items[b] * batch
+
+    limit = runner._budget() * runner.config.work_fraction
+    ck, on_disk, tiles = 0, set(), []
+    for s in sorted(report.kept + report.recomputed):
+        keep, spill = s in report.kept, s in report.spilled
+        forced = s == n or isinstance(ops[s], Attend)
+        new = [t for t in dict.fromkeys(tokens[s]) if t not in tokens[ck]]
+        new_bytes = sum(nbytes(s, t) for t in new)
+        held = sum(nbytes(ck, t) for t in dict.fromkeys(tokens[ck]) if t not in on_disk)
+        one = len(set(tokens[ck])) == len(set(tokens[s])) == 1
+        in_place = (
+            keep
+            and not spill
+            and ck > 0
+            and one
+            and sizes[ck] == sizes[s]
+            and chans[ck][0] == chans[s][0]
+            and tokens[ck][0] not in tokens[s]
+            and tokens[ck][0] not in on_disk
+            and items[ck] == items[s]
+        )
+        if keep and not in_place and not spill:
+            held += new_bytes
+        work = min(limit, max(runner._budget() - held, runner._floor()))
+        if in_place:
+            work /= 2
+        written = sum(chans[s][tokens[s].index(t)] for t in new) if spill else 0
+        from_disk = frozenset(t for t in tokens[ck] if t in on_disk)
+        disk = (tokens[ck], from_disk, written) if from_disk or written else None
+        tile = runner._tile_for(ck, s, sizes, chans, keep, 4 * batch, work, disk)
+        if in_place:
+            rows = sizes[s][1] * new_bytes / (sizes[s][0] * sizes[s][1])
+            tile = max(8, min(tile, int(work / (2 * rows))))
+        tiles.append(tile)
+        if keep:
+            on_disk |= set(new) if spill else set()
+            ck = s + 1 if forced and s < n else s
+            on_disk = {t for t in on_disk if t in tokens[ck]}
+    return tiles
+
+
+@pytest.mark.parametrize("case", ["spill", "in_place", "compact"])
+def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
+    """A tiny decode that spills (cheap disk prices), overwrites checkpoints in place, or
+    also stores the states of the resolutions that do not fit in bfloat16 (compact):
+    the output equals diffusers' decode, there is one pass per sync point kept or
+    recomputed, ceil(h / tile) x ceil(w / tile) tiles per pass, one tick per tile at
+    (pass + tiles done / tiles) / passes, and the spill bytes, the most bytes on disk and the
+    checkpoint peak are those of the states the report says were kept."""
+    import math
+
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.ops import Attend
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    vae = tiny_vae()
+    z = torch.randn(2, 4, 10, 12, generator=torch.Generator().manual_seed(21))
+    ops = decoder_program(vae)
+    sizes, chans, tokens = _shapes_by_hand(ops, 10, 12, 4)
+    full = 2 * sizes[-1][0] * sizes[-1][1] * 4  # one fp32 full-resolution channel, batch 2
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    if case == "spill":
+        monkeypatch.setattr(planner, "SPILL_READ_COST", 1.0)
+        monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
+        budget = 4 * full  # most of it for the tiles: sides between 8 and the image
+        kw = {"spill": True, "spill_dir": str(tmp_path), "work_fraction": 0.9}
+    else:
+        budget = (14 if case == "in_place" else 12) * full
+        kw = {"spill": False, "compact_checkpoints": case == "compact"}
+    ticks = []
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+
+    config = TiledVAEConfig(budget=budget, attention_window=None, **kw)
+    runner = TiledVAERunner(ops, config, ticks.append)
+    with torch.inference_mode():
+        out = runner.run(z)
+        ref = vae.decode(z).sample
+    if case == "compact":  # bf16-rounded states: within bf16 rounding of the exact output
+        mse = float(((out - ref) ** 2).mean())
+        assert 0 < mse and 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse) >= 40
+    else:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    report = runner.report
+    points = sorted(report.kept + report.recomputed)
+    assert len(points) == len(set(points)) == report.passes == len(report.tile_sizes)
+    grids = [
+        math.ceil(sizes[s][0] / t) * math.ceil(sizes[s][1] / t)
+        for s, t in zip(points, report.tile_sizes, strict=True)
+    ]
+    assert report.tiles == sum(grids) > report.passes
+    want = [(p + (t + 1) / g) / len(points) for p, g in enumerate(grids) for t in range(g)]
+    assert ticks == pytest.approx(want, rel=1e-12)
+    if case == "spill":
+        assert report.spilled and not report.in_place
+    else:
+        assert report.in_place and not report.spilled and report.recomputed
+    assert bool(report.compact) == (case == "compact")
+    assert set(report.spilled) | set(report.in_place) <= set(report.kept)
+    # bytes per element of each boundary's checkpoint: bf16 at the compact resolutions
+    # (not the attention input, not the output)
+    items = [4] * len(sizes)
+    for b, size in enumerate(sizes[:-1]):
+        if size in report.compact and not isinstance(ops[b], Attend):
+            items[b] = 2
+    written, disk_peak, peak = _report_by_hand(ops, sizes, chans, tokens, report, 2, items)
+    assert report.spill_bytes == written
+    assert report.spill_peak == disk_peak
+    assert report.peak_estimate == peak > 0
+    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    assert report.tile_sizes == tiles
+    # seconds the computation waited for the disk: some when spilling, none otherwise
+    assert isinstance(report.spill_wait_s, float) and report.spill_wait_s >= 0.0
+    assert (report.spill_wait_s > 0.0) == (case == "spill")
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_untiled_estimate_is_the_written_out_formula(kind):
+    """estimate_untiled_bytes (a calibrated heuristic, see whole.py): factor x batch x
+    ((largest adjacent pair of states + largest state) x itemsize + largest state x the
+    temporaries' itemsize: 4 in fp32, the dtype's own in half precision), states counted
+    over every stack element, factor 0.55 for decode and 0.65 for encode."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import whole
+    from d3sr_core.inference.tiled_vae.program import decoder_program, encoder_program
+
+    vae = tiny_vae()
+    if kind == "decode":
+        ops, shape, factor = decoder_program(vae), (2, 4, 6, 5), 0.55
+    else:
+        ops, shape, factor = encoder_program(vae), (2, 3, 40, 56), 0.65
+    sizes, chans, _ = _shapes_by_hand(ops, shape[2], shape[3], shape[1])
+    per = [sum(c) * h * w for (h, w), c in zip(sizes, chans, strict=True)]
+    pair = max(a + b for a, b in zip(per, per[1:], strict=False))
+    for dtype, item, temp in ((torch.float64, 8, 4), (torch.float32, 4, 4), (torch.bfloat16, 2, 2)):
+        want = int(factor * 2 * ((pair + max(per)) * item + max(per) * temp))
+        assert whole.estimate_untiled_bytes(vae, kind, shape, dtype) == want
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fixed_tile_sets_the_full_resolution_tiles_for_any_batch(batch):
+    """tile=T: the most demanding full-resolution pass runs T x T tiles (within the tile
+    search's 2), whatever the batch (a batch multiplies every pass's bytes alike); the other
+    passes get the tiles that fit the same bytes."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import TiledVAEConfig, TiledVAERunner
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    vae = tiny_vae()
+    z = torch.randn(batch, 4, 6, 7, generator=torch.Generator().manual_seed(31))
+    ops = decoder_program(vae)
+    sizes, _, _ = _shapes_by_hand(ops, 6, 7, 4)
+    config = TiledVAEConfig(budget=10**12, tile=16, attention_window=None)
+    runner = TiledVAERunner(ops, config)
+    with torch.inference_mode():
+        out = runner.run(z)
+    torch.testing.assert_close(out, vae.decode(z).sample, atol=1e-4, rtol=1e-4)
+    report = runner.report
+    points = sorted(report.kept + report.recomputed)
+    at = dict(zip(points, report.tile_sizes, strict=True))
+    full = [t for s, t in at.items() if sizes[s] == sizes[-1]]
+    assert 14 <= min(full) <= 18
+
+
+def test_runner_follows_the_plan_for_its_input_shape(monkeypatch):
+    """An encode under a tight budget keeps exactly the states plan_checkpoints chooses for
+    the image's real shapes (3 input channels, not e.g. its height) with the runner's
+    planning budget and tile floor, and still equals diffusers' encoder."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import encoder_program
+
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(32)) * 2 - 1
+    ops = encoder_program(vae)
+    sizes, chans, _ = _shapes_by_hand(ops, 40, 56, 3)
+    runner = _runner(ops, 200_000, spill=False, compact_checkpoints=False)
+    with torch.inference_mode():
+        out = runner.run(x)
+        h = vae.encoder(x)
+        ref = vae.quant_conv(h) if vae.quant_conv is not None else h
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    plan = planner.plan_checkpoints(
+        ops, sizes, chans, 4, runner._budget(), runner._floor(), optional, False, 0.0
+    )
+    assert set(runner.report.kept) == plan.kept
+    assert runner.report.recomputed, "the budget is tight"
