@@ -633,3 +633,33 @@ def test_runner_follows_the_plan_for_its_input_shape(monkeypatch):
     )
     assert set(runner.report.kept) == plan.kept
     assert runner.report.recomputed, "the budget is tight"
+
+
+def test_runner_plans_bfloat16_states_at_two_bytes(monkeypatch):
+    """A bf16 encode plans its checkpoints with 2-byte elements: at a budget where the
+    fp32-sized plan keeps fewer states, the runner keeps exactly the 2-byte plan's, and the
+    result stays diffusers' bf16 encoder's."""
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import encoder_program
+
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    vae = tiny_vae().to(torch.bfloat16)
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(33)) * 2 - 1
+    x = x.to(torch.bfloat16)
+    ops = encoder_program(vae)
+    sizes, chans, _ = _shapes_by_hand(ops, 40, 56, 3)
+    runner = _runner(ops, 100_000, spill=False, compact_checkpoints=False)
+    with torch.inference_mode():
+        out = runner.run(x)
+        h = vae.encoder(x)
+        ref = vae.quant_conv(h) if vae.quant_conv is not None else h
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    args = (runner._budget(), runner._floor(), optional, False, 0.0)
+    two = planner.plan_checkpoints(ops, sizes, chans, 2, *args)
+    four = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
+    assert two.kept != four.kept, "the budget separates the two element sizes"
+    assert set(runner.report.kept) == two.kept
