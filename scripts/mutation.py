@@ -225,6 +225,31 @@ EQUIVALENT: dict[str, str] = {
         "without device or with device=None is on the CPU, like x"
         for i in (220, 242, 249)
     },
+    **{_R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": _ZIP for i in (356, 360, 361)},
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "performance only: a checkpoint allocated "
+        "without the weights' memory format holds the same values (slice assignment copies)"
+        for i in (243, 250)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the output and the attention input are "
+        "never stored compact (_plan keeps them in the compute dtype): .to(None) is .to(dtype)"
+        for i in (456, 479)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "_materialize reads its size only in its "
+        "dead spilled branch (see _materialize)"
+        for i in (458, 481, 486, 487)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the attention runs at stack depth 1: "
+        "ck_ids[:-1] and ck_ids[:-2] are both empty, so its output's id meets no other id"
+        for i in (463, 464, 466, 469, 474)
+    },
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_396": "the band's tensor is cast on write: "
+    "_write_band assigns it into the checkpoint, whose dtype wins (memory of one band only)",
+    _R + "ǁTiledVAERunnerǁ_plan__mutmut_10": "plan_checkpoints reads disk only when spill is "
+    "on, and _plan sets it whenever spill is on",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _PL + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
