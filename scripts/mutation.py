@@ -324,6 +324,24 @@ EQUIVALENT: dict[str, str] = {
             "_resnet__mutmut_92",
         )
     },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_estimate_untiled_bytes__mutmut_" + str(i): _ZIP
+        for i in (29, 32, 33)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_estimate_untiled_bytes__mutmut_"
+        + str(i): "float itemsizes are 1, 2, 4 or 8: "
+        "4 if itemsize >= 4 / > 4 / >= 5 else itemsize give the same temp for each"
+        for i in (46, 47)
+    },
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_"
+        + str(i): "the SD VAE programs have no dilated convs "
+        "(diffusers' Encoder/Decoder build them with dilation 1, F.conv2d's default)"
+        for i in (30, 45)
+    },
+    "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_124": "at a side equal to the window, attention_spans gives one "
+    "global span: windowed and global attention are the same computation",
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_104": "dividing by an output_scale_factor of exactly 1.0 changes no value",
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_116": "F.interpolate's default mode is 'nearest'",
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_148": "unreachable: every op type the programs emit is handled above",

@@ -402,6 +402,20 @@ def test_default_attention_window_is_64_latents(vae, monkeypatch):
     torch.testing.assert_close(tiled, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_window_applies_when_only_the_height_exceeds_it(vae, monkeypatch):
+    """A latent taller than the window but narrower is windowed too (the longer side
+    decides): equal to diffusers' decoder with the brute-force masked window, not global."""
+    z = torch.randn(1, 4, 12, 6, generator=torch.Generator().manual_seed(17))
+    attn = vae.decoder.mid_block.attentions[0]
+    with torch.inference_mode():
+        global_out = vae.decode(z).sample
+        whole = tiled_vae.whole_decode(vae, z, attention_window=8)
+        monkeypatch.setattr(attn, "forward", lambda x, *a, **k: _masked_reference(attn, x, 8))
+        ref = vae.decode(z).sample
+    assert not torch.allclose(ref, global_out, atol=1e-3), "a window of 8 is not global at 12"
+    torch.testing.assert_close(whole, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("budget", [BIG, TINY])
 def test_tiled_equals_whole_with_windowed_attention(vae, budget):
     g = torch.Generator().manual_seed(11)
