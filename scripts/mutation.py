@@ -342,6 +342,13 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_124": "at a side equal to the window, attention_spans gives one "
     "global span: windowed and global attention are the same computation",
+    **{
+        "d3sr_core.inference.tiled_vae.whole.x_estimate_untiled_bytes__mutmut_"
+        + str(i): "the largest adjacent pair of an SD "
+        "VAE program is two 128-channel full-resolution states, never the last pair (the "
+        "output has 3 / the latent 8 channels) nor (input, output)"
+        for i in (37, 41)
+    },
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_104": "dividing by an output_scale_factor of exactly 1.0 changes no value",
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_116": "F.interpolate's default mode is 'nearest'",
     "d3sr_core.inference.tiled_vae.whole.x_run_whole__mutmut_148": "unreachable: every op type the programs emit is handled above",
