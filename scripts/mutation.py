@@ -250,6 +250,20 @@ EQUIVALENT: dict[str, str] = {
     "_write_band assigns it into the checkpoint, whose dtype wins (memory of one band only)",
     _R + "ǁTiledVAERunnerǁ_plan__mutmut_10": "plan_checkpoints reads disk only when spill is "
     "on, and _plan sets it whenever spill is on",
+    **{_R + f"__disk_regions__mutmut_{i}": _ZIP for i in (4, 7, 8)},
+    **{_R + f"ǁTiledVAERunnerǁ_probe__mutmut_{i}": _ZIP for i in (40, 43, 44)},
+    **{
+        _R + f"ǁTiledVAERunnerǁ_memory_format__mutmut_{i}": "a model is converted to one "
+        "memory format as a whole, so any conv with a spatial kernel and several input "
+        "channels gives the same layout; the layout changes speed only, never values"
+        for i in (3, 4, 5, 7, 10)
+    },
+    **{
+        _R + f"ǁTiledVAERunnerǁ_plan__mutmut_{i}": "plan_checkpoints reads disk only when "
+        "spill is on; without spill (the only case that reaches the compact plan) the disk "
+        "limit and a falsy spill of any spelling are unused"
+        for i in (11, 73, 74, 82, 83)
+    },
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _PL + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "
