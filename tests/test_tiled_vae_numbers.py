@@ -607,27 +607,37 @@ def test_a_fixed_tile_sets_the_full_resolution_tiles_for_any_batch(batch):
     assert 14 <= min(full) <= 18
 
 
-def test_runner_follows_the_plan_for_its_input_shape(monkeypatch):
-    """An encode under a tight budget keeps exactly the states plan_checkpoints chooses for
-    the image's real shapes (3 input channels, not e.g. its height) with the runner's
-    planning budget and tile floor, and still equals diffusers' encoder."""
+def _encode_under_budget(monkeypatch, dtype, budget, seed):
+    """A tiny VAE's encode by the runner at ``budget`` (no spill, no compact checkpoints), and
+    diffusers' encoder on the same input: ``(runner, out, ref, ops, sizes, chans, optional)``."""
     from tiny_models import tiny_vae
 
     from d3sr_core.inference.tiled_vae import runner as runner_module
     from d3sr_core.inference.tiled_vae.program import encoder_program
 
     monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
-    vae = tiny_vae()
-    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(32)) * 2 - 1
+    vae = tiny_vae().to(dtype)
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    x = x.to(dtype)
     ops = encoder_program(vae)
     sizes, chans, _ = _shapes_by_hand(ops, 40, 56, 3)
-    runner = _runner(ops, 200_000, spill=False, compact_checkpoints=False)
+    runner = _runner(ops, budget, spill=False, compact_checkpoints=False)
     with torch.inference_mode():
         out = runner.run(x)
         h = vae.encoder(x)
         ref = vae.quant_conv(h) if vae.quant_conv is not None else h
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    return runner, out, ref, ops, sizes, chans, optional
+
+
+def test_runner_follows_the_plan_for_its_input_shape(monkeypatch):
+    """An encode under a tight budget keeps exactly the states plan_checkpoints chooses for
+    the image's real shapes (3 input channels, not e.g. its height) with the runner's
+    planning budget and tile floor, and still equals diffusers' encoder."""
+    runner, out, ref, ops, sizes, chans, optional = _encode_under_budget(
+        monkeypatch, torch.float32, 200_000, 32
+    )
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     plan = planner.plan_checkpoints(
         ops, sizes, chans, 4, runner._budget(), runner._floor(), optional, False, 0.0
     )
@@ -639,25 +649,11 @@ def test_runner_plans_bfloat16_states_at_two_bytes(monkeypatch):
     """A bf16 encode plans its checkpoints with 2-byte elements: at a budget where the
     fp32-sized plan keeps fewer states, the runner keeps exactly the 2-byte plan's, and the
     result stays diffusers' bf16 encoder's."""
-    from tiny_models import tiny_vae
-
-    from d3sr_core.inference.tiled_vae import runner as runner_module
-    from d3sr_core.inference.tiled_vae.program import encoder_program
-
-    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
-    vae = tiny_vae().to(torch.bfloat16)
-    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(33)) * 2 - 1
-    x = x.to(torch.bfloat16)
-    ops = encoder_program(vae)
-    sizes, chans, _ = _shapes_by_hand(ops, 40, 56, 3)
-    runner = _runner(ops, 100_000, spill=False, compact_checkpoints=False)
-    with torch.inference_mode():
-        out = runner.run(x)
-        h = vae.encoder(x)
-        ref = vae.quant_conv(h) if vae.quant_conv is not None else h
+    runner, out, ref, ops, sizes, chans, optional = _encode_under_budget(
+        monkeypatch, torch.bfloat16, 100_000, 33
+    )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
-    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
     args = (runner._budget(), runner._floor(), optional, False, 0.0)
     two = planner.plan_checkpoints(ops, sizes, chans, 2, *args)
     four = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
