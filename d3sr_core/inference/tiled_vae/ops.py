@@ -53,9 +53,6 @@ class Region:
             max(self.x1, other.x1),
         )
 
-    def grow(self, n: int) -> Region:
-        return Region(self.y0 - n, self.y1 + n, self.x0 - n, self.x1 + n)
-
 
 def _union(a: Region | None, b: Region | None) -> Region | None:
     return b if a is None else a.union(b)
@@ -122,9 +119,6 @@ class Op:
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h, w
-
-    def depth_change(self) -> int:
-        return 0
 
     def out_channels(self, channels: list[int]) -> list[int]:
         return channels
@@ -236,9 +230,6 @@ class Norm(Op):
 class Push(Op):
     """Duplicate the top element (the residual branch's input)."""
 
-    def depth_change(self):
-        return 1
-
     def out_channels(self, channels):
         return [*channels, channels[-1]]
 
@@ -259,9 +250,6 @@ class Residual(Op):
 
     shortcut: nn.Conv2d | None
     scale: float
-
-    def depth_change(self):
-        return -1
 
     def out_channels(self, channels):
         return [*channels[:-2], channels[-1]]
