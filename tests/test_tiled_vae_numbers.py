@@ -659,3 +659,100 @@ def test_runner_plans_bfloat16_states_at_two_bytes(monkeypatch):
     four = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
     assert two.kept != four.kept, "the budget separates the two element sizes"
     assert set(runner.report.kept) == two.kept
+
+
+def test_disk_regions_read_each_element_once_over_every_region_asked():
+    """A pushed state holds one tensor twice: the region read of it from disk is the bounding
+    box of every region asked of either copy (whichever order); elements in memory and
+    regions not asked (None) are not read."""
+    from d3sr_core.inference.tiled_vae.runner import _disk_regions
+
+    r = _region
+    ids = [7, 7, 9, 4]
+    regions = [r(0, 4, 2, 6), r(3, 9, 0, 5), None, r(1, 2, 1, 2)]
+    assert _disk_regions(ids, regions, {7, 9}) == {7: r(0, 9, 0, 6)}
+    assert _disk_regions(ids[::-1], regions[::-1], {7, 4}) == {7: r(0, 9, 0, 6), 4: r(1, 2, 1, 2)}
+    assert _disk_regions(ids, regions, set()) == {}
+
+
+def _bisection(cost, side: int, limit: float) -> int:
+    """The tile search written out: the whole side if its working set fits, else a bisection
+    of [8, side] that keeps the lower end while it fits, down to an interval of 2."""
+    if cost(side) <= limit:
+        return side
+    lo, hi = 8, side
+    while hi - lo > 2:
+        mid = (lo + hi) // 2
+        if cost(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize("case", ["disk", "keep"])
+def test_tile_search_counts_disk_io_and_the_stored_stack(case):
+    """_tile_for is the bisection above over the working set of _probe's formula (see the
+    probe tests): with the checkpoint read from disk and the pass's writes queued
+    (``disk``), and with every stacked element stored (``keep``) or only the top, at limits
+    equal to the working set of every side (a limit met exactly fits) and one byte below."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    size = (40, 60)
+
+    def clip(t, grow):
+        return min(min(t, size[0]) + grow, size[0]) * min(min(t, size[1]) + grow, size[1])
+
+    if case == "disk":
+        ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+        chans = [[2], [3], [5], [5]]
+        io = ([0], frozenset([0]), 5)  # boundary 0 on disk, 5 channels written
+
+        def cost(t, with_io):
+            base = _estimate([clip(t, 4) * 2, clip(t, 2) * 3, clip(t, 0) * 5], 4)
+            behind = runner_module.WRITE_BEHIND_TILES * clip(t, 0) * 5
+            return base + (clip(t, 4) * 2 + behind) * 4 if with_io else base
+
+        variants = [(True, io, lambda t: cost(t, True)), (True, None, lambda t: cost(t, False))]
+    else:
+        ops = [Push(), _conv(3, 4)]
+        chans = [[3], [3, 3], [3, 4]]
+
+        def cost(t, keep_all):
+            inp, core = clip(t, 2) * 3, clip(t, 0)
+            if keep_all:  # the pushed input's core and the branch stored
+                return _estimate([inp, core * 3 + inp, core * 3 + core * 4], 4)
+            return _estimate([inp, inp, core * 4], 4)
+
+        variants = [(True, None, lambda t: cost(t, True)), (False, None, lambda t: cost(t, False))]
+    sizes = [size] * len(chans)
+    r = _runner(ops, 10**9)
+    limits = {0, 10**9}
+    for _, _, c in variants:
+        limits |= {c(t) + d for t in range(8, 61) for d in (0, -1)}
+    for keep, disk, c in variants:
+        for limit in sorted(limits):
+            want = _bisection(c, 60, limit)
+            assert r._tile_for(0, 2, sizes, chans, keep, 4, limit, disk) == want, limit
+
+
+def test_work_limit_of_a_fixed_tile_takes_the_largest_area():
+    """tile=T: "full resolution" is the boundary size of the largest area, even when another
+    size is taller or wider (strided 1x1 convs here), and the first pass starts at the
+    input: the limit is the T x T working set of the passes ending at that size."""
+    gn = Norm(nn.GroupNorm(1, 3), act=True)
+    out_norm = Norm(nn.GroupNorm(1, 2), act=True)
+    t = 6
+    for size, stride in (((4, 50), (1, 5)), ((20, 10), (5, 1))):
+        squeeze = Conv(nn.Conv2d(3, 3, 1, stride=stride), (0, 0, 0, 0))
+        ops = [_conv(2, 3), gn, squeeze, Upsample(), _conv(3, 2), out_norm]
+        sizes, chans, _ = _shapes_by_hand(ops, *size, 2)
+        low = (size[0] // stride[0], size[1] // stride[1])
+        assert sizes[:4] == [size] * 3 + [low] and sizes[4:] == [(2 * low[0], 2 * low[1])] * 3
+        # 200 px at the input, 160 after the upsampling (taller, or wider)
+        r = _runner(ops, 10**9, tile=t)
+        # the only pass ending at the input's size: the first conv, a t x t core (clipped)
+        # and its input one pixel larger on each side (clipped)
+        th, tw = min(t, size[0]), min(t, size[1])
+        inp = min(th + 2, size[0]) * min(tw + 2, size[1]) * 2
+        assert r._work_limit(sizes, chans, [1, 5, 6], 4) == _estimate([inp, th * tw * 3], 4)
