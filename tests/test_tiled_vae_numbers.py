@@ -756,3 +756,84 @@ def test_work_limit_of_a_fixed_tile_takes_the_largest_area():
         th, tw = min(t, size[0]), min(t, size[1])
         inp = min(th + 2, size[0]) * min(tw + 2, size[1]) * 2
         assert r._work_limit(sizes, chans, [1, 5, 6], 4) == _estimate([inp, th * tw * 3], 4)
+
+
+def _program_shapes():
+    """:func:`_program` with its latent 3 x 5 x 4 shapes, sync points (the end included) and
+    optional checkpoints (before an upsampling)."""
+    ops = _program()
+    sizes, chans, _ = _shapes_by_hand(ops, 3, 5, 4)
+    syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    return ops, sizes, chans, syncs, optional
+
+
+def test_plan_spills_at_most_a_share_of_the_spill_directory_free_space(monkeypatch, tmp_path):
+    """spill: the states on disk at once may take SPILL_DISK_FRACTION of the free space of
+    the configured spill directory (its disk_usage, faked here: room for about one state
+    after the upsampling conv); a directory whose free space cannot be looked up (missing)
+    sets no limit (the spill file then says why it cannot be made)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
+    monkeypatch.setattr(planner, "SPILL_READ_COST", 2.0)
+    ops, sizes, chans, syncs, optional = _program_shapes()
+    unit = 3 * 5 * 4
+    budget, floor = 40 * unit, 10 * unit
+    free = 50 * unit / runner_module.SPILL_DISK_FRACTION
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        if str(path) == str(tmp_path):
+            return SimpleNamespace(total=10**15, used=0, free=free)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    args = (ops, sizes, chans, 4, budget, floor, optional, True)
+    small = planner.plan_checkpoints(*args, 50 * unit)
+    unlimited = planner.plan_checkpoints(*args, float("inf"))
+    assert small.spilled != unlimited.spilled, "the free space limits the plan"
+    exact = [torch.float32] * len(sizes)
+    for directory, plan in ((tmp_path, small), (tmp_path / "missing", unlimited)):
+        r = _runner(ops, 10**9, spill=True, spill_dir=str(directory))
+        got = r._plan(sizes, chans, syncs, optional, torch.float32, 1, budget, floor)
+        assert got == (plan.kept, plan.spilled, exact)
+
+
+def test_compact_checkpoints_are_bfloat16_at_the_dropped_resolutions_when_cheaper():
+    """compact_checkpoints (fp32, no spill): where the fp32 plan drops a sync point, the
+    states of that resolution are planned and stored in bfloat16 (2 bytes), except the
+    attention input and the output, and that plan is used if it costs less than the fp32
+    one (not at equal cost: then nothing is rounded)."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    ops, sizes, chans, syncs, optional = _program_shapes()
+    n = len(ops)
+    unit = 3 * 5 * 4
+    floor = 10 * unit
+    seen = set()
+    for budget in (0, 40 * unit, 60 * unit, 80 * unit, 120 * unit, 10**9):
+        args = (budget, floor, optional, False, 0.0)
+        fp32 = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
+        dropped = {sizes[s] for s in syncs if s not in fp32.kept}
+        bf16 = [
+            b < n and sizes[b] in dropped and not isinstance(ops[b], Attend) for b in range(n + 1)
+        ]
+        compact = planner.plan_checkpoints(ops, sizes, chans, [2 if b else 4 for b in bf16], *args)
+        r = _runner(ops, 10**9, spill=False, compact_checkpoints=True)
+        got = r._plan(sizes, chans, syncs, optional, torch.float32, 1, budget, floor)
+        if dropped and compact.cost < fp32.cost:
+            dtypes = [torch.bfloat16 if b else torch.float32 for b in bf16]
+            assert got == (compact.kept, compact.spilled, dtypes)
+            assert r.report.compact == sorted(dropped)
+            seen.add("compact")
+        else:
+            assert got == (fp32.kept, fp32.spilled, [torch.float32] * (n + 1))
+            assert r.report.compact == []
+            seen.add("equal" if dropped else "all kept")
+            if any(sizes[b] not in dropped for b in range(n)):
+                seen.add("partly dropped")
+    assert seen == {"compact", "equal", "all kept", "partly dropped"}, seen
