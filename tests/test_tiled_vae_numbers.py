@@ -837,3 +837,90 @@ def test_compact_checkpoints_are_bfloat16_at_the_dropped_resolutions_when_cheape
             if any(sizes[b] not in dropped for b in range(n)):
                 seen.add("partly dropped")
     assert seen == {"compact", "equal", "all kept", "partly dropped"}, seen
+
+
+def _two_tensor_program():
+    """conv, push, conv, norm (a sync point whose state is two new tensors: the pushed
+    input and the branch), conv, residual add, conv; and the same computation written with
+    torch on whole images."""
+    torch.manual_seed(5)
+    conv_a, conv_b, conv_c, conv_out = _conv(4, 6), _conv(6, 6), _conv(6, 6), _conv(6, 3)
+    norm = Norm(nn.GroupNorm(2, 6), act=True)
+    ops = [conv_a, Push(), conv_b, norm, conv_c, Residual(None, 1.0), conv_out]
+
+    def reference(z):
+        a = conv_a.module(z)
+        branch = conv_c.module(nn.functional.silu(norm.module(conv_b.module(a))))
+        return conv_out.module(a + branch)
+
+    return ops, reference
+
+
+@pytest.mark.parametrize("where", ["memory", "disk", "missing directory"])
+def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
+    """A kept state made of two tensors new in its pass is stored whole, in memory or on disk
+    (the output equals the computation written out). On disk (cheap I/O, a budget too small
+    to keep it in memory): the largest checkpoint held is the input (the spilled state takes
+    no memory); each pass's tiles are those whose working set counts the queued writes and
+    the read-ahead from disk (:func:`_tiles_by_hand`), and the I/O lets one tile's writes
+    (WRITE_BEHIND_TILES) wait behind the computation, none in a pass that writes nothing;
+    the files are made in the configured spill directory (a missing one is an error)."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.spill import SpillError
+
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    ops, reference = _two_tensor_program()
+    z = torch.randn(2, 4, 20, 24, generator=torch.Generator().manual_seed(6))
+    sizes, chans, tokens = _shapes_by_hand(ops, 20, 24, 4)
+    assert len(set(tokens[3])) == 2 and not set(tokens[3]) & set(tokens[0])
+    made = []
+
+    class RecordingIO(runner_module.SpillIO):
+        """Per pass (ended by flush): the write-behind bytes and the bytes of each tile's
+        writes."""
+
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.passes, self.tiles = [], {}
+            made.append(self)
+
+        def write(self, file, region, tensor):
+            nbytes = tensor.numel() * tensor.element_size()
+            self.tiles[region] = self.tiles.get(region, 0) + nbytes
+            super().write(file, region, tensor)
+
+        def flush(self):
+            self.passes.append((self.write_behind, self.tiles))
+            self.tiles = {}
+            super().flush()
+
+    monkeypatch.setattr(runner_module, "SpillIO", RecordingIO)
+    if where == "memory":
+        runner = _runner(ops, 10**9, spill=False)
+    else:
+        monkeypatch.setattr(planner, "SPILL_READ_COST", 1e-3)
+        monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1e-3)
+        directory = tmp_path if where == "disk" else tmp_path / "missing"
+        runner = _runner(ops, 80_000, spill=True, spill_dir=str(directory), work_fraction=0.9)
+    with torch.inference_mode():
+        if where == "missing directory":
+            with pytest.raises(SpillError, match="missing"):
+                runner.run(z)
+            return
+        out = runner.run(z)
+        ref = reference(z)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    report = runner.report
+    assert report.kept == [3, 7] and report.recomputed == []
+    if where == "memory":
+        assert report.spilled == [] and report.tile_sizes == [24, 24]
+        return
+    assert report.spilled == [3]
+    assert report.peak_estimate == z.numel() * 4
+    items = [4] * len(sizes)
+    assert report.tile_sizes == _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    assert max(report.tile_sizes) < 20, "the budget limits the tiles"
+    (io,) = made
+    assert len(io.passes) == 2 and io.passes[0][1] and not io.passes[1][1]
+    for write_behind, tiles in io.passes:
+        assert write_behind == runner_module.WRITE_BEHIND_TILES * max(tiles.values(), default=0)
