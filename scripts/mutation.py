@@ -264,6 +264,14 @@ EQUIVALENT: dict[str, str] = {
         "limit and a falsy spill of any spelling are unused"
         for i in (11, 73, 74, 82, 83)
     },
+    _R + "ǁTiledVAERunnerǁ_plan__mutmut_18": 'float("INF") is float("inf"): Python reads '
+    "infinity in any letter case",
+    _R + "ǁTiledVAERunnerǁ_work_limit__mutmut_13": "every program has a sync point at its "
+    "largest size (the encoder's first GroupNorm after the size-keeping conv_in, the "
+    "decoder's output), whose probe is a tile's bytes (> 1): max(1, probe) == max(0, probe)",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_392": "memory only: keeping bands[-2:] holds the "
+    "band written at the previous band start one band longer and writes the same tensors into "
+    "the same rows again; every band is still first written when it was before",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _PL + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "

@@ -924,3 +924,45 @@ def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
     assert len(io.passes) == 2 and io.passes[0][1] and not io.passes[1][1]
     for write_behind, tiles in io.passes:
         assert write_behind == runner_module.WRITE_BEHIND_TILES * max(tiles.values(), default=0)
+
+
+@pytest.mark.parametrize("height,bands", [(27, [7, 7, 6, 7]), (28, [7, 7, 7, 7])])
+def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkeypatch):
+    """A residual block of seven 3x3 convs between two GroupNorms: the second norm's input
+    (one tensor, pushed) may overwrite the first's band by band, its tiles' side limited to
+    what two bands of the state fit in, 8 at least: a budget this small gives 8 x 8 tiles,
+    bands of ``bands`` rows. A tile reads 7 rows above its core, so a band of 6 rows is too
+    thin (no overwriting: height 27), 7 rows are enough (height 28). The output equals the
+    computation written out either way."""
+    from d3sr_core.inference.tiled_vae.ops import _spans
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    assert [b - a for a, b in _spans(height, 8)] == bands
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 2000)
+    torch.manual_seed(7)
+    conv_in, convs, conv, conv_out = (
+        _conv(4, 4),
+        [_conv(4, 4) for _ in range(7)],
+        _conv(4, 4),
+        _conv(4, 3),
+    )
+    norm1, norm2 = Norm(nn.GroupNorm(2, 4), act=True), Norm(nn.GroupNorm(2, 4), act=True)
+    ops = [conv_in, Push(), norm1, *convs, Residual(None, 1.0), Push(), norm2, conv]
+    ops += [Residual(None, 1.0), conv_out]
+    z = torch.randn(1, 4, height, 8, generator=torch.Generator().manual_seed(8))
+    sizes, chans, tokens = _shapes_by_hand(ops, height, 8, 4)
+    runner = _runner(ops, 12_000, spill=False, compact_checkpoints=False)
+    with torch.inference_mode():
+        out = runner.run(z)
+        a = conv_in.module(z)
+        h = nn.functional.silu(norm1.module(a))
+        for c in convs:
+            h = c.module(h)
+        y = a + h
+        ref = conv_out.module(y + conv.module(nn.functional.silu(norm2.module(y))))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    report = runner.report
+    assert report.kept == [2, 12, 16]
+    assert report.in_place == ([12] if min(bands) >= 7 else [])
+    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 1, [4] * len(sizes))
+    assert report.tile_sizes == tiles and tiles[1] == 8
