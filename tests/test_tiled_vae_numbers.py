@@ -934,8 +934,8 @@ def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkey
     bands of ``bands`` rows. A tile reads 7 rows above its core, so a band of 6 rows is too
     thin (no overwriting: height 27), 7 rows are enough (height 28). The output equals the
     computation written out either way."""
-    from d3sr_core.inference.tiled_vae.ops import _spans
     from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.ops import _spans
 
     assert [b - a for a, b in _spans(height, 8)] == bands
     monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 2000)
