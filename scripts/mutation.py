@@ -191,12 +191,6 @@ EQUIVALENT: dict[str, str] = {
     },
     **{_R + f"__read_pieces__mutmut_{i}": _ZIP for i in (4, 7, 8)},
     **{
-        _R + f"__materialize__mutmut_{i}": "dead branch: the attention input and the output "
-        "are always made by the pass that ends there (no program pushes right before them) "
-        "and kept in memory (never spilled), so _materialize never gets a SpilledTensor"
-        for i in (1, *range(3, 16))
-    },
-    **{
         _R + f"ǁTiledVAERunnerǁ_start_tile__mutmut_{i}": "performance only: the tile asks for "
         "regions it does not store (an element twice, the top without statistics); they are "
         "computed and dropped, the stored values are the same"
@@ -234,17 +228,12 @@ EQUIVALENT: dict[str, str] = {
     **{
         _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the output and the attention input are "
         "never stored compact (_plan keeps them in the compute dtype): .to(None) is .to(dtype)"
-        for i in (456, 479)
-    },
-    **{
-        _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "_materialize reads its size only in its "
-        "dead spilled branch (see _materialize)"
-        for i in (458, 481, 486, 487)
+        for i in (456, 475)
     },
     **{
         _R + f"ǁTiledVAERunnerǁ_passes__mutmut_{i}": "the attention runs at stack depth 1: "
         "ck_ids[:-1] and ck_ids[:-2] are both empty, so its output's id meets no other id"
-        for i in (463, 464, 466, 469, 474)
+        for i in (459, 460, 462, 465, 470)
     },
     _R + "ǁTiledVAERunnerǁ_passes__mutmut_396": "the band's tensor is cast on write: "
     "_write_band assigns it into the checkpoint, whose dtype wins (memory of one band only)",
@@ -264,6 +253,14 @@ EQUIVALENT: dict[str, str] = {
         "limit and a falsy spill of any spelling are unused"
         for i in (11, 73, 74, 82, 83)
     },
+    _R + "ǁTiledVAERunnerǁ_plan__mutmut_18": 'float("INF") is float("inf"): Python reads '
+    "infinity in any letter case",
+    _R + "ǁTiledVAERunnerǁ_work_limit__mutmut_13": "every program has a sync point at its "
+    "largest size (the encoder's first GroupNorm after the size-keeping conv_in, the "
+    "decoder's output), whose probe is a tile's bytes (> 1): max(1, probe) == max(0, probe)",
+    _R + "ǁTiledVAERunnerǁ_passes__mutmut_392": "memory only: keeping bands[-2:] holds the "
+    "band written at the previous band start one band longer and writes the same tensors into "
+    "the same rows again; every band is still first written when it was before",
     _R + "ǁTiledVAERunnerǁ_halo__mutmut_19": "in-place passes start at a GroupNorm (or the "
     "Push after an attention), which reads no halo: needs[1] has the rows of needs[0]",
     _PL + "plan_checkpoints__mutmut_10": "ids are only compared for equality: new ids counted "

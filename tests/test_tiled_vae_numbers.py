@@ -659,3 +659,310 @@ def test_runner_plans_bfloat16_states_at_two_bytes(monkeypatch):
     four = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
     assert two.kept != four.kept, "the budget separates the two element sizes"
     assert set(runner.report.kept) == two.kept
+
+
+def test_disk_regions_read_each_element_once_over_every_region_asked():
+    """A pushed state holds one tensor twice: the region read of it from disk is the bounding
+    box of every region asked of either copy (whichever order); elements in memory and
+    regions not asked (None) are not read."""
+    from d3sr_core.inference.tiled_vae.runner import _disk_regions
+
+    r = _region
+    ids = [7, 7, 9, 4]
+    regions = [r(0, 4, 2, 6), r(3, 9, 0, 5), None, r(1, 2, 1, 2)]
+    assert _disk_regions(ids, regions, {7, 9}) == {7: r(0, 9, 0, 6)}
+    assert _disk_regions(ids[::-1], regions[::-1], {7, 4}) == {7: r(0, 9, 0, 6), 4: r(1, 2, 1, 2)}
+    assert _disk_regions(ids, regions, set()) == {}
+
+
+def _bisection(cost, side: int, limit: float) -> int:
+    """The tile search written out: the whole side if its working set fits, else a bisection
+    of [8, side] that keeps the lower end while it fits, down to an interval of 2."""
+    if cost(side) <= limit:
+        return side
+    lo, hi = 8, side
+    while hi - lo > 2:
+        mid = (lo + hi) // 2
+        if cost(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize("case", ["disk", "keep"])
+def test_tile_search_counts_disk_io_and_the_stored_stack(case):
+    """_tile_for is the bisection above over the working set of _probe's formula (see the
+    probe tests): with the checkpoint read from disk and the pass's writes queued
+    (``disk``), and with every stacked element stored (``keep``) or only the top, at limits
+    equal to the working set of every side (a limit met exactly fits) and one byte below."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    size = (40, 60)
+
+    def clip(t, grow):
+        return min(min(t, size[0]) + grow, size[0]) * min(min(t, size[1]) + grow, size[1])
+
+    if case == "disk":
+        ops = [_conv(2, 3), _conv(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
+        chans = [[2], [3], [5], [5]]
+        io = ([0], frozenset([0]), 5)  # boundary 0 on disk, 5 channels written
+
+        def cost(t, with_io):
+            base = _estimate([clip(t, 4) * 2, clip(t, 2) * 3, clip(t, 0) * 5], 4)
+            behind = runner_module.WRITE_BEHIND_TILES * clip(t, 0) * 5
+            return base + (clip(t, 4) * 2 + behind) * 4 if with_io else base
+
+        variants = [(True, io, lambda t: cost(t, True)), (True, None, lambda t: cost(t, False))]
+    else:
+        ops = [Push(), _conv(3, 4)]
+        chans = [[3], [3, 3], [3, 4]]
+
+        def cost(t, keep_all):
+            inp, core = clip(t, 2) * 3, clip(t, 0)
+            if keep_all:  # the pushed input's core and the branch stored
+                return _estimate([inp, core * 3 + inp, core * 3 + core * 4], 4)
+            return _estimate([inp, inp, core * 4], 4)
+
+        variants = [(True, None, lambda t: cost(t, True)), (False, None, lambda t: cost(t, False))]
+    sizes = [size] * len(chans)
+    r = _runner(ops, 10**9)
+    limits = {0, 10**9}
+    for _, _, c in variants:
+        limits |= {c(t) + d for t in range(8, 61) for d in (0, -1)}
+    for keep, disk, c in variants:
+        for limit in sorted(limits):
+            want = _bisection(c, 60, limit)
+            assert r._tile_for(0, 2, sizes, chans, keep, 4, limit, disk) == want, limit
+
+
+def test_work_limit_of_a_fixed_tile_takes_the_largest_area():
+    """tile=T: "full resolution" is the boundary size of the largest area, even when another
+    size is taller or wider (strided 1x1 convs here), and the first pass starts at the
+    input: the limit is the T x T working set of the passes ending at that size."""
+    gn = Norm(nn.GroupNorm(1, 3), act=True)
+    out_norm = Norm(nn.GroupNorm(1, 2), act=True)
+    t = 6
+    for size, stride in (((4, 50), (1, 5)), ((20, 10), (5, 1))):
+        squeeze = Conv(nn.Conv2d(3, 3, 1, stride=stride), (0, 0, 0, 0))
+        ops = [_conv(2, 3), gn, squeeze, Upsample(), _conv(3, 2), out_norm]
+        sizes, chans, _ = _shapes_by_hand(ops, *size, 2)
+        low = (size[0] // stride[0], size[1] // stride[1])
+        assert sizes[:4] == [size] * 3 + [low] and sizes[4:] == [(2 * low[0], 2 * low[1])] * 3
+        # 200 px at the input, 160 after the upsampling (taller, or wider)
+        r = _runner(ops, 10**9, tile=t)
+        # the only pass ending at the input's size: the first conv, a t x t core (clipped)
+        # and its input one pixel larger on each side (clipped)
+        th, tw = min(t, size[0]), min(t, size[1])
+        inp = min(th + 2, size[0]) * min(tw + 2, size[1]) * 2
+        assert r._work_limit(sizes, chans, [1, 5, 6], 4) == _estimate([inp, th * tw * 3], 4)
+
+
+def _program_shapes():
+    """:func:`_program` with its latent 3 x 5 x 4 shapes, sync points (the end included) and
+    optional checkpoints (before an upsampling)."""
+    ops = _program()
+    sizes, chans, _ = _shapes_by_hand(ops, 3, 5, 4)
+    syncs = [i for i, op in enumerate(ops) if op.sync] + [len(ops)]
+    optional = frozenset(i for i, op in enumerate(ops) if isinstance(op, (UpConv, Upsample)))
+    return ops, sizes, chans, syncs, optional
+
+
+def test_plan_spills_at_most_a_share_of_the_spill_directory_free_space(monkeypatch, tmp_path):
+    """spill: the states on disk at once may take SPILL_DISK_FRACTION of the free space of
+    the configured spill directory (its disk_usage, faked here: room for about one state
+    after the upsampling conv); a directory whose free space cannot be looked up (missing)
+    sets no limit (the spill file then says why it cannot be made)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+
+    monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1.0)
+    monkeypatch.setattr(planner, "SPILL_READ_COST", 2.0)
+    ops, sizes, chans, syncs, optional = _program_shapes()
+    unit = 3 * 5 * 4
+    budget, floor = 40 * unit, 10 * unit
+    free = 50 * unit / runner_module.SPILL_DISK_FRACTION
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        if str(path) == str(tmp_path):
+            return SimpleNamespace(total=10**15, used=0, free=free)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    args = (ops, sizes, chans, 4, budget, floor, optional, True)
+    small = planner.plan_checkpoints(*args, 50 * unit)
+    unlimited = planner.plan_checkpoints(*args, float("inf"))
+    assert small.spilled != unlimited.spilled, "the free space limits the plan"
+    exact = [torch.float32] * len(sizes)
+    for directory, plan in ((tmp_path, small), (tmp_path / "missing", unlimited)):
+        r = _runner(ops, 10**9, spill=True, spill_dir=str(directory))
+        got = r._plan(sizes, chans, syncs, optional, torch.float32, 1, budget, floor)
+        assert got == (plan.kept, plan.spilled, exact)
+
+
+def test_compact_checkpoints_are_bfloat16_at_the_dropped_resolutions_when_cheaper():
+    """compact_checkpoints (fp32, no spill): where the fp32 plan drops a sync point, the
+    states of that resolution are planned and stored in bfloat16 (2 bytes), except the
+    attention input and the output, and that plan is used if it costs less than the fp32
+    one (not at equal cost: then nothing is rounded)."""
+    from d3sr_core.inference.tiled_vae.ops import Attend
+
+    ops, sizes, chans, syncs, optional = _program_shapes()
+    n = len(ops)
+    unit = 3 * 5 * 4
+    floor = 10 * unit
+    seen = set()
+    for budget in (0, 40 * unit, 60 * unit, 80 * unit, 120 * unit, 10**9):
+        args = (budget, floor, optional, False, 0.0)
+        fp32 = planner.plan_checkpoints(ops, sizes, chans, 4, *args)
+        dropped = {sizes[s] for s in syncs if s not in fp32.kept}
+        bf16 = [
+            b < n and sizes[b] in dropped and not isinstance(ops[b], Attend) for b in range(n + 1)
+        ]
+        compact = planner.plan_checkpoints(ops, sizes, chans, [2 if b else 4 for b in bf16], *args)
+        r = _runner(ops, 10**9, spill=False, compact_checkpoints=True)
+        got = r._plan(sizes, chans, syncs, optional, torch.float32, 1, budget, floor)
+        if dropped and compact.cost < fp32.cost:
+            dtypes = [torch.bfloat16 if b else torch.float32 for b in bf16]
+            assert got == (compact.kept, compact.spilled, dtypes)
+            assert r.report.compact == sorted(dropped)
+            seen.add("compact")
+        else:
+            assert got == (fp32.kept, fp32.spilled, [torch.float32] * (n + 1))
+            assert r.report.compact == []
+            seen.add("equal" if dropped else "all kept")
+            if any(sizes[b] not in dropped for b in range(n)):
+                seen.add("partly dropped")
+    assert seen == {"compact", "equal", "all kept", "partly dropped"}, seen
+
+
+def _two_tensor_program():
+    """conv, push, conv, norm (a sync point whose state is two new tensors: the pushed
+    input and the branch), conv, residual add, conv; and the same computation written with
+    torch on whole images."""
+    torch.manual_seed(5)
+    conv_a, conv_b, conv_c, conv_out = _conv(4, 6), _conv(6, 6), _conv(6, 6), _conv(6, 3)
+    norm = Norm(nn.GroupNorm(2, 6), act=True)
+    ops = [conv_a, Push(), conv_b, norm, conv_c, Residual(None, 1.0), conv_out]
+
+    def reference(z):
+        a = conv_a.module(z)
+        branch = conv_c.module(nn.functional.silu(norm.module(conv_b.module(a))))
+        return conv_out.module(a + branch)
+
+    return ops, reference
+
+
+@pytest.mark.parametrize("where", ["memory", "disk", "missing directory"])
+def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
+    """A kept state made of two tensors new in its pass is stored whole, in memory or on disk
+    (the output equals the computation written out). On disk (cheap I/O, a budget too small
+    to keep it in memory): the largest checkpoint held is the input (the spilled state takes
+    no memory); each pass's tiles are those whose working set counts the queued writes and
+    the read-ahead from disk (:func:`_tiles_by_hand`), and the I/O lets one tile's writes
+    (WRITE_BEHIND_TILES) wait behind the computation, none in a pass that writes nothing;
+    the files are made in the configured spill directory (a missing one is an error)."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.spill import SpillError
+
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
+    ops, reference = _two_tensor_program()
+    z = torch.randn(2, 4, 20, 24, generator=torch.Generator().manual_seed(6))
+    sizes, chans, tokens = _shapes_by_hand(ops, 20, 24, 4)
+    assert len(set(tokens[3])) == 2 and not set(tokens[3]) & set(tokens[0])
+    made = []
+
+    class RecordingIO(runner_module.SpillIO):
+        """Per pass (ended by flush): the write-behind bytes and the bytes of each tile's
+        writes."""
+
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.passes, self.tiles = [], {}
+            made.append(self)
+
+        def write(self, file, region, tensor):
+            nbytes = tensor.numel() * tensor.element_size()
+            self.tiles[region] = self.tiles.get(region, 0) + nbytes
+            super().write(file, region, tensor)
+
+        def flush(self):
+            self.passes.append((self.write_behind, self.tiles))
+            self.tiles = {}
+            super().flush()
+
+    monkeypatch.setattr(runner_module, "SpillIO", RecordingIO)
+    if where == "memory":
+        runner = _runner(ops, 10**9, spill=False)
+    else:
+        monkeypatch.setattr(planner, "SPILL_READ_COST", 1e-3)
+        monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1e-3)
+        directory = tmp_path if where == "disk" else tmp_path / "missing"
+        runner = _runner(ops, 80_000, spill=True, spill_dir=str(directory), work_fraction=0.9)
+    with torch.inference_mode():
+        if where == "missing directory":
+            with pytest.raises(SpillError, match="missing"):
+                runner.run(z)
+            return
+        out = runner.run(z)
+        ref = reference(z)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    report = runner.report
+    assert report.kept == [3, 7] and report.recomputed == []
+    if where == "memory":
+        assert report.spilled == [] and report.tile_sizes == [24, 24]
+        return
+    assert report.spilled == [3]
+    assert report.peak_estimate == z.numel() * 4
+    items = [4] * len(sizes)
+    assert report.tile_sizes == _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    assert max(report.tile_sizes) < 20, "the budget limits the tiles"
+    (io,) = made
+    assert len(io.passes) == 2 and io.passes[0][1] and not io.passes[1][1]
+    for write_behind, tiles in io.passes:
+        assert write_behind == runner_module.WRITE_BEHIND_TILES * max(tiles.values(), default=0)
+
+
+@pytest.mark.parametrize("height,bands", [(27, [7, 7, 6, 7]), (28, [7, 7, 7, 7])])
+def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkeypatch):
+    """A residual block of seven 3x3 convs between two GroupNorms: the second norm's input
+    (one tensor, pushed) may overwrite the first's band by band, its tiles' side limited to
+    what two bands of the state fit in, 8 at least: a budget this small gives 8 x 8 tiles,
+    bands of ``bands`` rows. A tile reads 7 rows above its core, so a band of 6 rows is too
+    thin (no overwriting: height 27), 7 rows are enough (height 28). The output equals the
+    computation written out either way."""
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.ops import _spans
+
+    assert [b - a for a, b in _spans(height, 8)] == bands
+    monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 2000)
+    torch.manual_seed(7)
+    conv_in, convs, conv, conv_out = (
+        _conv(4, 4),
+        [_conv(4, 4) for _ in range(7)],
+        _conv(4, 4),
+        _conv(4, 3),
+    )
+    norm1, norm2 = Norm(nn.GroupNorm(2, 4), act=True), Norm(nn.GroupNorm(2, 4), act=True)
+    ops = [conv_in, Push(), norm1, *convs, Residual(None, 1.0), Push(), norm2, conv]
+    ops += [Residual(None, 1.0), conv_out]
+    z = torch.randn(1, 4, height, 8, generator=torch.Generator().manual_seed(8))
+    sizes, chans, tokens = _shapes_by_hand(ops, height, 8, 4)
+    runner = _runner(ops, 12_000, spill=False, compact_checkpoints=False)
+    with torch.inference_mode():
+        out = runner.run(z)
+        a = conv_in.module(z)
+        h = nn.functional.silu(norm1.module(a))
+        for c in convs:
+            h = c.module(h)
+        y = a + h
+        ref = conv_out.module(y + conv.module(nn.functional.silu(norm2.module(y))))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    report = runner.report
+    assert report.kept == [2, 12, 16]
+    assert report.in_place == ([12] if min(bands) >= 7 else [])
+    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 1, [4] * len(sizes))
+    assert report.tile_sizes == tiles and tiles[1] == 8

@@ -179,10 +179,6 @@ def _close_dropped(old: dict[int, Stored], new: dict[int, Stored]) -> None:
             t.close()
 
 
-def _materialize(t: Stored, size: tuple[int, int]) -> Tensor:
-    return t.read(Region(0, size[0], 0, size[1])) if isinstance(t, SpilledTensor) else t
-
-
 class TiledVAERunner:
     """Runs one VAE program (encoder or decoder) tile by tile; see the module docstring.
 
@@ -438,10 +434,12 @@ class TiledVAERunner:
             else:
                 self.report.recomputed.append(s)
             if isinstance(op, Attend):
+                # The attention input and the output are made by the pass that ends there and
+                # always kept in memory (must_keep: never spilled).
                 out = _run_attention(
                     op,
                     stats[s],
-                    _materialize(ck_store[ck_ids[-1]], sizes[s]).to(dtype),
+                    ck_store[ck_ids[-1]].to(dtype),
                     self.config.budget,
                     self.config.attention_window,
                 )
@@ -449,7 +447,7 @@ class TiledVAERunner:
                 ck_ids = [*ck_ids[:-1], counter[0]]
                 ck_store = {i: ck_store[i] for i in ck_ids[:-1]} | {counter[0]: out}
                 ck_index = s + 1
-        return _materialize(ck_store[ck_ids[-1]], sizes[-1]).to(dtype)
+        return ck_store[ck_ids[-1]].to(dtype)
 
     def _start_tile(self, core, checkpoint, s, ids, store, acc, sizes, io: SpillIO):
         """A tile's regions (what each boundary must provide to store ``core`` of the
