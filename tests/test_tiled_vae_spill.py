@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tiny_models import tiny_vae
 from d3sr_core.inference import tiled_vae
 from d3sr_core.inference.tiled_vae import Region, TiledVAEConfig, TiledVAERunner
 from d3sr_core.inference.tiled_vae import runner as runner_module
-from d3sr_core.inference.tiled_vae.spill import SpilledTensor, SpillError
+from d3sr_core.inference.tiled_vae.spill import SpilledTensor, SpillError, SpillIO
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +344,130 @@ def test_spill_file_details_written_out(tmp_path, monkeypatch):
         f"{str(tmp_path)!r}: {os.strerror(errno.ENOSPC)}. Free disk space there, point TMPDIR "
         "(or the spill directory) at a larger disk, or raise the memory budget"
     )
+
+
+class _Watched(SpilledTensor):
+    """A spilled tensor whose file I/O records where and how it ran, and may wait or spin."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, str, bool]] = []  # (kind, thread name, inference mode)
+        self.active = 0
+        self.most_active = 0
+        self.lock = threading.Lock()
+        self.gate: threading.Event | None = None  # stores wait for it
+        self.spin = 0.0  # thread CPU seconds each store burns
+        self.sleep = 0.0  # wall seconds each call sleeps
+        self.loads_into_given_buffer: list[bool] = []
+
+    def _io(self, kind: str) -> None:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        self.calls.append(
+            (kind, threading.current_thread().name, torch.is_inference_mode_enabled())
+        )
+        if kind == "store" and self.gate is not None:
+            assert self.gate.wait(10)
+        if self.sleep:
+            time.sleep(self.sleep)
+        if kind == "store" and self.spin:
+            start = time.thread_time()
+            while time.thread_time() - start < self.spin:
+                pass
+        with self.lock:
+            self.active -= 1
+
+    def store(self, region, tensor):
+        self._io("store")
+        super().store(region, tensor)
+
+    def load(self, region, out=None):
+        self._io("load")
+        self.loads_into_given_buffer.append(out is not None)
+        return super().load(region, out)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_spill_io_threads_order_and_mode(tmp_path, inference):
+    """SpillIO: every write runs on one thread ("d3sr-spill-write"), every read on another
+    ("d3sr-spill-read"), one at a time in the order asked (reads share one bounce buffer per
+    file), in the caller's inference mode, into buffers the caller's thread allocated; the
+    values round-trip; close() stops both."""
+    x = torch.randn(1, 3, 6, 5, generator=torch.Generator().manual_seed(41))
+    bands = [Region(0, 2, 0, 5), Region(2, 4, 0, 5), Region(4, 6, 0, 5)]
+    f = _Watched(tuple(x.shape), torch.float32, tmp_path, torch.contiguous_format)
+    f.sleep = 0.02  # long enough for a second thread to start the next call meanwhile
+    io = SpillIO(write_behind=10**9)
+    with torch.inference_mode(inference):
+        for r in bands:
+            io.write(f, r, x[:, :, r.y0 : r.y1, r.x0 : r.x1])
+        io.flush()
+        pending = [io.read(f, r) for r in (Region(0, 6, 0, 5), Region(1, 5, 1, 4), bands[2])]
+        got = [io.result(f, p) for p in pending]
+    assert torch.equal(got[0], x) and got[0].is_contiguous()
+    assert torch.equal(got[1], x[:, :, 1:5, 1:4]) and torch.equal(got[2], x[:, :, 4:6])
+    assert f.most_active == 1
+    assert f.loads_into_given_buffer == [True] * 3  # allocated on the caller's thread
+    assert (
+        f.calls
+        == [("store", "d3sr-spill-write_0", inference)] * 3
+        + [("load", "d3sr-spill-read_0", inference)] * 3
+    )
+    io.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("d3sr-spill")]
+    f.close()
+
+
+def test_spill_io_write_behind_waits_and_cpu(tmp_path):
+    """write() returns while at most ``write_behind`` bytes are queued and otherwise waits
+    for the oldest writes (counted in ``waited``); ``cpu`` sums the I/O threads' CPU time
+    (not their sleeps); flush() re-raises a failed write; close() drops queued writes."""
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(42))
+    tile = 2 * 2 * 4 * 4  # bytes of one 2-row band in float32
+    top, bottom = Region(0, 2, 0, 4), Region(2, 4, 0, 4)
+    f = _Watched(tuple(x.shape), torch.float32, tmp_path)
+    f.gate = threading.Event()
+    io = SpillIO(write_behind=tile)
+    io.write(f, top, x[:, :, :2])  # one tile queued: within write_behind, no wait
+    assert io.waited < 0.5 and io._queued == tile
+    threading.Timer(0.3, f.gate.set).start()
+    io.write(f, bottom, x[:, :, 2:])  # two tiles > write_behind: waits for the first
+    assert 0.25 < io.waited < 5 and io._queued == tile
+    io.flush()
+    assert io._queued == 0 and torch.equal(f.read(Region(0, 4, 0, 4)), x)
+    assert 0.25 < io.waited < 5  # waits add up
+    assert io.cpu < 0.1  # the 0.3 s wait was not CPU time
+
+    f.gate = None
+    f.spin = 0.1
+    io.write(f, top, x[:, :, :2])
+    io.flush()
+    assert 0.1 <= io.cpu < 1.0
+
+    io.write_behind = 0  # synchronous: the data is in the file when write() returns
+    f.spin = 0.0
+    spun = io.cpu
+    io.write(f, top, 2 * x[:, :, :2])
+    assert torch.equal(f.read(top), 2 * x[:, :, :2]) and not io._writes
+    assert io.cpu - spun < 0.05  # per call: the thread's CPU time before it does not count
+
+    f.gate = threading.Event()
+    io.write_behind = 10**9
+    io.write(f, top, 3 * x[:, :, :2])  # blocked on the gate
+    io.write(f, bottom, 3 * x[:, :, 2:])  # queued behind it
+    threading.Timer(0.2, f.gate.set).start()
+    io.close()  # cancels the queued write, then waits for the running one
+    assert io._queued == 0 and not io._writes
+    assert torch.equal(f.read(bottom), x[:, :, 2:]), "the queued write was dropped"
+
+    def failing(region, tensor):
+        raise SpillError(errno.EIO, "disk gone")
+
+    f.store = failing
+    io = SpillIO(write_behind=10**9)
+    io.write(f, top, x[:, :, :2])
+    with pytest.raises(SpillError, match="disk gone"):
+        io.flush()
+    io.close()
+    f.close()
