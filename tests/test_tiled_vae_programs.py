@@ -420,20 +420,20 @@ def test_push_and_residual_act_on_the_top_of_a_deeper_stack():
     from d3sr_core.inference.tiled_vae.ops import Piece, Push, Region, Residual
 
     r1, r2, both = Region(1, 4, 2, 6), Region(3, 7, 0, 3), Region(1, 7, 0, 6)
-    keep = [Region(0, 1, 0, 1), None]
-    below = [Piece(torch.zeros(1, 1, 1, 1), keep[0]), None]
+    keep = [Region(0, 1, 0, 1), None, Region(0, 2, 0, 2)]
+    below = [Piece(torch.zeros(1, 1, 1, 1), keep[0]), None, Piece(torch.ones(1, 1, 2, 2), keep[2])]
     t = torch.randn(1, 2, 6, 6)
     crop1, crop2 = t[:, :, 0:3, 2:6], t[:, :, 2:6, 0:3]  # r1, r2 inside both
     push = Push()
-    assert push.out_channels([5, 4, 2]) == [5, 4, 2, 2]
+    assert push.out_channels([5, 4, 1, 2]) == [5, 4, 1, 2, 2]
     assert push.needed([*keep, r1, r2]) == [*keep, both]
     assert push.needed([*keep, None, r2]) == [*keep, r2]
     assert push.needed([*keep, r1, None]) == [*keep, r1]
     got = push.run([*below, Piece(t, both)], [*keep, r1, r2], (8, 8), None)
-    assert _same(got[:2], below) and (got[2].region, got[3].region) == (r1, r2)
-    assert torch.equal(got[2].tensor, crop1) and torch.equal(got[3].tensor, crop2)
+    assert _same(got[:3], below) and (got[3].region, got[4].region) == (r1, r2)
+    assert torch.equal(got[3].tensor, crop1) and torch.equal(got[4].tensor, crop2)
     got = push.run([*below, Piece(t, both)], [*keep, None, r2], (8, 8), None)
-    assert _same(got[:3], [*below, None]) and torch.equal(got[3].tensor, crop2)
+    assert _same(got[:4], [*below, None]) and torch.equal(got[4].tensor, crop2)
 
     torch.manual_seed(20)
     shortcut = nn.Conv2d(2, 3, 1)
@@ -443,12 +443,12 @@ def test_push_and_residual_act_on_the_top_of_a_deeper_stack():
             (Residual(shortcut, 2.0), x2, (shortcut(x2) + h) / 2),
             (Residual(None, 1.0), x3, x3 + h),
         ):
-            assert residual.out_channels([5, 4, x.shape[1], 3]) == [5, 4, 3]
+            assert residual.out_channels([5, 4, 1, x.shape[1], 3]) == [5, 4, 1, 3]
             assert residual.needed([*keep, r1]) == [*keep, r1, r1]
             stack = [*below, Piece(x, r1), Piece(h, r1)]
             got = residual.run(stack, [*keep, r1], (8, 8), None)
-            assert _same(got[:2], below) and len(got) == 3 and got[2].region == r1
-            torch.testing.assert_close(got[2].tensor, expected)
+            assert _same(got[:3], below) and len(got) == 4 and got[3].region == r1
+            torch.testing.assert_close(got[3].tensor, expected)
             got = residual.run([*below, Piece(x, r1), None], [*keep, None], (8, 8), None)
             assert _same(got, [*below, None])
 
