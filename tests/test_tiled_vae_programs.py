@@ -386,6 +386,7 @@ def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
         out_h, out_w = full.shape[-2:]
         assert op.out_size(h, w) == (out_h, out_w)
         assert op.out_channels([5, 4, 2]) == [5, 4, full.shape[1]]
+        assert op.needed([*keep, None]) == [*keep, None]
         # The dependency is separable: rows of the output read rows of the input, columns
         # columns, so the field of a region is (rows of its row span) x (cols of its col span).
         row_field, col_field = {}, {}
@@ -493,3 +494,66 @@ def test_folded_upsampling_refuses_other_convs_and_caches_its_phases():
         up.phase_weight()
         made.weight.mul_(-2.0)
         assert torch.equal(up.phase_weight(), tiled_vae.subpixel_weights(made.weight))
+
+
+def test_ops_refuse_unsupported_modules(vae):
+    """Convs that are not plain zero-padded ungrouped Conv2d, GroupNorms without affine
+    parameters and attentions without a plain GroupNorm or with q/k norms are refused."""
+    import copy
+
+    from d3sr_core.inference.tiled_vae.ops import Attend, Conv, Norm, UnsupportedVAEError
+
+    for module in (
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ConvTranspose2d(4, 4, 3, padding=1),
+    ):
+        with pytest.raises(UnsupportedVAEError) as err:
+            Conv(module, (1, 1, 1, 1))
+        assert str(err.value) == f"unsupported conv {module}"
+    for module in (nn.GroupNorm(2, 4, affine=False), nn.BatchNorm2d(4)):
+        with pytest.raises(UnsupportedVAEError) as err:
+            Norm(module, act=True)
+        assert str(err.value) == f"unsupported norm {module}"
+
+    attention = vae.decoder.mid_block.attentions[0]
+    assert Attend(attention).norm.module is attention.group_norm
+    assert not Attend(attention).norm.act
+    for change, message in (
+        (dict(group_norm=None), "VAE attention without a plain GroupNorm"),
+        (dict(spatial_norm=nn.Identity()), "VAE attention without a plain GroupNorm"),
+        (dict(norm_q=nn.Identity()), "VAE attention with q/k norms"),
+        (dict(norm_k=nn.Identity()), "VAE attention with q/k norms"),
+    ):
+        odd = copy.deepcopy(attention)
+        _set(odd, **change)
+        with pytest.raises(UnsupportedVAEError) as err:
+            Attend(odd)
+        assert str(err.value) == message
+
+
+def test_memory_layout_helpers_and_interior_tile():
+    """is_channels_last: 4-d, several channels, channels innermost (crops included); dense
+    packs a crop in its own layout and returns a packed tensor itself; the interior tile is
+    the tile-sized (or image-sized) core with margins differing by at most one."""
+    from d3sr_core.inference.tiled_vae.ops import _interior_tile, dense, is_channels_last
+
+    nchw = torch.randn(1, 3, 6, 7)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    one = torch.randn(1, 1, 6, 7).contiguous(memory_format=torch.channels_last)
+    three_d = torch.randn(2, 4, 3).permute(0, 2, 1)  # stride 1 along dim 1, but 3-d
+    two = torch.randn(1, 2, 6, 7).contiguous(memory_format=torch.channels_last)
+    cases = [(nchw, False), (nhwc, True), (nhwc[:, :, 1:4, 2:6], True), (one, False)]
+    cases += [(three_d, False), (two, True)]
+    assert [is_channels_last(t) for t, _ in cases] == [expected for _, expected in cases]
+    for t, fmt in ((nchw, torch.contiguous_format), (nhwc, torch.channels_last)):
+        assert dense(t) is t
+        crop = t[:, :, 1:4, 2:6]
+        packed = dense(crop)
+        assert packed.is_contiguous(memory_format=fmt) and torch.equal(packed, crop)
+
+    for h, w, tile in ((11, 9, 4), (12, 10, 4), (3, 20, 8), (8, 8, 8), (13, 6, 5)):
+        core = _interior_tile(h, w, tile)
+        assert (core.h, core.w) == (min(tile, h), min(tile, w))
+        for start, end, length in ((core.y0, core.y1, h), (core.x0, core.x1, w)):
+            assert isinstance(start, int) and 0 <= (length - end) - start <= 1
