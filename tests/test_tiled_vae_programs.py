@@ -326,32 +326,43 @@ def _nearest2x(x):
 
 
 def _window_ops():
-    """(op, whole-image reference, the reference whose receptive field the op reads, ring)
-    for convs with every geometry parameter different along the two axes, the SD
-    downsampler's padding, nearest upsampling and the folded upsampling conv, which reads
-    what the nearest upsampling reads plus the one-pixel ring of context its 2x2 phases take
-    at low resolution; float64 so that no receptive-field gradient cancels by rounding."""
+    """(op, whole-image reference, what the op reads, ring) for convs with every geometry
+    parameter (and the dilated extent) different along the two axes, the SD downsampler's
+    padding, nearest upsampling and the folded upsampling conv, which reads what the nearest
+    upsampling reads plus the one-pixel ring of context its 2x2 phases take at low
+    resolution. "What it reads": ``x -> (output, input incl. zero padding, padding before
+    row 0 / column 0)``. float64, so that no receptive-field gradient cancels by rounding."""
     import torch.nn.functional as F
 
     from d3sr_core.inference.tiled_vae.ops import Conv, UpConv, Upsample
 
     torch.manual_seed(19)
-    odd = nn.Conv2d(2, 3, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)).double()
+    odd = nn.Conv2d(2, 3, (3, 5), stride=(1, 2), dilation=(3, 1)).double()
     down = nn.Conv2d(2, 3, 3, stride=2).double()
     same = nn.Conv2d(2, 3, 3, padding=1).double()
     one = nn.Conv2d(2, 3, 1).double()
 
-    def conv_ref(m, pad):  # pad = (top, bottom, left, right)
-        return lambda x: F.conv2d(
-            F.pad(x, (pad[2], pad[3], pad[0], pad[1])), m.weight, m.bias, m.stride, 0, m.dilation
-        )
+    def conv_reads(m, pad):  # pad = (top, bottom, left, right), zeros as pixels of their own
+        def reads(x):
+            xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+            return F.conv2d(xp, m.weight, m.bias, m.stride, 0, m.dilation), xp, (pad[0], pad[2])
 
-    convs = [(odd, (2, 2, 1, 1)), (down, (0, 1, 0, 1)), (same, (1, 1, 1, 1)), (one, (0,) * 4)]
-    up_conv = lambda x: F.conv2d(_nearest2x(x), same.weight, same.bias, padding=1)  # noqa: E731
+        return reads
+
+    def nearest_reads(x):
+        return _nearest2x(x), x, (0, 0)
+
+    def up_conv(x):
+        return F.conv2d(_nearest2x(x), same.weight, same.bias, padding=1)
+
+    ops = []
+    for m, pad in ((odd, (3, 3, 1, 1)), (down, (0, 1, 0, 1)), (same, (1,) * 4), (one, (0,) * 4)):
+        reads = conv_reads(m, pad)
+        ops.append((Conv(m, pad), lambda x, reads=reads: reads(x)[0], reads, 0))
     return [
-        *((Conv(m, pad), conv_ref(m, pad), conv_ref(m, pad), 0) for m, pad in convs),
-        (Upsample(), _nearest2x, _nearest2x, 0),
-        (UpConv(same), up_conv, _nearest2x, 1),
+        *ops,
+        (Upsample(), _nearest2x, nearest_reads, 0),
+        (UpConv(same), up_conv, nearest_reads, 1),
     ]
 
 
@@ -368,11 +379,11 @@ def _same(got, expected):
 
 def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
     """Each window op's output size is the reference's; the input region it asks for
-    (``needed``, clipped to the image) is the bounding box of the input pixels the output
-    region depends on (the gradient's support; for the folded upsampling conv, that of the
-    nearest upsampling grown by its one-pixel ring); and
+    (``needed``, clipped to the image) is the bounding box of the input pixels and zero
+    padding that the output region's taps reach (the gradient's support; for the folded
+    upsampling conv, that of the nearest upsampling grown by its one-pixel ring); and
     ``run`` on a two-element stack, given exactly that region, gives the reference's values
-    on the output region and passes the element below through (or None for an unneeded
+    on the output region and passes the elements below through (or None for an unneeded
     top)."""
     from d3sr_core.inference.tiled_vae.ops import Piece, Region
 
@@ -382,7 +393,7 @@ def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
     below = [Piece(torch.zeros(1, 1, 1, 1), keep[0]), None]
     for op, ref, field_ref, ring in _window_ops():
         x = torch.randn(1, 2, h, w, dtype=torch.float64, requires_grad=True)
-        full, reads = ref(x), field_ref(x)
+        full, (reads, source, before) = ref(x), field_ref(x)
         out_h, out_w = full.shape[-2:]
         assert op.out_size(h, w) == (out_h, out_w)
         assert op.out_channels([5, 4, 2]) == [5, 4, full.shape[1]]
@@ -393,10 +404,11 @@ def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
         for span, field, dim in ((_spans(out_h), row_field, 2), (_spans(out_w), col_field, 3)):
             for a, b in span:
                 (grad,) = torch.autograd.grad(
-                    reads.narrow(dim, a, b - a).sum(), x, retain_graph=True
+                    reads.narrow(dim, a, b - a).sum(), source, retain_graph=True
                 )
                 hit = grad.abs().sum(dim=tuple(d for d in range(4) if d != dim)).nonzero()
-                field[a, b] = (int(hit[0]) - ring, int(hit[-1]) + 1 + ring)
+                shift = before[dim - 2] + ring
+                field[a, b] = (int(hit[0]) - shift, int(hit[-1]) + 1 - shift + 2 * ring)
         for y0, y1 in _spans(out_h):
             for x0, x1 in _spans(out_w):
                 want = Region(y0, y1, x0, x1)
