@@ -310,6 +310,10 @@ EQUIVALENT: dict[str, str] = {
         "groups is 1"
         for i in (35, 56)
     },
+    "d3sr_core.inference.tiled_vae.ops.x_dense__mutmut_1": "a tensor packed in one layout "
+    "only: t.contiguous(memory_format=that layout) returns t itself",
+    "d3sr_core.inference.tiled_vae.ops.x__spans__mutmut_20": "one more edge than the n spans "
+    "read: the last is unused",
     "d3sr_core.inference.tiled_vae.ops.xǁUpsampleǁrun__mutmut_15": "F.interpolate's default "
     "mode is 'nearest'",
     "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁ__init____mutmut_31": 'an empty cache of "" '
