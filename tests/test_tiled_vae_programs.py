@@ -531,6 +531,9 @@ def test_ops_refuse_unsupported_modules(vae):
     attention = vae.decoder.mid_block.attentions[0]
     assert Attend(attention).norm.module is attention.group_norm
     assert not Attend(attention).norm.act
+    with pytest.raises(UnsupportedVAEError) as err:
+        Attend(nn.Identity())
+    assert str(err.value) == "VAE attention without a plain GroupNorm"
     for change, message in (
         (dict(group_norm=None), "VAE attention without a plain GroupNorm"),
         (dict(spatial_norm=nn.Identity()), "VAE attention without a plain GroupNorm"),
@@ -569,3 +572,27 @@ def test_memory_layout_helpers_and_interior_tile():
         assert (core.h, core.w) == (min(tile, h), min(tile, w))
         for start, end, length in ((core.y0, core.y1, h), (core.x0, core.x1, w)):
             assert isinstance(start, int) and 0 <= (length - end) - start <= 1
+
+
+def test_stack_ids_follow_push_and_residual(vae):
+    """_ids through the decoder and encoder programs, op by op and in one call: Push
+    duplicates the top's id, Residual pops two and every other op replaces the top; each
+    new id is one never seen before. On a deeper stack the elements below keep their ids."""
+    from d3sr_core.inference.tiled_vae.ops import Conv, Push, Residual, _ids
+
+    for ops in (tiled_vae.decoder_program(vae), tiled_vae.encoder_program(vae)):
+        ids, counter, seen = [0], [0], {0}
+        for i, op in enumerate(ops):
+            new = _ids(ops, i, i + 1, ids, counter)
+            if isinstance(op, Push):
+                assert new == [*ids, ids[-1]]
+            else:
+                kept = ids[:-2] if isinstance(op, Residual) else ids[:-1]
+                assert new[:-1] == kept and new[-1] not in seen
+                seen.add(new[-1])
+            ids = new
+        assert ids == _ids(ops, 0, len(ops), [0], [0]) and len(ids) == 1
+    conv = Conv(nn.Conv2d(1, 1, 1), (0, 0, 0, 0))
+    ops = [Push(), conv, Residual(None, 1.0), conv]
+    *below, top = _ids(ops, 0, 4, [5, 6, 7], [10])
+    assert below == [5, 6] and top not in (5, 6, 7, 10)
