@@ -310,6 +310,13 @@ EQUIVALENT: dict[str, str] = {
         "groups is 1"
         for i in (35, 56)
     },
+    "d3sr_core.inference.tiled_vae.ops.xǁAttendǁ__post_init____mutmut_47": "Norm.act is "
+    "only tested for truth: None is falsy like False",
+    **{
+        f"d3sr_core.inference.tiled_vae.ops.x__ids__mutmut_{i}": "ids are only compared for "
+        "equality: counting new ids by two still gives ids never seen before"
+        for i in (12, 18)
+    },
     "d3sr_core.inference.tiled_vae.ops.x_dense__mutmut_1": "a tensor packed in one layout "
     "only: t.contiguous(memory_format=that layout) returns t itself",
     "d3sr_core.inference.tiled_vae.ops.x__spans__mutmut_20": "one more edge than the n spans "
