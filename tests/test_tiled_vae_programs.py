@@ -1,6 +1,7 @@
 """The tiled VAE's building blocks against independent references: GroupNorm statistics
 merged from tiles vs float64 / F.group_norm, the untiled path vs diffusers' own forward with
-VAE options the tiny model does not use, and the programs' refusals."""
+VAE options the tiny model does not use, the programs' refusals, and each op's regions and
+stack handling vs the receptive field of a written-out reference (autograd)."""
 
 import pytest
 import torch
