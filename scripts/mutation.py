@@ -284,32 +284,44 @@ EQUIVALENT: dict[str, str] = {
         for i in (92, 93)
     },
     **{
-        "d3sr_core.inference.tiled_vae.ops.x"
-        + name: "the programs push only at stack depth 1 (each resnet's input): Push "
-        "sees one piece and leaves two, Residual sees exactly two, so these slices agree"
-        for name in ("ǁPushǁrun__mutmut_7", "ǁPushǁrun__mutmut_9", "ǁResidualǁrun__mutmut_4")
-    },
-    **{
         f"d3sr_core.inference.tiled_vae.ops.x_upsample_conv__mutmut_{i}": "CPU-only: "
         "torch.empty without device / device=None is on the CPU"
         for i in (34, 41)
     },
-    "d3sr_core.inference.tiled_vae.ops.x_subpixel_weights__mutmut_38": "fold() treats every "
-    "phase other than 0 as phase 1: (0, 2) folds like (0, 1)",
     **{
-        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁ_in_region__mutmut_"
-        + str(i): "asks for one more input row / column than the "
-        "3x3 taps reach: the extra context is cropped away"
-        for i in (12, 15, 18, 22, 25, 28)
+        f"d3sr_core.inference.tiled_vae.ops.x_subpixel_weights__mutmut_{i}": "fold() treats "
+        "every phase other than 0 as phase 1: (0, 2) folds like (0, 1)"
+        for i in (38, 40)
     },
     **{
-        "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_"
-        + str(i): "a larger end of the computed region: _crop slices from "
+        "d3sr_core.inference.tiled_vae.ops.x"
+        + name: "a larger end of the computed region: _crop slices from "
         "its origin, so the same view of the same values"
-        for i in (43, 44, 51, 52)
+        for name in (
+            *(f"ǁUpConvǁrun__mutmut_{i}" for i in (43, 44, 51, 52)),
+            *(f"ǁUpsampleǁrun__mutmut_{i}" for i in (32, 36)),
+        )
     },
-    "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁrun__mutmut_55": "UpConv follows a resnet's Residual in every program, one element "
-    "on the stack: pieces[:-2] and pieces[:-1] are both empty",
+    **{
+        f"d3sr_core.inference.tiled_vae.ops.xǁConvǁrun__mutmut_{i}": "F.conv2d's default "
+        "groups is 1"
+        for i in (35, 56)
+    },
+    "d3sr_core.inference.tiled_vae.ops.xǁAttendǁ__post_init____mutmut_47": "Norm.act is "
+    "only tested for truth: None is falsy like False",
+    **{
+        f"d3sr_core.inference.tiled_vae.ops.x__ids__mutmut_{i}": "ids are only compared for "
+        "equality: counting new ids by two still gives ids never seen before"
+        for i in (12, 18)
+    },
+    "d3sr_core.inference.tiled_vae.ops.x_dense__mutmut_1": "a tensor packed in one layout "
+    "only: t.contiguous(memory_format=that layout) returns t itself",
+    "d3sr_core.inference.tiled_vae.ops.x__spans__mutmut_20": "one more edge than the n spans "
+    "read: the last is unused",
+    "d3sr_core.inference.tiled_vae.ops.xǁUpsampleǁrun__mutmut_15": "F.interpolate's default "
+    "mode is 'nearest'",
+    "d3sr_core.inference.tiled_vae.ops.xǁUpConvǁ__init____mutmut_31": 'an empty cache of "" '
+    'instead of None: ""[:3] never equals the key, so the first call computes the phases',
     **{
         "d3sr_core.inference.tiled_vae.norm.x_group_moments__mutmut_"
         + str(i): "one float32 affine tensor is enough for the "

@@ -1,6 +1,7 @@
 """The tiled VAE's building blocks against independent references: GroupNorm statistics
 merged from tiles vs float64 / F.group_norm, the untiled path vs diffusers' own forward with
-VAE options the tiny model does not use, and the programs' refusals."""
+VAE options the tiny model does not use, the programs' refusals, and each op's regions and
+stack handling vs the receptive field of a written-out reference (autograd)."""
 
 import pytest
 import torch
@@ -318,3 +319,281 @@ def test_crop_and_bias_free_folded_upsampling():
             out = tiled_vae.upsample_conv(xp, weights, None)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
             assert out.is_contiguous(memory_format=fmt)
+
+
+def _nearest2x(x):
+    """Nearest 2x upsampling written out: every pixel repeated twice along each axis."""
+    return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+def _window_ops():
+    """(op, whole-image reference, what the op reads, ring) for convs with every geometry
+    parameter (and the dilated extent) different along the two axes, the SD downsampler's
+    padding, nearest upsampling and the folded upsampling conv, which reads what the nearest
+    upsampling reads plus the one-pixel ring of context its 2x2 phases take at low
+    resolution. "What it reads": ``x -> (output, input incl. zero padding, padding before
+    row 0 / column 0)``. float64, so that no receptive-field gradient cancels by rounding."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae.ops import Conv, UpConv, Upsample
+
+    torch.manual_seed(19)
+    odd = nn.Conv2d(2, 3, (3, 5), stride=(1, 2), dilation=(3, 1)).double()
+    down = nn.Conv2d(2, 3, 3, stride=2).double()
+    same = nn.Conv2d(2, 3, 3, padding=1).double()
+    one = nn.Conv2d(2, 3, 1).double()
+
+    def conv_reads(m, pad):  # pad = (top, bottom, left, right), zeros as pixels of their own
+        def reads(x):
+            xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+            return F.conv2d(xp, m.weight, m.bias, m.stride, 0, m.dilation), xp, (pad[0], pad[2])
+
+        return reads
+
+    def nearest_reads(x):
+        return _nearest2x(x), x, (0, 0)
+
+    def up_conv(x):
+        return F.conv2d(_nearest2x(x), same.weight, same.bias, padding=1)
+
+    ops = []
+    for m, pad in ((odd, (3, 3, 1, 1)), (down, (0, 1, 0, 1)), (same, (1,) * 4), (one, (0,) * 4)):
+        reads = conv_reads(m, pad)
+        ops.append((Conv(m, pad), lambda x, reads=reads: reads(x)[0], reads, 0))
+    return [
+        *ops,
+        (Upsample(), _nearest2x, nearest_reads, 0),
+        (UpConv(same), up_conv, nearest_reads, 1),
+    ]
+
+
+def _spans(n):
+    """Whole, first / last row, and inner spans starting and ending at odd and even rows."""
+    spans = {(0, n), (0, 1), (n - 1, n), (1, 3), (2, n - 1)}
+    return sorted((a, b) for a, b in spans if 0 <= a < b <= n)
+
+
+def _same(got, expected):
+    """The same stack: the very same objects (pieces passed through, None) in order."""
+    return len(got) == len(expected) and all(a is b for a, b in zip(got, expected, strict=True))
+
+
+def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
+    """Each window op's output size is the reference's; the input region it asks for
+    (``needed``, clipped to the image) is the bounding box of the input pixels and zero
+    padding that the output region's taps reach (the gradient's support; for the folded
+    upsampling conv, that of the nearest upsampling grown by its one-pixel ring); and
+    ``run`` on a two-element stack, given exactly that region, gives the reference's values
+    on the output region and passes the elements below through (or None for an unneeded
+    top)."""
+    from d3sr_core.inference.tiled_vae.ops import Piece, Region
+
+    h, w = 9, 11
+    # two elements below the top (one of them unneeded), as a resnet's branch sees them
+    keep = [Region(0, 1, 0, 1), None]
+    below = [Piece(torch.zeros(1, 1, 1, 1), keep[0]), None]
+    for op, ref, field_ref, ring in _window_ops():
+        x = torch.randn(1, 2, h, w, dtype=torch.float64, requires_grad=True)
+        full, (reads, source, before) = ref(x), field_ref(x)
+        out_h, out_w = full.shape[-2:]
+        assert op.out_size(h, w) == (out_h, out_w)
+        assert op.out_channels([5, 4, 2]) == [5, 4, full.shape[1]]
+        assert op.needed([*keep, None]) == [*keep, None]
+        # The dependency is separable: rows of the output read rows of the input, columns
+        # columns, so the field of a region is (rows of its row span) x (cols of its col span).
+        row_field, col_field = {}, {}
+        for span, field, dim in ((_spans(out_h), row_field, 2), (_spans(out_w), col_field, 3)):
+            for a, b in span:
+                (grad,) = torch.autograd.grad(
+                    reads.narrow(dim, a, b - a).sum(), source, retain_graph=True
+                )
+                hit = grad.abs().sum(dim=tuple(d for d in range(4) if d != dim)).nonzero()
+                shift = before[dim - 2] + ring
+                field[a, b] = (int(hit[0]) - shift, int(hit[-1]) + 1 - shift + 2 * ring)
+        for y0, y1 in _spans(out_h):
+            for x0, x1 in _spans(out_w):
+                want = Region(y0, y1, x0, x1)
+                field = Region(*row_field[y0, y1], *col_field[x0, x1])
+                *below_need, need = op.needed([*keep, want])
+                assert below_need == keep
+                need = need.clip(h, w)
+                assert need == field.clip(h, w), (op, want)
+                with torch.no_grad():
+                    top = Piece(x[:, :, need.y0 : need.y1, need.x0 : need.x1], need)
+                    got = op.run([*below, top], [*keep, want], (h, w), None)
+                    assert _same(got[:-1], below) and got[-1].region == want
+                    torch.testing.assert_close(got[-1].tensor, full[:, :, y0:y1, x0:x1])
+                    got = op.run([*below, top], [*keep, None], (h, w), None)
+                    assert _same(got, [*below, None])
+
+
+def test_push_and_residual_act_on_the_top_of_a_deeper_stack():
+    """Push duplicates the top as two crops (asking for their union) and Residual pops the
+    branch and its input into ``(shortcut(x) + h) / scale``, each leaving the elements
+    below untouched; an unneeded output is None."""
+    from d3sr_core.inference.tiled_vae.ops import Piece, Push, Region, Residual
+
+    r1, r2, both = Region(1, 4, 2, 6), Region(3, 7, 0, 3), Region(1, 7, 0, 6)
+    keep = [Region(0, 1, 0, 1), None, Region(0, 2, 0, 2)]
+    below = [Piece(torch.zeros(1, 1, 1, 1), keep[0]), None, Piece(torch.ones(1, 1, 2, 2), keep[2])]
+    t = torch.randn(1, 2, 6, 6)
+    crop1, crop2 = t[:, :, 0:3, 2:6], t[:, :, 2:6, 0:3]  # r1, r2 inside both
+    push = Push()
+    assert push.out_channels([5, 4, 1, 2]) == [5, 4, 1, 2, 2]
+    assert push.needed([*keep, r1, r2]) == [*keep, both]
+    assert push.needed([*keep, None, r2]) == [*keep, r2]
+    assert push.needed([*keep, r1, None]) == [*keep, r1]
+    got = push.run([*below, Piece(t, both)], [*keep, r1, r2], (8, 8), None)
+    assert _same(got[:3], below) and (got[3].region, got[4].region) == (r1, r2)
+    assert torch.equal(got[3].tensor, crop1) and torch.equal(got[4].tensor, crop2)
+    got = push.run([*below, Piece(t, both)], [*keep, None, r2], (8, 8), None)
+    assert _same(got[:4], [*below, None]) and torch.equal(got[4].tensor, crop2)
+
+    torch.manual_seed(20)
+    shortcut = nn.Conv2d(2, 3, 1)
+    x2, x3, h = torch.randn(1, 2, 3, 4), torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4)
+    with torch.no_grad():
+        for residual, x, expected in (
+            (Residual(shortcut, 2.0), x2, (shortcut(x2) + h) / 2),
+            (Residual(None, 1.0), x3, x3 + h),
+        ):
+            assert residual.out_channels([5, 4, 1, x.shape[1], 3]) == [5, 4, 1, 3]
+            assert residual.needed([*keep, r1]) == [*keep, r1, r1]
+            stack = [*below, Piece(x, r1), Piece(h, r1)]
+            got = residual.run(stack, [*keep, r1], (8, 8), None)
+            assert _same(got[:3], below) and len(got) == 4 and got[3].region == r1
+            torch.testing.assert_close(got[3].tensor, expected)
+            got = residual.run([*below, Piece(x, r1), None], [*keep, None], (8, 8), None)
+            assert _same(got, [*below, None])
+
+
+def test_folded_upsampling_refuses_other_convs_and_caches_its_phases():
+    """Only a plain 3x3 / stride 1 / padding 1 zero-padded conv is folded (each other
+    geometry alone is refused); the folded weights are cached while the conv's weight is
+    unchanged and recomputed after an in-place change or a dtype change, and never cached
+    for weights made under inference_mode (no version counter to notice a change)."""
+    from d3sr_core.inference.tiled_vae.ops import UnsupportedVAEError, UpConv
+
+    for conv in (
+        nn.Conv2d(4, 4, 1),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=0),
+        nn.Conv2d(4, 4, 3, padding=1, dilation=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ConvTranspose2d(4, 4, 3, padding=1),
+    ):
+        with pytest.raises(UnsupportedVAEError) as err:
+            UpConv(conv)
+        assert str(err.value) == f"unsupported upsampler conv {conv}"
+
+    torch.manual_seed(21)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    up = UpConv(conv)
+    first = up.phase_weight()
+    assert (
+        torch.equal(first, tiled_vae.subpixel_weights(conv.weight)) and up.phase_weight() is first
+    )
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    changed = up.phase_weight()
+    assert torch.equal(changed, tiled_vae.subpixel_weights(conv.weight))
+    assert up.phase_weight() is changed
+    conv.double()
+    assert up.phase_weight().dtype == torch.float64
+    with torch.inference_mode():
+        made = nn.Conv2d(4, 3, 3, padding=1)
+        up = UpConv(made)
+        up.phase_weight()
+        made.weight.mul_(-2.0)
+        assert torch.equal(up.phase_weight(), tiled_vae.subpixel_weights(made.weight))
+
+
+def test_ops_refuse_unsupported_modules(vae):
+    """Convs that are not plain zero-padded ungrouped Conv2d, GroupNorms without affine
+    parameters and attentions without a plain GroupNorm or with q/k norms are refused."""
+    import copy
+
+    from d3sr_core.inference.tiled_vae.ops import Attend, Conv, Norm, UnsupportedVAEError
+
+    for module in (
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.ConvTranspose2d(4, 4, 3, padding=1),
+    ):
+        with pytest.raises(UnsupportedVAEError) as err:
+            Conv(module, (1, 1, 1, 1))
+        assert str(err.value) == f"unsupported conv {module}"
+    for module in (nn.GroupNorm(2, 4, affine=False), nn.BatchNorm2d(4)):
+        with pytest.raises(UnsupportedVAEError) as err:
+            Norm(module, act=True)
+        assert str(err.value) == f"unsupported norm {module}"
+
+    attention = vae.decoder.mid_block.attentions[0]
+    assert Attend(attention).norm.module is attention.group_norm
+    assert not Attend(attention).norm.act
+    with pytest.raises(UnsupportedVAEError) as err:
+        Attend(nn.Identity())
+    assert str(err.value) == "VAE attention without a plain GroupNorm"
+    for change, message in (
+        (dict(group_norm=None), "VAE attention without a plain GroupNorm"),
+        (dict(spatial_norm=nn.Identity()), "VAE attention without a plain GroupNorm"),
+        (dict(norm_q=nn.Identity()), "VAE attention with q/k norms"),
+        (dict(norm_k=nn.Identity()), "VAE attention with q/k norms"),
+    ):
+        odd = copy.deepcopy(attention)
+        _set(odd, **change)
+        with pytest.raises(UnsupportedVAEError) as err:
+            Attend(odd)
+        assert str(err.value) == message
+
+
+def test_memory_layout_helpers_and_interior_tile():
+    """is_channels_last: 4-d, several channels, channels innermost (crops included); dense
+    packs a crop in its own layout and returns a packed tensor itself; the interior tile is
+    the tile-sized (or image-sized) core with margins differing by at most one."""
+    from d3sr_core.inference.tiled_vae.ops import _interior_tile, dense, is_channels_last
+
+    nchw = torch.randn(1, 3, 6, 7)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    one = nhwc[:, :1]  # one channel with stride 1: either layout, taken as NCHW
+    three_d = torch.randn(2, 4, 3).permute(0, 2, 1)  # stride 1 along dim 1, but 3-d
+    two = torch.randn(1, 2, 6, 7).contiguous(memory_format=torch.channels_last)
+    cases = [(nchw, False), (nhwc, True), (nhwc[:, :, 1:4, 2:6], True), (one, False)]
+    cases += [(three_d, False), (two, True)]
+    assert [is_channels_last(t) for t, _ in cases] == [expected for _, expected in cases]
+    for t, fmt in ((nchw, torch.contiguous_format), (nhwc, torch.channels_last)):
+        assert dense(t) is t
+        crop = t[:, :, 1:4, 2:6]
+        packed = dense(crop)
+        assert packed.is_contiguous(memory_format=fmt) and torch.equal(packed, crop)
+
+    for h, w, tile in ((11, 9, 4), (12, 10, 4), (3, 20, 8), (8, 8, 8), (13, 6, 5)):
+        core = _interior_tile(h, w, tile)
+        assert (core.h, core.w) == (min(tile, h), min(tile, w))
+        for start, end, length in ((core.y0, core.y1, h), (core.x0, core.x1, w)):
+            assert isinstance(start, int) and 0 <= (length - end) - start <= 1
+
+
+def test_stack_ids_follow_push_and_residual(vae):
+    """_ids through the decoder and encoder programs, op by op and in one call: Push
+    duplicates the top's id, Residual pops two and every other op replaces the top; each
+    new id is one never seen before. On a deeper stack the elements below keep their ids."""
+    from d3sr_core.inference.tiled_vae.ops import Conv, Push, Residual, _ids
+
+    for ops in (tiled_vae.decoder_program(vae), tiled_vae.encoder_program(vae)):
+        ids, counter, seen = [0], [0], {0}
+        for i, op in enumerate(ops):
+            new = _ids(ops, i, i + 1, ids, counter)
+            if isinstance(op, Push):
+                assert new == [*ids, ids[-1]]
+            else:
+                kept = ids[:-2] if isinstance(op, Residual) else ids[:-1]
+                assert new[:-1] == kept and new[-1] not in seen
+                seen.add(new[-1])
+            ids = new
+        assert ids == _ids(ops, 0, len(ops), [0], [0]) and len(ids) == 1
+    conv = Conv(nn.Conv2d(1, 1, 1), (0, 0, 0, 0))
+    ops = [Push(), conv, Residual(None, 1.0), conv]
+    *below, top = _ids(ops, 0, 4, [5, 6, 7], [10])
+    assert below == [5, 6] and top not in (5, 6, 7, 10)
