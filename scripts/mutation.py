@@ -453,6 +453,12 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
     "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ_write_run__mutmut_13": "a run with "
+    "no whole block inside (a1 == a0): its two ends are written through the page cache one by "
+    "one instead of at once, the same bytes at the same offsets",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ_write_run__mutmut_66": "the slice "
+    "end past a1 is clamped to the run's end: the extra bytes are the run's own, already "
+    "written there (rewritten through the page cache)",
     **{
         f"d3sr_core.inference.tiled_vae.norm.x__apply_norm__mutmut_{i}": "CPU-only: the "
         "statistics .to(device=None) / without device stay on the CPU"

@@ -55,12 +55,13 @@ def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt):
     assert _open_fds() == fds and t.closed
 
 
-@pytest.mark.parametrize("failing", [None, "pwrite", "preadv"])
+@pytest.mark.parametrize("failing", [None, "pwrite", "short pwrite", "preadv"])
 def test_direct_io_round_trips_unaligned_runs(tmp_path, monkeypatch, failing):
     """Runs that straddle disk blocks: the aligned middles are written around the page
-    cache, the ends through it, the blocks around a run read back around it, and the file
-    reads back exactly; if a direct write or read fails, the file falls back to the page
-    cache for good and still reads back exactly."""
+    cache, the ends (less than a block each) through it, the blocks around a run read back
+    around it, and the file reads back exactly; if a direct write or read fails or a direct
+    write comes back short, the file falls back to the page cache for good (from the first
+    byte not written) and still reads back exactly."""
     from d3sr_core.inference.tiled_vae import spill
 
     monkeypatch.setattr(spill, "DIRECT_CHUNK", 2 * spill.DIRECT_ALIGN)  # several chunks a run
@@ -69,7 +70,21 @@ def test_direct_io_round_trips_unaligned_runs(tmp_path, monkeypatch, failing):
     t = SpilledTensor(tuple(x.shape), torch.float32, tmp_path, torch.contiguous_format)
     if not t.direct:
         pytest.skip(f"no O_DIRECT on {tmp_path}")
-    if failing:
+    buffered: list[int] = []
+    write_buffered = t._write_buffered
+    t._write_buffered = lambda offset, view: (
+        buffered.append(len(view)) or write_buffered(offset, view)
+    )
+    if failing == "short pwrite":
+        pwrite = os.pwrite
+
+        def short(fd, data, offset):  # in the second image (a run not at 0): one block
+            return pwrite(fd, data[: spill.DIRECT_ALIGN] if offset >= half else data, offset)
+
+        half = t.nbytes // 2
+
+        monkeypatch.setattr(spill.os, "pwrite", short)
+    elif failing:
 
         def refuse(*args):
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -78,7 +93,9 @@ def test_direct_io_round_trips_unaligned_runs(tmp_path, monkeypatch, failing):
     for y0, y1 in ((0, 9), (9, 40)):  # a full-width band (one run), then 3 x 31 rows of runs
         for x0, x1 in ((0, 70),) if y0 == 0 else ((0, 23), (23, 51), (51, 70)):
             t.write(Region(y0, y1, x0, x1), x[:, :, y0:y1, x0:x1])
-    assert t.direct is (failing != "pwrite")
+    assert t.direct is (failing not in ("pwrite", "short pwrite"))
+    if failing is None:  # only the unaligned ends went through the page cache
+        assert buffered and max(buffered) < 2 * spill.DIRECT_ALIGN
     assert torch.equal(t.read(Region(7, 33, 5, 66)), x[:, :, 7:33, 5:66])
     assert torch.equal(t.read(Region(0, 40, 0, 70)), x)
     assert t.direct is (failing is None)
