@@ -431,6 +431,8 @@ def test_spill_io_threads_order_and_mode(tmp_path, inference):
         == [("store", "d3sr-spill-write_0", inference)] * 3
         + [("load", "d3sr-spill-read_0", inference)] * 3
     )
+    buffer = f.empty(bands[1])
+    assert f.load(bands[1], buffer) is buffer and torch.equal(buffer, x[:, :, 2:4])
     io.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("d3sr-spill")]
     f.close()
