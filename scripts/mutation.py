@@ -444,7 +444,7 @@ EQUIVALENT: dict[str, str] = {
     **{
         f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "CPU-only: no device / "
         "device=None keeps the tensor on the CPU"
-        for name in ("write__mutmut_10", "write__mutmut_12", "read__mutmut_34")
+        for name in ("prepare__mutmut_2", "prepare__mutmut_4", "place__mutmut_2")
     },
     **{
         f"d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ{name}": "a signed-byte view of "
@@ -453,6 +453,15 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
     "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_59": "getattr's "
+    "default None is as falsy as 0 (no O_DIRECT: the page cache)",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ_read_run__mutmut_35": "a longer "
+    "direct read into the bounce buffer (clamped at its size, still whole blocks): the bytes "
+    "taken from it are the same",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpillIOǁclose__mutmut_6": "wait=True is "
+    "ThreadPoolExecutor.shutdown's default",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpillIOǁclose__mutmut_10": "a SpillIO is not used "
+    "after close() (the runner makes one per run and closes it before its files)",
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ_write_run__mutmut_13": "a run with "
     "no whole block inside (a1 == a0): its two ends are written through the page cache one by "
     "one instead of at once, the same bytes at the same offsets",

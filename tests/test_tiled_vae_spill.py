@@ -376,6 +376,8 @@ class _Watched(SpilledTensor):
         self.spin = 0.0  # thread CPU seconds each store burns
         self.sleep = 0.0  # wall seconds each call sleeps
         self.loads_into_given_buffer: list[bool] = []
+        self.load_started = threading.Event()
+        self.load_gate: threading.Event | None = None  # loads wait for it
 
     def _io(self, kind: str) -> None:
         with self.lock:
@@ -386,6 +388,10 @@ class _Watched(SpilledTensor):
         )
         if kind == "store" and self.gate is not None:
             assert self.gate.wait(10)
+        if kind == "load":
+            self.load_started.set()
+            if self.load_gate is not None:
+                assert self.load_gate.wait(10)
         if self.sleep:
             time.sleep(self.sleep)
         if kind == "store" and self.spin:
@@ -480,6 +486,22 @@ def test_spill_io_write_behind_waits_and_cpu(tmp_path):
     assert io._queued == 0 and not io._writes
     assert torch.equal(f.read(bottom), x[:, :, 2:]), "the queued write was dropped"
 
+    f.load_gate = threading.Event()  # close() also cancels the reads not yet started
+    io = SpillIO()
+    pending = [io.read(f, top) for _ in range(3)]
+    assert f.load_started.wait(5)
+    threading.Timer(0.2, f.load_gate.set).start()
+    io.close()
+    assert [p.cancelled() for p in pending] == [False, True, True]
+    f.load_gate = None
+
+    one = SpilledTensor((1, 1, 1, 1), torch.uint8, tmp_path)
+    io = SpillIO()  # synchronous by default, even for a one-byte tile
+    io.write(one, Region(0, 1, 0, 1), torch.full((1, 1, 1, 1), 7, dtype=torch.uint8))
+    assert not io._writes and one.read(Region(0, 1, 0, 1)).item() == 7
+    io.close()
+    one.close()
+
     def failing(region, tensor):
         raise SpillError(errno.EIO, "disk gone")
 
@@ -490,3 +512,54 @@ def test_spill_io_write_behind_waits_and_cpu(tmp_path):
         io.flush()
     io.close()
     f.close()
+
+
+def test_spill_file_without_direct_io(tmp_path, monkeypatch):
+    """direct=False, a file system that refuses O_DIRECT, or a platform without it: every
+    transfer goes through the page cache, partial ones resumed, and a short read is a
+    SpillError; close() unmaps the bounce buffers and is safe on a half-built object
+    (``__del__`` calls it)."""
+    from d3sr_core.inference.tiled_vae import spill
+
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(43))
+    whole = Region(0, 4, 0, 5)
+    t = SpilledTensor(tuple(x.shape), torch.float32, tmp_path, direct=False)
+    assert not t.direct
+    t._file = _Trickle(t._file)  # 7 bytes per call
+    t.write(whole, x)
+    assert torch.equal(t.read(whole), x)
+    os.ftruncate(t._file.f.fileno(), 10)
+    with pytest.raises(SpillError) as err:
+        t.read(whole)
+    assert err.value.errno == 0
+    assert str(err.value) == f"[Errno 0] tiled VAE: short read of a checkpoint in {str(tmp_path)!r}"
+    t.close()
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(spill.os, "open", no_direct)
+    refused = SpilledTensor(tuple(x.shape), torch.float32, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.delattr(spill.os, "O_DIRECT")
+    absent = SpilledTensor(tuple(x.shape), torch.float32, tmp_path)
+    monkeypatch.undo()
+    for u in (refused, absent):
+        assert not u.direct
+        u.write(whole, x)
+        assert torch.equal(u.read(whole), x)
+        u.close()
+
+    v = SpilledTensor((1, 4, 32, 32), torch.float32, tmp_path)  # one 16 kB run
+    if v.direct:
+        v.write(Region(0, 32, 0, 32), torch.ones(1, 4, 32, 32))
+        assert torch.equal(v.read(Region(0, 32, 0, 32)), torch.ones(1, 4, 32, 32))
+        bounces = (v._bounce, v._read_bounce)
+        assert None not in bounces
+        v.close()
+        assert all(b.closed for b in bounces)
+    SpilledTensor.__new__(SpilledTensor).close()  # no attribute set yet
