@@ -35,10 +35,11 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.parametrize("channels", [5, 1])  # one channel: any stride on its axis
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
-def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt):
-    x = torch.randn(2, 5, 13, 17, generator=torch.Generator().manual_seed(30)).to(dtype)
+def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt, channels):
+    x = torch.randn(2, channels, 13, 17, generator=torch.Generator().manual_seed(30)).to(dtype)
     fds = _open_fds()
     t = SpilledTensor(tuple(x.shape), dtype, tmp_path, fmt)
     # written as a grid of tiles (full-width bands and partial rows), in either layout
@@ -51,6 +52,8 @@ def test_spilled_tensor_round_trips_any_region(tmp_path, dtype, fmt):
         out = t.read(r)
         assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
         assert torch.equal(out, x[:, :, r.y0 : r.y1, r.x0 : r.x1])
+    t.write(Region(0, 13, 0, 17), -x)  # a whole tensor in NCHW memory, not a crop
+    assert torch.equal(t.read(Region(0, 13, 0, 17)), -x)
     t.close()
     assert _open_fds() == fds and t.closed
 

@@ -190,7 +190,10 @@ class SpilledTensor:
     def store(self, region: Region, tensor: Tensor) -> None:
         """:meth:`write` of a :meth:`prepare`-d tensor: file I/O only (no tensor op, so it
         may run on an I/O thread)."""
-        data = tensor.permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
+        # the bytes in NHWC order; flattened first because a one-channel state may have any
+        # stride on its channel axis, which a dtype view refuses
+        nhwc = tensor.permute(0, 2, 3, 1)
+        data = nhwc.reshape(-1).view(torch.uint8).view(*nhwc.shape[:3], -1).numpy()
         self._raw()
         for b, y, n, offset in self._runs(region):
             view = memoryview(data[b, y : y + n]).cast("B")
