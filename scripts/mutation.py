@@ -453,6 +453,8 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
     "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁstore__mutmut_22": "[B, H, W, C, "
+    "itemsize] instead of [B, H, W, C * itemsize] bytes: data[b, y : y + n] is the same run",
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_59": "getattr's "
     "default None is as falsy as 0 (no O_DIRECT: the page cache)",
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ_read_run__mutmut_35": "a longer "
