@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # module -> the fast tests that check its numbers (pytest arguments, "-k" allowed).
 MODULE_TESTS: dict[str, list[str]] = {
     "d3sr_core/models/schedule.py": ["tests/test_schedule.py"],
+    "d3sr_core/models/configs/__init__.py": ["tests/test_bundled_configs.py"],
     "d3sr_core/losses/gan.py": ["tests/test_gan.py"],
     "d3sr_core/inference/alpha.py": [
         "tests/test_alpha_and_cache.py",
@@ -453,6 +454,14 @@ EQUIVALENT: dict[str, str] = {
     },
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_27": "a buffered "
     "file reads back the same bytes (seek flushes the buffer): one more memory copy only",
+    **{
+        f"d3sr_core.models.configs.x_bundled_config__mutmut_{i}": "the bundled files are ASCII "
+        "(test_bundled_configs checks it): read alike in UTF-8 and any locale encoding"
+        for i in (5, 7, 13)
+    },
+    "d3sr_core.models.configs.x_bundled_config__mutmut_6": "'r' is open()'s default mode",
+    "d3sr_core.models.configs.x_bundled_config__mutmut_18": "every bundled file has a "
+    "_class_name (test_bundled_configs checks it), so pop needs no default",
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁstore__mutmut_22": "[B, H, W, C, "
     "itemsize] instead of [B, H, W, C * itemsize] bytes: data[b, y : y + n] is the same run",
     "d3sr_core.inference.tiled_vae.spill.xǁSpilledTensorǁ__init____mutmut_59": "getattr's "
