@@ -110,6 +110,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "d3sr_core/inference/tiled_vae/whole.py": [
         "tests/test_tiled_vae_numbers.py",
+        "tests/test_tiled_vae_runner.py",
         "tests/test_tiled_vae_programs.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_half.py",
@@ -123,6 +124,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "d3sr_core/inference/tiled_vae/spill.py": ["tests/test_tiled_vae_spill.py"],
     "d3sr_core/inference/tiled_vae/planner.py": [
         "tests/test_tiled_vae_numbers.py",
+        "tests/test_tiled_vae_runner.py",
         "tests/test_tiled_vae.py",
         "tests/test_tiled_vae_spill.py",
         "tests/test_budget_precision.py",
@@ -130,6 +132,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     **{
         f"d3sr_core/inference/tiled_vae/{name}.py": [
             "tests/test_tiled_vae_numbers.py",
+            "tests/test_tiled_vae_runner.py",
             "tests/test_vae_attention.py",
             "tests/test_tiled_vae_programs.py",
             "tests/test_tiled_vae.py",
