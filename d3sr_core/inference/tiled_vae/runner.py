@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..memory import release_host_memory
+from ..memory import release_host_memory, reuse_freed_heap
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats, _apply_norm
 from .ops import (
@@ -303,7 +303,8 @@ class TiledVAERunner:
         files: list[SpilledTensor] = []  # every temporary file, closed on any exit
         io = SpillIO()  # their I/O threads (started on first use), stopped before the files
         try:
-            return self._passes(x, schedule, limit, files, io)
+            with reuse_freed_heap(x.device):
+                return self._passes(x, schedule, limit, files, io)
         finally:
             io.close()
             self.report.spill_wait_s = io.waited
