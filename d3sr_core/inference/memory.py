@@ -189,6 +189,35 @@ def release_host_memory(device: torch.device | str = "cpu") -> None:
         libc.malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> bool:
+    """:func:`release_host_memory` when glibc's heap holds more than ``max_free_bytes`` of
+    freed blocks (``mallinfo2().fordblks``); returns whether it trimmed.
+
+    Within :func:`reuse_freed_heap`, tiles whose blocks are slightly larger than the last
+    ones (a row more, a halo on both sides) leave the smaller freed blocks behind; this bounds
+    what they hold (measured at 4096x4096: +0.7 GB of peak without a bound). A no-op off
+    Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices.
+    """
+    libc = _glibc(device)
+    if not libc or not hasattr(libc, "mallinfo2"):
+        return False
+    libc.mallinfo2.restype = _MallInfo2
+    if libc.mallinfo2().fordblks <= max_free_bytes:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 @contextmanager
 def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
     """Within the block, CPU blocks up to :data:`HEAP_REUSE_BYTES` come from glibc's heap and

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..memory import release_host_memory, reuse_freed_heap
+from ..memory import release_host_memory, reuse_freed_heap, trim_freed_heap
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats, _apply_norm
 from .ops import (
@@ -362,7 +362,8 @@ class TiledVAERunner:
             if in_place:
                 row_bytes = w * new_bytes / max(h * w, 1)
                 tile = max(8, min(tile, int(work / (2 * max(row_bytes, 1)))))
-                in_place = self._halo(ck_index, s, sizes, chans, tile, wide) <= min(
+                # (never banded: in place needs the checkpoint in memory and no spill)
+                in_place = self._halo(ck_index, s, sizes, chans, tile) <= min(
                     b - a for a, b in _spans(h, tile)
                 )
             grid = _grid(h, w, tile, wide)
@@ -428,6 +429,8 @@ class TiledVAERunner:
                         bands = bands[-1:] + [[]]
                     bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
+                # freed tile blocks are kept for the next tile (reuse_freed_heap), up to this
+                trim_freed_heap(int(self.config.budget * UNESTIMATED_FRACTION), x.device)
                 self.report.tiles += 1
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
@@ -506,9 +509,9 @@ class TiledVAERunner:
         """The bytes the checkpoints and tiles are planned in (see UNESTIMATED_FRACTION)."""
         return self.config.budget * (1.0 - UNESTIMATED_FRACTION)
 
-    def _halo(self, start: int, stop: int, sizes, chans, tile: int, wide: bool = False) -> int:
+    def _halo(self, start: int, stop: int, sizes, chans, tile: int) -> int:
         """Rows above a tile's core that the pass from ``start`` to ``stop`` reads."""
-        core = _interior_tile(*sizes[stop], tile, wide)
+        core = _interior_tile(*sizes[stop], tile)
         needs = _backward(self.ops, start, stop, [core] * len(chans[stop]), sizes)
         return max(core.y0 - r.y0 for r in needs[0] if r is not None)
 
