@@ -209,6 +209,41 @@ def test_freed_heap_reuse_sets_and_restores_glibc_thresholds(monkeypatch):
     assert len(calls) == 5
 
 
+def test_freed_heap_is_trimmed_beyond_a_bound(monkeypatch):
+    """trim_freed_heap(n): malloc_trim(0) exactly when glibc's free heap bytes
+    (mallinfo2().fordblks) exceed n; nothing without mallinfo2 (glibc < 2.33), off Linux or
+    for accelerator devices."""
+    calls = []
+    free = [0]
+
+    class MallInfo2:
+        restype = None
+
+        def __call__(self):
+            info = memory._MallInfo2()
+            info.fordblks = free[0]
+            return info
+
+    libc = SimpleNamespace(
+        malloc_trim=_Recorder("trim", calls), mallopt=_Recorder("opt", calls), mallinfo2=MallInfo2()
+    )
+    monkeypatch.setattr(memory, "_LIBC", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    for nbytes, trimmed in ((0, False), (1000, False), (1001, True), (10**12, True)):
+        free[0] = nbytes
+        assert memory.trim_freed_heap(1000, "cpu") is trimmed
+    assert calls == [("trim", 0), ("trim", 0)]
+    assert libc.mallinfo2.restype is memory._MallInfo2
+    assert memory.trim_freed_heap(0, "cuda") is False
+    del libc.mallinfo2
+    assert memory.trim_freed_heap(0, "cpu") is False and len(calls) == 2
+    # the struct is glibc's: ten size_t fields, fordblks the ninth
+    names = [n for n, _ in memory._MallInfo2._fields_]
+    assert names.index("fordblks") == 8 and len(names) == 10
+    assert ctypes.sizeof(memory._MallInfo2) == 10 * ctypes.sizeof(ctypes.c_size_t)
+
+
 # Run in a fresh interpreter: in a long test process another thread may hold the main glibc
 # arena's lock, and the allocations then go to an arena of their own, in another state.
 _FAULTS_SCRIPT = """
@@ -225,6 +260,9 @@ out = [faults_of_a_second_block()]
 with memory.reuse_freed_heap("cpu"):
     out.append(min(faults_of_a_second_block() for _ in range(3)))
 out.append(faults_of_a_second_block())
+with memory.reuse_freed_heap("cpu"):
+    torch.ones(10 * 2**20)  # 40 MiB freed into the heap
+    out += [memory.trim_freed_heap(2**40), memory.trim_freed_heap(2**20)]
 print(json.dumps(out))
 """
 
@@ -234,17 +272,20 @@ def test_freed_heap_reuse_avoids_page_faults_for_a_repeated_block():
     """The real effect: a 40 MiB tensor (over glibc's largest dynamic mmap threshold,
     32 MiB) freed and made again is zero-filled page by page by the kernel (about 1 fault
     per 4 KiB page) before and after the block, and reuses the freed memory inside it, as a
-    pass's next tile does (a few faults at most)."""
+    pass's next tile does (a few faults at most); and trim_freed_heap reads the real
+    mallinfo2."""
     import json
     import subprocess
 
     run = subprocess.run(
         [sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True
     )
-    before, inside, after = json.loads(run.stdout.splitlines()[-1])
+    before, inside, after, under, over = json.loads(run.stdout.splitlines()[-1])
     pages = 40 * 2**20 // 4096
     assert before >= 0.9 * pages and after >= 0.9 * pages
     assert inside < pages // 10
+    # the real mallinfo2: 40 MiB freed is over a 1 MiB bound, not over 1 TiB
+    assert under is False and over is True
 
 
 def test_retries_halve_the_budget_and_log_each_time(monkeypatch, caplog):

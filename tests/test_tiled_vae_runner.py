@@ -742,3 +742,37 @@ def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkey
     items = [4] * len(sizes)
     tiles, banded = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 1, items)
     assert report.tile_sizes == tiles and tiles[1] == 8 and report.banded == banded == []
+
+
+def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
+    """The whole run is inside memory.reuse_freed_heap (once, on the input's device), and
+    after every tile the freed heap is trimmed beyond UNESTIMATED_FRACTION of the budget
+    (memory.trim_freed_heap); the output is the diffusers decode either way."""
+    from contextlib import contextmanager
+
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    events = []
+
+    @contextmanager
+    def reuse(device):
+        events.append(("enter", torch.device(device).type))
+        yield
+        events.append(("exit",))
+
+    monkeypatch.setattr(runner_module, "reuse_freed_heap", reuse)
+    monkeypatch.setattr(runner_module, "trim_freed_heap", lambda n, d: events.append(("trim", n)))
+    vae = tiny_vae()
+    z = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(9))
+    budget = 3_000_000
+    runner = _runner(decoder_program(vae), budget, tile=16)
+    with torch.inference_mode():
+        out = runner.run(z)
+        ref = vae.decode(z).sample
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    trims = [("trim", int(budget * runner_module.UNESTIMATED_FRACTION))] * runner.report.tiles
+    assert runner.report.tiles > runner.report.passes > 1
+    assert events == [("enter", "cpu"), *trims, ("exit",)]
