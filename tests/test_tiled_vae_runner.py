@@ -746,7 +746,7 @@ def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkey
 
 def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
     """The whole run is inside memory.reuse_freed_heap (once, on the input's device), and
-    after every tile the freed heap is trimmed beyond UNESTIMATED_FRACTION of the budget
+    after every tile the freed heap is trimmed beyond FREED_HEAP_FRACTION of the budget
     (memory.trim_freed_heap); the output is the diffusers decode either way."""
     from contextlib import contextmanager
 
@@ -773,6 +773,6 @@ def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
         out = runner.run(z)
         ref = vae.decode(z).sample
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    trims = [("trim", int(budget * runner_module.UNESTIMATED_FRACTION))] * runner.report.tiles
+    trims = [("trim", int(budget * runner_module.FREED_HEAP_FRACTION))] * runner.report.tiles
     assert runner.report.tiles > runner.report.passes > 1
     assert events == [("enter", "cpu"), *trims, ("exit",)]

@@ -47,6 +47,12 @@ WRITE_BEHIND_TILES = 1
 # passes whose checkpoints left a tile 256 MiB peaked 0.35-0.43 GB above their checkpoints,
 # 0.16 GB (6.6 % of the 2.25 GiB budget) over it; the runner plans with 90 % of the budget.
 UNESTIMATED_FRACTION = 0.1
+# Freed tile memory a run keeps for the next tiles (memory.reuse_freed_heap) before it trims
+# the heap, as a share of the budget. Measured at 2 threads (bench/bench_large.py): with no
+# bound a 2048x2048 upscale took 124 s but the 4096x4096 peak rose from 2.50 to 3.19 GB;
+# with 10 % the peak stayed but the trims (page faults again, and on two cores TLB
+# shootdowns) cost as much as not reusing at all (157 s at 2048x2048).
+FREED_HEAP_FRACTION = 0.25
 
 Tick = Callable[[float], None]
 
@@ -429,8 +435,7 @@ class TiledVAERunner:
                         bands = bands[-1:] + [[]]
                     bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
-                # freed tile blocks are kept for the next tile (reuse_freed_heap), up to this
-                trim_freed_heap(int(self.config.budget * UNESTIMATED_FRACTION), x.device)
+                trim_freed_heap(int(self.config.budget * FREED_HEAP_FRACTION), x.device)
                 self.report.tiles += 1
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
