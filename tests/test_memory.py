@@ -250,6 +250,8 @@ _FAULTS_SCRIPT = """
 import json, resource, torch
 from d3sr_core.inference import memory
 
+torch.set_num_threads(1)  # every fault in this thread
+
 def faults_of_a_second_block():
     torch.ones(10 * 2**20)  # 40 MiB, freed at once
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt

@@ -234,7 +234,8 @@ def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
 
     Measured (``bench/bench_large.py --vae 2048``, one thread): 21.5 M page faults and 42.7 s
     of system time per encode + decode without it, 6.4 M and 13.9 s with it; the peak RSS
-    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends).
+    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends),
+    which :func:`trim_freed_heap` bounds.
     """
     global _heap_reuse_depth
     libc = _glibc(device)
