@@ -144,6 +144,7 @@ def test_host_memory_is_trimmed_on_linux_cpus_only(monkeypatch):
     libc.malloc_trim = type(
         "Trim", (), {"argtypes": None, "__call__": lambda s, n: trims.append(n)}
     )()
+    libc.mallopt = SimpleNamespace(argtypes=None)
     loaded = []
     monkeypatch.setattr(memory, "_LIBC", None)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: loaded.append(name) or libc)
@@ -166,6 +167,127 @@ def test_host_memory_is_trimmed_on_linux_cpus_only(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     memory.release_host_memory("cpu")
     assert memory._LIBC is False and trims == [0, 0]
+
+
+class _Recorder:
+    """A libc function that records its calls."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls, self.argtypes = name, calls, None
+
+    def __call__(self, *args):
+        self.calls.append((self.name, *args))
+        return 1
+
+
+def test_freed_heap_reuse_sets_and_restores_glibc_thresholds(monkeypatch):
+    """Inside reuse_freed_heap (CPU, Linux): mallopt(M_MMAP_THRESHOLD = -3, 1 GiB) and
+    mallopt(M_TRIM_THRESHOLD = -1, 1 GiB) once, however deeply nested; when the outermost
+    block exits (also by an exception): 32 MiB and 64 MiB, then malloc_trim(0). Nothing for
+    accelerator devices or off Linux."""
+    calls = []
+    libc = SimpleNamespace(malloc_trim=_Recorder("trim", calls), mallopt=_Recorder("opt", calls))
+    monkeypatch.setattr(memory, "_LIBC", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    with memory.reuse_freed_heap("cuda"):
+        pass
+    assert calls == []
+    assert libc.mallopt.argtypes is None  # not even loaded
+    with pytest.raises(KeyError):
+        with memory.reuse_freed_heap("cpu"):
+            assert calls == [("opt", -3, 2**30), ("opt", -1, 2**30)]
+            with memory.reuse_freed_heap(torch.device("cpu")):
+                pass
+            assert len(calls) == 2, "the inner block changes nothing"
+            raise KeyError("fails inside")
+    assert calls[2:] == [("opt", -3, 32 * 2**20), ("opt", -1, 64 * 2**20), ("trim", 0)]
+    assert libc.mallopt.argtypes == [ctypes.c_int, ctypes.c_int]
+    monkeypatch.setattr(memory.sys, "platform", "win32")
+    with memory.reuse_freed_heap("cpu"):
+        pass
+    assert len(calls) == 5
+
+
+def test_freed_heap_is_trimmed_beyond_a_bound(monkeypatch):
+    """trim_freed_heap(n): malloc_trim(0) exactly when glibc's free heap bytes
+    (mallinfo2().fordblks) exceed n; nothing without mallinfo2 (glibc < 2.33), off Linux or
+    for accelerator devices."""
+    calls = []
+    free = [0]
+
+    class MallInfo2:
+        restype = None
+
+        def __call__(self):
+            info = memory._MallInfo2()
+            info.fordblks = free[0]
+            return info
+
+    libc = SimpleNamespace(
+        malloc_trim=_Recorder("trim", calls), mallopt=_Recorder("opt", calls), mallinfo2=MallInfo2()
+    )
+    monkeypatch.setattr(memory, "_LIBC", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    for nbytes, trimmed in ((0, False), (1000, False), (1001, True), (10**12, True)):
+        free[0] = nbytes
+        assert memory.trim_freed_heap(1000, "cpu") is trimmed
+    assert calls == [("trim", 0), ("trim", 0)]
+    assert libc.mallinfo2.restype is memory._MallInfo2
+    assert memory.trim_freed_heap(0, "cuda") is False
+    del libc.mallinfo2
+    assert memory.trim_freed_heap(0, "cpu") is False and len(calls) == 2
+    # the struct is glibc's: ten size_t fields, fordblks the ninth
+    names = [n for n, _ in memory._MallInfo2._fields_]
+    assert names.index("fordblks") == 8 and len(names) == 10
+    assert ctypes.sizeof(memory._MallInfo2) == 10 * ctypes.sizeof(ctypes.c_size_t)
+
+
+# Run in a fresh interpreter: in a long test process another thread may hold the main glibc
+# arena's lock, and the allocations then go to an arena of their own, in another state.
+_FAULTS_SCRIPT = """
+import json, resource, torch
+from d3sr_core.inference import memory
+
+torch.set_num_threads(1)  # every fault in this thread
+
+def faults_of_a_second_block():
+    torch.ones(10 * 2**20)  # 40 MiB, freed at once
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    torch.ones(10 * 2**20)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+out = [faults_of_a_second_block()]
+with memory.reuse_freed_heap("cpu"):
+    out.append(min(faults_of_a_second_block() for _ in range(3)))
+out.append(faults_of_a_second_block())
+with memory.reuse_freed_heap("cpu"):
+    torch.ones(10 * 2**20)  # 40 MiB freed into the heap
+    out += [memory.trim_freed_heap(2**40), memory.trim_freed_heap(2**20)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_freed_heap_reuse_avoids_page_faults_for_a_repeated_block():
+    """The real effect: a 40 MiB tensor (over glibc's largest dynamic mmap threshold,
+    32 MiB) freed and made again is zero-filled page by page by the kernel (about 1 fault
+    per 4 KiB page) before and after the block, and reuses the freed memory inside it, as a
+    pass's next tile does (a few faults at most); and trim_freed_heap reads the real
+    mallinfo2."""
+    import json
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True
+    )
+    before, inside, after, under, over = json.loads(run.stdout.splitlines()[-1])
+    pages = 40 * 2**20 // 4096
+    assert before >= 0.9 * pages and after >= 0.9 * pages
+    assert inside < pages // 10
+    # the real mallinfo2: 40 MiB freed is over a 1 MiB bound, not over 1 TiB
+    assert under is False and over is True
 
 
 def test_retries_halve_the_budget_and_log_each_time(monkeypatch, caplog):

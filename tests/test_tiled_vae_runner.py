@@ -47,8 +47,8 @@ def _estimate(elements: list[int], itemsize: int) -> int:
 
 def test_probe_is_the_tile_working_set_written_out():
     """A t x t tile in the middle of the image of a pass through a 3x3 conv needs its
-    (t + 2)^2 input and t^2 output (one more conv: (t + 4)^2, ...), clipped to the image;
-    with a checkpoint on disk the next tile's read-ahead of it and one tile's queued writes
+    (t + 2)^2 input and t^2 output (one more conv: (t + 4)^2, ...), clipped to the image (a
+    full-width band of t rows: t + 2 rows of the full width, ...); with a checkpoint on disk the next tile's read-ahead of it and one tile's queued writes
     (WRITE_BEHIND_TILES) come on top."""
     from d3sr_core.inference.tiled_vae import runner as runner_module
 
@@ -71,6 +71,13 @@ def test_probe_is_the_tile_working_set_written_out():
         assert r._probe(0, 2, sizes, chans, True, 4, tile, disk) == want + (inp + behind) * 4
         nothing_read = ([0], frozenset(), 5)
         assert r._probe(0, 2, sizes, chans, True, 4, tile, nothing_read) == want + behind * 4
+        # full-width bands of t_h rows: inputs grow by 2 rows per conv
+        b_out, b_mid, b_inp = t_h * 30 * 5, min(t_h + 2, 20) * 30 * 3, min(t_h + 4, 20) * 30 * 2
+        band = _estimate([b_inp, b_mid, b_out], 4)
+        assert r._probe(0, 2, sizes, chans, True, 4, tile, wide=True) == band
+        behind = runner_module.WRITE_BEHIND_TILES * b_out
+        got = r._probe(0, 2, sizes, chans, True, 4, tile, disk, wide=True)
+        assert got == band + (b_inp + behind) * 4
 
 
 def test_probe_keeps_the_whole_stack_only_when_asked():
@@ -99,7 +106,8 @@ def test_tile_for_is_the_largest_tile_that_fits(limit):
     r = _runner(ops, 10**9)
     probe = {t: r._probe(0, 2, sizes, chans, True, 4, t) for t in range(1, 64)}
     fits = [t for t in range(8, 61) if probe[t] <= limit]
-    tile = r._tile_for(0, 2, sizes, chans, True, 4, limit)
+    tile, wide = r._tile_for(0, 2, sizes, chans, True, 4, limit)
+    assert not wide, "squares without disk I/O"
     if probe[60] <= limit:
         assert tile == 60
     elif not fits:
@@ -165,7 +173,8 @@ def _tiles_by_hand(runner, ops, sizes, chans, tokens, report, batch, items):
     (at least the floor, at most the work limit); half of that when the state overwrites
     its one-tensor checkpoint band by band, and then at most as many rows as two bands of
     the state fit in; its working set counts the checkpoint's reads from disk and the
-    queued writes (runner._probe)."""
+    queued writes (runner._probe). Also the passes that read or write the disk (their
+    tiles are full-width bands)."""
     from d3sr_core.inference.tiled_vae.ops import Attend
 
     n = len(ops)
@@ -175,7 +184,7 @@ def _tiles_by_hand(runner, ops, sizes, chans, tokens, report, batch, items):
         return c * sizes[b][0] * sizes[b][1] * items[b] * batch
 
     limit = runner._budget() * runner.config.work_fraction
-    ck, on_disk, tiles = 0, set(), []
+    ck, on_disk, tiles, banded = 0, set(), [], []
     for s in sorted(report.kept + report.recomputed):
         keep, spill = s in report.kept, s in report.spilled
         forced = s == n or isinstance(ops[s], Attend)
@@ -202,16 +211,19 @@ def _tiles_by_hand(runner, ops, sizes, chans, tokens, report, batch, items):
         written = sum(chans[s][tokens[s].index(t)] for t in new) if spill else 0
         from_disk = frozenset(t for t in tokens[ck] if t in on_disk)
         disk = (tokens[ck], from_disk, written) if from_disk or written else None
-        tile = runner._tile_for(ck, s, sizes, chans, keep, 4 * batch, work, disk)
+        tile, wide = runner._tile_for(ck, s, sizes, chans, keep, 4 * batch, work, disk)
         if in_place:
             rows = sizes[s][1] * new_bytes / (sizes[s][0] * sizes[s][1])
             tile = max(8, min(tile, int(work / (2 * rows))))
         tiles.append(tile)
+        if wide:
+            assert disk is not None
+            banded.append(s)
         if keep:
             on_disk |= set(new) if spill else set()
             ck = s + 1 if forced and s < n else s
             on_disk = {t for t in on_disk if t in tokens[ck]}
-    return tiles
+    return tiles, banded
 
 
 @pytest.mark.parametrize("case", ["spill", "in_place", "compact"])
@@ -219,7 +231,8 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     """A tiny decode that spills (cheap disk prices), overwrites checkpoints in place, or
     also stores the states of the resolutions that do not fit in bfloat16 (compact):
     the output equals diffusers' decode, there is one pass per sync point kept or
-    recomputed, ceil(h / tile) x ceil(w / tile) tiles per pass, one tick per tile at
+    recomputed, ceil(h / tile) x ceil(w / tile) tiles per pass (ceil(h / tile) full-width
+    bands in the passes that read or write the disk), one tick per tile at
     (pass + tiles done / tiles) / passes, and the spill bytes, the most bytes on disk and the
     checkpoint peak are those of the states the report says were kept."""
     import math
@@ -260,8 +273,9 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     report = runner.report
     points = sorted(report.kept + report.recomputed)
     assert len(points) == len(set(points)) == report.passes == len(report.tile_sizes)
+    # passes that read or write the disk tile in full-width bands
     grids = [
-        math.ceil(sizes[s][0] / t) * math.ceil(sizes[s][1] / t)
+        math.ceil(sizes[s][0] / t) * (1 if s in report.banded else math.ceil(sizes[s][1] / t))
         for s, t in zip(points, report.tile_sizes, strict=True)
     ]
     assert report.tiles == sum(grids) > report.passes
@@ -283,8 +297,9 @@ def test_run_report_and_ticks_written_out(case, monkeypatch, tmp_path):
     assert report.spill_bytes == written
     assert report.spill_peak == disk_peak
     assert report.peak_estimate == peak > 0
-    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    tiles, banded = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
     assert report.tile_sizes == tiles
+    assert report.banded == banded
     # seconds the computation waited for the disk: some when spilling, none otherwise
     assert isinstance(report.spill_wait_s, float) and report.spill_wait_s >= 0.0
     assert (report.spill_wait_s > 0.0) == (case == "spill")
@@ -428,7 +443,9 @@ def test_tile_search_counts_disk_io_and_the_stored_stack(case):
     """_tile_for is the bisection above over the working set of _probe's formula (see the
     probe tests): with the checkpoint read from disk and the pass's writes queued
     (``disk``), and with every stacked element stored (``keep``) or only the top, at limits
-    equal to the working set of every side (a limit met exactly fits) and one byte below."""
+    equal to the working set of every side (a limit met exactly fits) and one byte below.
+    With disk I/O the tiles are full-width bands, the search over their height, as long as
+    a band of 8 rows fits; below that, squares."""
     from d3sr_core.inference.tiled_vae import runner as runner_module
 
     size = (40, 60)
@@ -436,17 +453,26 @@ def test_tile_search_counts_disk_io_and_the_stored_stack(case):
     def clip(t, grow):
         return min(min(t, size[0]) + grow, size[0]) * min(min(t, size[1]) + grow, size[1])
 
+    def band(t, grow):  # t rows of the full width, grown by ``grow`` rows
+        return min(min(t, size[0]) + grow, size[0]) * size[1]
+
     if case == "disk":
         ops = [conv_op(2, 3), conv_op(3, 5), Norm(nn.GroupNorm(1, 5), act=True)]
         chans = [[2], [3], [5], [5]]
         io = ([0], frozenset([0]), 5)  # boundary 0 on disk, 5 channels written
 
-        def cost(t, with_io):
-            base = _estimate([clip(t, 4) * 2, clip(t, 2) * 3, clip(t, 0) * 5], 4)
-            behind = runner_module.WRITE_BEHIND_TILES * clip(t, 0) * 5
-            return base + (clip(t, 4) * 2 + behind) * 4 if with_io else base
+        def cost(t, with_io, area):
+            base = _estimate([area(t, 4) * 2, area(t, 2) * 3, area(t, 0) * 5], 4)
+            behind = runner_module.WRITE_BEHIND_TILES * area(t, 0) * 5
+            return base + (area(t, 4) * 2 + behind) * 4 if with_io else base
 
-        variants = [(True, io, lambda t: cost(t, True)), (True, None, lambda t: cost(t, False))]
+        # with I/O: bands while an 8-row band fits, else squares
+        band_cost, square_io = (lambda t: cost(t, True, band)), (lambda t: cost(t, True, clip))
+        variants = [
+            (True, io, band_cost, size[0], True),
+            (True, io, square_io, size[1], False),
+            (True, None, lambda t: cost(t, False, clip), size[1], False),
+        ]
     else:
         ops = [Push(), conv_op(3, 4)]
         chans = [[3], [3, 3], [3, 4]]
@@ -457,16 +483,25 @@ def test_tile_search_counts_disk_io_and_the_stored_stack(case):
                 return _estimate([inp, core * 3 + inp, core * 3 + core * 4], 4)
             return _estimate([inp, inp, core * 4], 4)
 
-        variants = [(True, None, lambda t: cost(t, True)), (False, None, lambda t: cost(t, False))]
+        variants = [
+            (True, None, lambda t: cost(t, True), size[1], False),
+            (False, None, lambda t: cost(t, False), size[1], False),
+        ]
     sizes = [size] * len(chans)
     r = _runner(ops, 10**9)
     limits = {0, 10**9}
-    for _, _, c in variants:
-        limits |= {c(t) + d for t in range(8, 61) for d in (0, -1)}
-    for keep, disk, c in variants:
+    for _, _, c, side, _ in variants:
+        limits |= {c(t) + d for t in range(8, side + 1) for d in (0, -1)}
+    bands = squares = 0
+    for keep, disk, c, side, wide in variants:
         for limit in sorted(limits):
-            want = _bisection(c, 60, limit)
+            if disk is not None and (limit >= variants[0][2](8)) != wide:
+                continue  # the other variant's limits
+            want = (_bisection(c, side, limit), wide)
             assert r._tile_for(0, 2, sizes, chans, keep, 4, limit, disk) == want, limit
+            bands, squares = bands + wide, squares + (not wide)
+    assert bands > 50 if case == "disk" else bands == 0
+    assert squares > 50
 
 
 def test_work_limit_of_a_fixed_tile_takes_the_largest_area():
@@ -589,7 +624,7 @@ def _two_tensor_program():
     return ops, reference
 
 
-@pytest.mark.parametrize("where", ["memory", "disk", "missing directory"])
+@pytest.mark.parametrize("where", ["memory", "disk", "disk in bands", "missing directory"])
 def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
     """A kept state made of two tensors new in its pass is stored whole, in memory or on disk
     (the output equals the computation written out). On disk (cheap I/O, a budget too small
@@ -597,14 +632,17 @@ def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
     no memory); each pass's tiles are those whose working set counts the queued writes and
     the read-ahead from disk (:func:`_tiles_by_hand`), and the I/O lets one tile's writes
     (WRITE_BEHIND_TILES) wait behind the computation, none in a pass that writes nothing;
-    the files are made in the configured spill directory (a missing one is an error)."""
+    the files are made in the configured spill directory (a missing one is an error).
+    The passes that write or read the disk tile in full-width bands (every write is whole
+    rows) where an 8-row band fits (a tall, narrow image), else in squares."""
     from d3sr_core.inference.tiled_vae import runner as runner_module
     from d3sr_core.inference.tiled_vae.spill import SpillError
 
     monkeypatch.setattr(runner_module, "MIN_WORK_BYTES", 16 * 1024)
     ops, reference = _two_tensor_program()
-    z = torch.randn(2, 4, 20, 24, generator=torch.Generator().manual_seed(6))
-    sizes, chans, tokens = shapes_by_hand(ops, 20, 24, 4)
+    hw = (48, 10) if where == "disk in bands" else (20, 24)
+    z = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(6))
+    sizes, chans, tokens = shapes_by_hand(ops, *hw, 4)
     assert len(set(tokens[3])) == 2 and not set(tokens[3]) & set(tokens[0])
     made = []
 
@@ -633,7 +671,7 @@ def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
     else:
         monkeypatch.setattr(planner, "SPILL_READ_COST", 1e-3)
         monkeypatch.setattr(planner, "SPILL_WRITE_COST", 1e-3)
-        directory = tmp_path if where == "disk" else tmp_path / "missing"
+        directory = tmp_path / "missing" if where == "missing directory" else tmp_path
         runner = _runner(ops, 80_000, spill=True, spill_dir=str(directory), work_fraction=0.9)
     with torch.inference_mode():
         if where == "missing directory":
@@ -651,10 +689,14 @@ def test_a_stored_state_of_two_new_tensors(where, monkeypatch, tmp_path):
     assert report.spilled == [3]
     assert report.peak_estimate == z.numel() * 4
     items = [4] * len(sizes)
-    assert report.tile_sizes == _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    tiles, banded = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 2, items)
+    assert report.tile_sizes == tiles and report.banded == banded
+    assert banded == ([3, 7] if where == "disk in bands" else [])
     assert max(report.tile_sizes) < 20, "the budget limits the tiles"
     (io,) = made
     assert len(io.passes) == 2 and io.passes[0][1] and not io.passes[1][1]
+    whole_rows = [r.x0 == 0 and r.x1 == sizes[3][1] for r in io.passes[0][1]]
+    assert all(whole_rows) if banded else not any(whole_rows)
     for write_behind, tiles in io.passes:
         assert write_behind == runner_module.WRITE_BEHIND_TILES * max(tiles.values(), default=0)
 
@@ -697,5 +739,40 @@ def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkey
     report = runner.report
     assert report.kept == [2, 12, 16]
     assert report.in_place == ([12] if min(bands) >= 7 else [])
-    tiles = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 1, [4] * len(sizes))
-    assert report.tile_sizes == tiles and tiles[1] == 8
+    items = [4] * len(sizes)
+    tiles, banded = _tiles_by_hand(runner, ops, sizes, chans, tokens, report, 1, items)
+    assert report.tile_sizes == tiles and tiles[1] == 8 and report.banded == banded == []
+
+
+def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
+    """The whole run is inside memory.reuse_freed_heap (once, on the input's device), and
+    after every tile the freed heap is trimmed beyond FREED_HEAP_FRACTION of the budget
+    (memory.trim_freed_heap); the output is the diffusers decode either way."""
+    from contextlib import contextmanager
+
+    from tiny_models import tiny_vae
+
+    from d3sr_core.inference.tiled_vae import runner as runner_module
+    from d3sr_core.inference.tiled_vae.program import decoder_program
+
+    events = []
+
+    @contextmanager
+    def reuse(device):
+        events.append(("enter", torch.device(device).type))
+        yield
+        events.append(("exit",))
+
+    monkeypatch.setattr(runner_module, "reuse_freed_heap", reuse)
+    monkeypatch.setattr(runner_module, "trim_freed_heap", lambda n, d: events.append(("trim", n)))
+    vae = tiny_vae()
+    z = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(9))
+    budget = 3_000_000
+    runner = _runner(decoder_program(vae), budget, tile=16)
+    with torch.inference_mode():
+        out = runner.run(z)
+        ref = vae.decode(z).sample
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    trims = [("trim", int(budget * runner_module.FREED_HEAP_FRACTION))] * runner.report.tiles
+    assert runner.report.tiles > runner.report.passes > 1
+    assert events == [("enter", "cpu"), *trims, ("exit",)]

@@ -13,7 +13,8 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -148,6 +149,31 @@ def free_cached_memory(device: torch.device | str) -> None:
 
 
 _LIBC = None
+# glibc mallopt() parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's thresholds once its dynamic mmap threshold has adapted to large blocks (the most it
+# reaches on 64-bit, DEFAULT_MMAP_THRESHOLD_MAX, and twice that for trimming): what
+# :func:`reuse_freed_heap` leaves behind.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+# Inside reuse_freed_heap: blocks up to this size come from the heap and stay there when freed.
+HEAP_REUSE_BYTES = 2**30
+_heap_reuse_depth = 0
+
+
+def _glibc(device: torch.device | str):
+    """glibc (loaded once), or None off Linux/glibc and for accelerator devices."""
+    global _LIBC
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return None
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 def release_host_memory(device: torch.device | str = "cpu") -> None:
@@ -158,17 +184,76 @@ def release_host_memory(device: torch.device | str = "cpu") -> None:
     keeps the process's RSS close to the memory budget. A no-op off Linux/glibc or for
     accelerator devices (their caching allocators reuse blocks).
     """
-    global _LIBC
-    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+    libc = _glibc(device)
+    if libc:
+        libc.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> bool:
+    """:func:`release_host_memory` when glibc's heap holds more than ``max_free_bytes`` of
+    freed blocks (``mallinfo2().fordblks``); returns whether it trimmed.
+
+    Within :func:`reuse_freed_heap`, tiles whose blocks are slightly larger than the last
+    ones (a row more, a halo on both sides) leave the smaller freed blocks behind; this bounds
+    what they hold (measured at 4096x4096: +0.7 GB of peak without a bound). A no-op off
+    Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices.
+    """
+    libc = _glibc(device)
+    if not libc or not hasattr(libc, "mallinfo2"):
+        return False
+    libc.mallinfo2.restype = _MallInfo2
+    if libc.mallinfo2().fordblks <= max_free_bytes:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@contextmanager
+def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Within the block, CPU blocks up to :data:`HEAP_REUSE_BYTES` come from glibc's heap and
+    freed ones stay there for the next allocation, instead of each block over 32 MB being a
+    fresh ``mmap`` whose pages the kernel zero-fills one page fault at a time.
+
+    For the tiled VAE, whose tiles within a pass have the same shapes: the next tile reuses
+    the last one's memory. The caller returns the heap to the OS between passes
+    (:func:`release_host_memory`); on exit the heap is trimmed and glibc's thresholds are
+    set to the values its dynamic threshold reaches for large blocks
+    (:data:`GLIBC_MMAP_THRESHOLD_MAX`; glibc has no way to read the previous ones back, and
+    fixing them ends its adaptation). Nested blocks keep the setting until the outermost
+    exits. A no-op off Linux/glibc and for accelerator devices.
+
+    Measured (``bench/bench_large.py --vae 2048``, one thread): 21.5 M page faults and 42.7 s
+    of system time per encode + decode without it, 6.4 M and 13.9 s with it; the peak RSS
+    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends),
+    which :func:`trim_freed_heap` bounds.
+    """
+    global _heap_reuse_depth
+    libc = _glibc(device)
+    if not libc:
+        yield
         return
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    if _heap_reuse_depth == 0:
+        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_REUSE_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_REUSE_BYTES)
+    _heap_reuse_depth += 1
+    try:
+        yield
+    finally:
+        _heap_reuse_depth -= 1
+        if _heap_reuse_depth == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
+            libc.malloc_trim(0)
 
 
 class OutOfMemoryAfterRetries(RuntimeError):

@@ -98,15 +98,19 @@ def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(n)]
 
 
-def _interior_tile(h: int, w: int, tile: int) -> Region:
-    """A ``tile`` x ``tile`` core in the middle of ``h x w``: the one with the largest halos."""
-    th, tw = min(tile, h), min(tile, w)
+def _interior_tile(h: int, w: int, tile: int, wide: bool = False) -> Region:
+    """A ``tile`` x ``tile`` core in the middle of ``h x w`` (``wide``: ``tile`` rows of the
+    full width): the one with the largest halos."""
+    th, tw = min(tile, h), w if wide else min(tile, w)
     y0, x0 = (h - th) // 2, (w - tw) // 2
     return Region(y0, y0 + th, x0, x0 + tw)
 
 
-def _grid(h: int, w: int, tile: int) -> list[Region]:
-    return [Region(y0, y1, x0, x1) for y0, y1 in _spans(h, tile) for x0, x1 in _spans(w, tile)]
+def _grid(h: int, w: int, tile: int, wide: bool = False) -> list[Region]:
+    """Tiles of about ``tile`` x ``tile`` covering ``h x w`` (``wide``: bands of about
+    ``tile`` rows of the full width)."""
+    xs = [(0, w)] if wide else _spans(w, tile)
+    return [Region(y0, y1, x0, x1) for y0, y1 in _spans(h, tile) for x0, x1 in xs]
 
 
 # ---- ops -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..memory import release_host_memory
+from ..memory import release_host_memory, reuse_freed_heap, trim_freed_heap
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats, _apply_norm
 from .ops import (
@@ -47,6 +47,12 @@ WRITE_BEHIND_TILES = 1
 # passes whose checkpoints left a tile 256 MiB peaked 0.35-0.43 GB above their checkpoints,
 # 0.16 GB (6.6 % of the 2.25 GiB budget) over it; the runner plans with 90 % of the budget.
 UNESTIMATED_FRACTION = 0.1
+# Freed tile memory a run keeps for the next tiles (memory.reuse_freed_heap) before it trims
+# the heap, as a share of the budget. Measured at 2 threads (bench/bench_large.py): with no
+# bound a 2048x2048 upscale took 124 s but the 4096x4096 peak rose from 2.50 to 3.19 GB;
+# with 10 % the peak stayed but the trims (page faults again, and on two cores TLB
+# shootdowns) cost as much as not reusing at all (157 s at 2048x2048).
+FREED_HEAP_FRACTION = 0.25
 
 Tick = Callable[[float], None]
 
@@ -94,6 +100,10 @@ class RunReport:
     kept: list[int] = field(default_factory=list)
     recomputed: list[int] = field(default_factory=list)
     tile_sizes: list[int] = field(default_factory=list)
+    # Passes (by boundary) whose tiles were full-width bands of tile_sizes rows (those that
+    # read or wrote the disk, where such a band fits): each tile is one contiguous byte run
+    # of a spill file per image.
+    banded: list[int] = field(default_factory=list)
     # Kept states written over the previous checkpoint, band by band.
     in_place: list[int] = field(default_factory=list)
     # Kept states stored on disk (spill), the bytes written there, and the most bytes on
@@ -202,20 +212,38 @@ class TiledVAERunner:
                 return op.module.weight.dtype
         return torch.float32
 
-    def _tile_for(self, start, stop, sizes, chans, keep, itemsize, limit, disk=None) -> int:
+    def _tile_for(
+        self, start, stop, sizes, chans, keep, itemsize, limit, disk=None
+    ) -> tuple[int, bool]:
         """The largest tile side (at boundary ``stop``'s resolution) whose working set fits
-        (``disk``: see :meth:`_probe`)."""
+        (``disk``: see :meth:`_probe`), and whether the tiles are full-width bands (then the
+        side is their height): when the pass reads or writes the disk and a band of the
+        smallest height fits.
+
+        Why bands: a square tile's rows are separate byte runs of a spill file, one small
+        direct-I/O request each. Writing a 1.07 GB state in 390-pixel tiles took 6.7x the
+        CPU time and 2.7x the wall time of writing it in whole rows, and at two torch threads
+        the writer fell behind the computation (bench/bench_large.py --vae).
+        """
         h, w = sizes[stop]
-        lo, hi = 8, max(h, w)
-        if self._probe(start, stop, sizes, chans, keep, itemsize, hi, disk) <= limit:
-            return hi
+        lo = 8
+
+        def fits(tile: int, wide: bool) -> bool:
+            probe = self._probe(start, stop, sizes, chans, keep, itemsize, tile, disk, wide)
+            return probe <= limit
+
+        wide = disk is not None and fits(lo, True)
+        hi = h if wide else max(h, w)
+
+        if fits(hi, wide):
+            return hi, wide
         while hi - lo > 2:
             mid = (lo + hi) // 2
-            if self._probe(start, stop, sizes, chans, keep, itemsize, mid, disk) <= limit:
+            if fits(mid, wide):
                 lo = mid
             else:
                 hi = mid
-        return lo
+        return lo, wide
 
     def _work_limit(self, sizes, chans, syncs, itemsize) -> float:
         """Bytes one tile may use: from the budget ("auto"), or what a ``tile`` x ``tile``
@@ -232,12 +260,15 @@ class TiledVAERunner:
             prev = s
         return limit
 
-    def _probe(self, start, stop, sizes, chans, keep_all, itemsize, tile, disk=None) -> int:
-        """Bytes a ``tile`` x ``tile`` tile of the pass ``start`` -> ``stop`` needs. ``disk``:
-        ``(ids at start, ids at start on disk, channels the pass writes to disk)``; the
-        next tile's read-ahead of those ids and :data:`WRITE_BEHIND_TILES` of this tile's
-        written output are in flight on the I/O threads (:class:`SpillIO`) meanwhile."""
-        core = _interior_tile(*sizes[stop], tile)
+    def _probe(
+        self, start, stop, sizes, chans, keep_all, itemsize, tile, disk=None, wide=False
+    ) -> int:
+        """Bytes a ``tile`` x ``tile`` tile (``wide``: a full-width band of ``tile`` rows) of
+        the pass ``start`` -> ``stop`` needs. ``disk``: ``(ids at start, ids at start on
+        disk, channels the pass writes to disk)``; the next tile's read-ahead of those ids
+        and :data:`WRITE_BEHIND_TILES` of this tile's written output are in flight on the
+        I/O threads (:class:`SpillIO`) meanwhile."""
+        core = _interior_tile(*sizes[stop], tile, wide)
         depth = len(chans[stop])
         final = [core] * depth if keep_all else [None] * (depth - 1) + [core]
         needs = _backward(self.ops, start, stop, final, sizes)
@@ -278,7 +309,8 @@ class TiledVAERunner:
         files: list[SpilledTensor] = []  # every temporary file, closed on any exit
         io = SpillIO()  # their I/O threads (started on first use), stopped before the files
         try:
-            return self._passes(x, schedule, limit, files, io)
+            with reuse_freed_heap(x.device):
+                return self._passes(x, schedule, limit, files, io)
         finally:
             io.close()
             self.report.spill_wait_s = io.waited
@@ -330,14 +362,19 @@ class TiledVAERunner:
             disk_ids = frozenset(i for i in ck_ids if isinstance(ck_store[i], SpilledTensor))
             written = sum(new_chans.values()) if spill else 0
             disk = (ck_ids, disk_ids, written) if disk_ids or written else None
-            tile = self._tile_for(ck_index, s, sizes, chans, keep, itemsize * batch, work, disk)
+            tile, wide = self._tile_for(
+                ck_index, s, sizes, chans, keep, itemsize * batch, work, disk
+            )
             if in_place:
                 row_bytes = w * new_bytes / max(h * w, 1)
                 tile = max(8, min(tile, int(work / (2 * max(row_bytes, 1)))))
+                # (never banded: in place needs the checkpoint in memory and no spill)
                 in_place = self._halo(ck_index, s, sizes, chans, tile) <= min(
                     b - a for a, b in _spans(h, tile)
                 )
-            grid = _grid(h, w, tile)
+            grid = _grid(h, w, tile, wide)
+            if wide:
+                self.report.banded.append(s)
             norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
             acc = GroupStats(norm.module.num_groups) if norm is not None else None
             store = {}
@@ -398,6 +435,7 @@ class TiledVAERunner:
                         bands = bands[-1:] + [[]]
                     bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
+                trim_freed_heap(int(self.config.budget * FREED_HEAP_FRACTION), x.device)
                 self.report.tiles += 1
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
