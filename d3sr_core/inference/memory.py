@@ -161,6 +161,18 @@ HEAP_REUSE_BYTES = 2**30
 _heap_reuse_depth = 0
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (every field a size_t)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
 def _glibc(device: torch.device | str):
     """glibc (loaded once), or None off Linux/glibc and for accelerator devices."""
     global _LIBC
@@ -171,6 +183,8 @@ def _glibc(device: torch.device | str):
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
             _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            if hasattr(_LIBC, "mallinfo2"):  # glibc >= 2.33
+                _LIBC.mallinfo2.restype = _MallInfo2
         except (OSError, AttributeError):
             _LIBC = False
     return _LIBC or None
@@ -189,16 +203,6 @@ def release_host_memory(device: torch.device | str = "cpu") -> None:
         libc.malloc_trim(0)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
 def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> bool:
     """:func:`release_host_memory` when glibc's heap holds more than ``max_free_bytes`` of
     freed blocks (``mallinfo2().fordblks``); returns whether it trimmed.
@@ -211,7 +215,6 @@ def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> 
     libc = _glibc(device)
     if not libc or not hasattr(libc, "mallinfo2"):
         return False
-    libc.mallinfo2.restype = _MallInfo2
     if libc.mallinfo2().fordblks <= max_free_bytes:
         return False
     libc.malloc_trim(0)
