@@ -203,22 +203,13 @@ def release_host_memory(device: torch.device | str = "cpu") -> None:
         libc.malloc_trim(0)
 
 
-def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> bool:
-    """:func:`release_host_memory` when glibc's heap holds more than ``max_free_bytes`` of
-    freed blocks (``mallinfo2().fordblks``); returns whether it trimmed.
-
-    Within :func:`reuse_freed_heap`, tiles whose blocks are slightly larger than the last
-    ones (a row more, a halo on both sides) leave the smaller freed blocks behind; this bounds
-    what they hold (measured at 4096x4096: +0.7 GB of peak without a bound). A no-op off
-    Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices.
-    """
+def freed_heap_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Bytes of freed blocks glibc's heap holds (``mallinfo2().fordblks``: resident unless
+    trimmed); None off Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices."""
     libc = _glibc(device)
     if not libc or not hasattr(libc, "mallinfo2"):
-        return False
-    if libc.mallinfo2().fordblks <= max_free_bytes:
-        return False
-    libc.malloc_trim(0)
-    return True
+        return None
+    return int(libc.mallinfo2().fordblks)
 
 
 @contextmanager
@@ -237,8 +228,8 @@ def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
 
     Measured (``bench/bench_large.py --vae 2048``, one thread): 21.5 M page faults and 42.7 s
     of system time per encode + decode without it, 6.4 M and 13.9 s with it; the peak RSS
-    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends),
-    which :func:`trim_freed_heap` bounds.
+    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends):
+    the caller bounds them (:func:`freed_heap_bytes`, :func:`release_host_memory`).
     """
     global _heap_reuse_depth
     libc = _glibc(device)
