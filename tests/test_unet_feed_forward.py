@@ -36,6 +36,41 @@ def test_chunks_compute_the_whole_feed_forward(length, chunk):
 def test_chunk_must_be_positive():
     with pytest.raises(ValueError, match="chunk must be a positive number of positions, got 0"):
         ChunkedFeedForward(torch.nn.Identity(), 0)
+    x = torch.arange(6.0).view(1, 3, 2)
+    torch.testing.assert_close(ChunkedFeedForward(torch.nn.Identity(), 1)(x), x)
+
+
+class _Recording(torch.nn.Module):
+    """A position-wise stand-in that records what each call got: x * scale + offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, scale=1.0, *, offset=0.0):
+        self.calls.append((x, scale, offset))
+        return x * scale + offset
+
+
+def test_arguments_reach_every_chunk_and_whole_inputs_pass_unchanged():
+    x = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(1))
+    ff = _Recording()
+    out = ChunkedFeedForward(ff, 4)(x, 2.0, offset=0.5)
+    torch.testing.assert_close(out, x * 2.0 + 0.5)
+    assert [(c[0].shape[1], c[1], c[2]) for c in ff.calls] == [
+        (4, 2.0, 0.5),
+        (4, 2.0, 0.5),
+        (2, 2.0, 0.5),
+    ]
+    for length in (4, 3):  # at most one chunk: the input itself, one call
+        ff.calls.clear()
+        y = x[:, :length]
+        out = ChunkedFeedForward(ff, 4)(y, 3.0, offset=1.0)
+        assert len(ff.calls) == 1 and ff.calls[0][0] is y and ff.calls[0][1:] == (3.0, 1.0)
+    ff.calls.clear()  # not [B, L, C]: passed whole, whatever its second axis
+    image = torch.randn(1, 9, 2, 2)
+    out = ChunkedFeedForward(ff, 4)(image, 2.0, offset=0.0)
+    assert len(ff.calls) == 1 and ff.calls[0][0] is image
 
 
 def test_unet_output_unchanged_and_modules_restored():
