@@ -325,6 +325,10 @@ def main() -> None:
     ap.add_argument("--child-unet", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-vae", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # as the d3sr command does, before this process's first convolution
+    from d3sr_core.inference.memory import bound_onednn_primitive_cache
+
+    bound_onednn_primitive_cache()
     if args.child_vae:
         print(json.dumps(child_vae(args.child_vae, args.precision, not args.no_spill)))
         return

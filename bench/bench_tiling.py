@@ -181,6 +181,10 @@ def main() -> None:
     ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # as the d3sr command does, before this process's first convolution
+    from d3sr_core.inference.memory import bound_onednn_primitive_cache
+
+    bound_onednn_primitive_cache()
     if args.child_rss:
         print(json.dumps(child_rss(args.child_rss, args.child_budget)))
         return

@@ -81,6 +81,12 @@ MODULE_TESTS: dict[str, list[str]] = {
         "-k",
         "unet_attention or attention_window",
     ],
+    "d3sr_core/inference/unet_feed_forward.py": [
+        "tests/test_unet_feed_forward.py",
+        "tests/test_pipeline_stages.py",
+        "-k",
+        "chunk or feed_forward or modules_restored",
+    ],
     "d3sr_core/inference/tiling.py": [
         "tests/test_tiling.py",
         "tests/test_latent.py",

@@ -373,6 +373,13 @@ def test_download_file_from_file_url_and_local_http(tmp_path, tiny):
         server.server_close()
 
 
+def test_the_command_bounds_onednn_primitive_cache_before_it_runs(tmp_path, monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    cli.main(["info", str(tmp_path / "missing.safetensors")])
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
 def test_info_each_kind(tmp_path, tiny, capsys):
     from test_checkpoint import make_osediff
 

@@ -21,6 +21,26 @@ def test_constants_are_the_documented_ones():
     assert memory.MIN_BUDGET_BYTES == 256 * 2**20 and memory.FALLBACK_RAM_BYTES == 4 * GIB
 
 
+def test_onednn_primitive_cache_bound_unless_the_user_set_one(monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert memory.ONEDNN_PRIMITIVE_CACHE_CAPACITY == 64
+    assert memory.bound_onednn_primitive_cache() is True
+    assert memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    assert memory.bound_onednn_primitive_cache(8) is False  # already set: kept
+    assert memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # the user's choice wins
+    assert memory.bound_onednn_primitive_cache() is False
+    assert memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "128")  # oneDNN's older name
+    assert memory.bound_onednn_primitive_cache(16) is False
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in memory.os.environ
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY")
+    assert memory.bound_onednn_primitive_cache(16) is True
+    assert memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+
+
 def test_system_memory_sources_in_order(monkeypatch, tmp_path):
     fake_psutil = SimpleNamespace(virtual_memory=lambda: SimpleNamespace(available=123456))
     monkeypatch.setitem(sys.modules, "psutil", fake_psutil)
@@ -209,11 +229,9 @@ def test_freed_heap_reuse_sets_and_restores_glibc_thresholds(monkeypatch):
     assert len(calls) == 5
 
 
-def test_freed_heap_is_trimmed_beyond_a_bound(monkeypatch):
-    """trim_freed_heap(n): malloc_trim(0) exactly when glibc's free heap bytes
-    (mallinfo2().fordblks) exceed n; nothing without mallinfo2 (glibc < 2.33), off Linux or
-    for accelerator devices."""
-    calls = []
+def test_freed_heap_bytes_read_glibc_mallinfo2(monkeypatch):
+    """freed_heap_bytes: glibc's free heap bytes (mallinfo2().fordblks); None without
+    mallinfo2 (glibc < 2.33), off Linux or for accelerator devices."""
     free = [0]
 
     class MallInfo2:
@@ -222,22 +240,27 @@ def test_freed_heap_is_trimmed_beyond_a_bound(monkeypatch):
         def __call__(self):
             info = memory._MallInfo2()
             info.fordblks = free[0]
+            info.arena = 7  # another field: not the one read
             return info
 
+    calls = []
     libc = SimpleNamespace(
         malloc_trim=_Recorder("trim", calls), mallopt=_Recorder("opt", calls), mallinfo2=MallInfo2()
     )
     monkeypatch.setattr(memory, "_LIBC", None)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
     monkeypatch.setattr(memory.sys, "platform", "linux")
-    for nbytes, trimmed in ((0, False), (1000, False), (1001, True), (10**12, True)):
+    for nbytes in (0, 1001, 10**12):
         free[0] = nbytes
-        assert memory.trim_freed_heap(1000, "cpu") is trimmed
-    assert calls == [("trim", 0), ("trim", 0)]
+        assert memory.freed_heap_bytes("cpu") == nbytes
+    assert calls == []  # reading never trims
     assert libc.mallinfo2.restype is memory._MallInfo2
-    assert memory.trim_freed_heap(0, "cuda") is False
+    assert memory.freed_heap_bytes("cuda") is None
     del libc.mallinfo2
-    assert memory.trim_freed_heap(0, "cpu") is False and len(calls) == 2
+    assert memory.freed_heap_bytes("cpu") is None
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    monkeypatch.setattr(memory, "_LIBC", None)
+    assert memory.freed_heap_bytes("cpu") is None
     # the struct is glibc's: ten size_t fields, fordblks the ninth
     names = [n for n, _ in memory._MallInfo2._fields_]
     assert names.index("fordblks") == 8 and len(names) == 10
@@ -263,8 +286,10 @@ with memory.reuse_freed_heap("cpu"):
     out.append(min(faults_of_a_second_block() for _ in range(3)))
 out.append(faults_of_a_second_block())
 with memory.reuse_freed_heap("cpu"):
-    torch.ones(10 * 2**20)  # 40 MiB freed into the heap
-    out += [memory.trim_freed_heap(2**40), memory.trim_freed_heap(2**20)]
+    block = torch.ones(10 * 2**20)
+    held = memory.freed_heap_bytes()
+    del block  # 40 MiB freed into the heap
+    out.append(memory.freed_heap_bytes() - held)
 print(json.dumps(out))
 """
 
@@ -274,20 +299,19 @@ def test_freed_heap_reuse_avoids_page_faults_for_a_repeated_block():
     """The real effect: a 40 MiB tensor (over glibc's largest dynamic mmap threshold,
     32 MiB) freed and made again is zero-filled page by page by the kernel (about 1 fault
     per 4 KiB page) before and after the block, and reuses the freed memory inside it, as a
-    pass's next tile does (a few faults at most); and trim_freed_heap reads the real
-    mallinfo2."""
+    pass's next tile does (a few faults at most); and freed_heap_bytes reads the real
+    mallinfo2 (the 40 MiB freed into the heap)."""
     import json
     import subprocess
 
     run = subprocess.run(
         [sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True
     )
-    before, inside, after, under, over = json.loads(run.stdout.splitlines()[-1])
+    before, inside, after, freed = json.loads(run.stdout.splitlines()[-1])
     pages = 40 * 2**20 // 4096
     assert before >= 0.9 * pages and after >= 0.9 * pages
     assert inside < pages // 10
-    # the real mallinfo2: 40 MiB freed is over a 1 MiB bound, not over 1 TiB
-    assert under is False and over is True
+    assert 40 * 2**20 <= freed < 41 * 2**20
 
 
 def test_retries_halve_the_budget_and_log_each_time(monkeypatch, caplog):

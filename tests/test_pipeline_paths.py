@@ -140,7 +140,9 @@ def test_out_of_memory_in_a_vae_stage_names_it(monkeypatch, caplog, stage, vae_t
     assert f"{what} ran out of memory (out of memory (planted))" in caplog.text
     assert calls[0] == f"{'tiled' if vae_tile_size == 32 else 'whole'}_{stage}"
     assert calls[1] == f"{'whole' if vae_tile_size is None else 'tiled'}_{stage}"
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # the retry's tiles are smaller: other convolution shapes, other fp32 rounding (1.2e-5
+    # at one pixel with diffusers 0.42.1; an 8-bit level is 3.9e-3)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
 def test_tiled_vae_stages_report_progress_per_tile():

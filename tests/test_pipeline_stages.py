@@ -280,3 +280,26 @@ def test_half_precision_without_overflow_is_not_recomputed(caplog):
         out = D3SRPipeline(g).upscale_tensor(x, options)
     assert torch.isfinite(out).all()
     assert [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()] == []
+
+
+@torch.no_grad()
+def test_denoise_runs_the_feed_forward_in_chunks_of_the_documented_size(monkeypatch):
+    """The UNet stage wraps every transformer block's feed-forward in chunks of
+    FEED_FORWARD_CHUNK positions (here 7, so the tiny UNet's 12x16 latent is chunked), with
+    the same result as the whole feed-forward, and puts the modules back afterwards."""
+    from d3sr_core.inference import pipeline
+
+    g = tiny_generator(GeneratorConfig())
+    pipe = D3SRPipeline(g)
+    latent = _rand(1, 4, 12, 16, seed=2, low=-1.0)
+    whole = pipe.denoise(latent)
+    blocks = [m for m in g.unet.modules() if hasattr(m, "ff")]
+    originals = [b.ff for b in blocks]
+    seen = []
+    for b in blocks:
+        b.ff.net[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    monkeypatch.setattr(pipeline, "FEED_FORWARD_CHUNK", 7)
+    chunked = pipe.denoise(latent)
+    assert blocks and max(seen) == 7
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert [b.ff for b in blocks] == originals

@@ -3,6 +3,8 @@ the tile search, the report and tiles of a run replayed by hand, the spill direc
 space, compact checkpoints, states of two new tensors and in-place bands (tiny hand-made
 programs and tiny diffusers VAEs)."""
 
+import sys
+
 import pytest
 import torch
 from tiled_vae_by_hand import conv_op, region, shapes_by_hand, small_program
@@ -745,9 +747,11 @@ def test_in_place_needs_bands_at_least_as_high_as_the_halo(height, bands, monkey
 
 
 def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
-    """The whole run is inside memory.reuse_freed_heap (once, on the input's device), and
-    after every tile the freed heap is trimmed beyond FREED_HEAP_FRACTION of the budget
-    (memory.trim_freed_heap); the output is the diffusers decode either way."""
+    """The whole run is inside memory.reuse_freed_heap (once, on the input's device). In each
+    pass, the first FREED_HEAP_STEADY_TILES tiles set the bound on the freed heap to the most
+    they left freed (at least FREED_HEAP_FRACTION of the budget), and
+    every later tile that leaves more freed trims the heap; passes also trim when they end.
+    The output is the diffusers decode either way."""
     from contextlib import contextmanager
 
     from tiny_models import tiny_vae
@@ -756,6 +760,10 @@ def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
     from d3sr_core.inference.tiled_vae.program import decoder_program
 
     events = []
+    # freed bytes the fake heap reports after each tile, in turn (cycled)
+    budget = 3_000_000
+    floor = int(budget * runner_module.FREED_HEAP_FRACTION)  # 750_000
+    freed = [900_000, 1_000_000, 999_999, 1_000_001, 10, 800_000, 700_000]
 
     @contextmanager
     def reuse(device):
@@ -763,16 +771,49 @@ def test_a_run_reuses_freed_tile_memory_within_a_bound(monkeypatch):
         yield
         events.append(("exit",))
 
+    def freed_heap_bytes(device):
+        events.append(("freed",))
+        return freed[sum(e == ("freed",) for e in events) % len(freed) - 1]
+
     monkeypatch.setattr(runner_module, "reuse_freed_heap", reuse)
-    monkeypatch.setattr(runner_module, "trim_freed_heap", lambda n, d: events.append(("trim", n)))
+    monkeypatch.setattr(runner_module, "freed_heap_bytes", freed_heap_bytes)
+
+    def release_host_memory(device):  # per tile (from _bound_freed_heap) or per pass
+        caller = sys._getframe(1).f_code.co_name
+        events.append(("trim",) if caller == "_bound_freed_heap" else ("pass",))
+
+    monkeypatch.setattr(runner_module, "release_host_memory", release_host_memory)
     vae = tiny_vae()
     z = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(9))
-    budget = 3_000_000
     runner = _runner(decoder_program(vae), budget, tile=16)
     with torch.inference_mode():
         out = runner.run(z)
         ref = vae.decode(z).sample
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    trims = [("trim", int(budget * runner_module.FREED_HEAP_FRACTION))] * runner.report.tiles
-    assert runner.report.tiles > runner.report.passes > 1
-    assert events == [("enter", "cpu"), *trims, ("exit",)]
+    report = runner.report
+    assert report.tiles > report.passes > 1 and runner_module.FREED_HEAP_STEADY_TILES == 2
+    # the events written out: per tile one reading, then a trim where a tile after the
+    # first two left more freed than the pass's bound; a trim at every pass's end
+    assert events[0] == ("enter", "cpu") and events[-1] == ("exit",)
+    passes, current = [], []
+    for e in events[1:-1]:
+        if e == ("pass",):
+            passes.append(current)
+            current = []
+        else:
+            current.append(e)
+    assert current == [] and len(passes) == report.passes
+    assert sum(p.count(("freed",)) for p in passes) == report.tiles
+    reading = 0
+    for got in passes:
+        bound, expected = floor, []
+        for t in range(got.count(("freed",))):
+            value = freed[reading % len(freed)]
+            reading += 1
+            expected.append(("freed",))
+            if t < 2:
+                bound = max(bound, value)
+            elif value > bound:
+                expected.append(("trim",))
+        assert got == expected
+    assert events.count(("trim",)) > 0  # the sequence makes some tiles trim

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from ..batch import collect_inputs, plan_outputs
+from ..inference.memory import bound_onednn_primitive_cache
 from .common import EXIT_INTERRUPTED, CliError, log_error
 from .options import build_options
 from .parser import ENGINE_DEFAULTS, build_parser
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 some files failed, 2 usage/set-up, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    bound_onednn_primitive_cache()  # before the first convolution of this process
     try:
         return args.func(args)
     except CliError as err:

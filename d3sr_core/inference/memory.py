@@ -203,22 +203,13 @@ def release_host_memory(device: torch.device | str = "cpu") -> None:
         libc.malloc_trim(0)
 
 
-def trim_freed_heap(max_free_bytes: int, device: torch.device | str = "cpu") -> bool:
-    """:func:`release_host_memory` when glibc's heap holds more than ``max_free_bytes`` of
-    freed blocks (``mallinfo2().fordblks``); returns whether it trimmed.
-
-    Within :func:`reuse_freed_heap`, tiles whose blocks are slightly larger than the last
-    ones (a row more, a halo on both sides) leave the smaller freed blocks behind; this bounds
-    what they hold (measured at 4096x4096: +0.7 GB of peak without a bound). A no-op off
-    Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices.
-    """
+def freed_heap_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Bytes of freed blocks glibc's heap holds (``mallinfo2().fordblks``: resident unless
+    trimmed); None off Linux/glibc (< 2.33: no ``mallinfo2``) and for accelerator devices."""
     libc = _glibc(device)
     if not libc or not hasattr(libc, "mallinfo2"):
-        return False
-    if libc.mallinfo2().fordblks <= max_free_bytes:
-        return False
-    libc.malloc_trim(0)
-    return True
+        return None
+    return int(libc.mallinfo2().fordblks)
 
 
 @contextmanager
@@ -237,8 +228,8 @@ def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
 
     Measured (``bench/bench_large.py --vae 2048``, one thread): 21.5 M page faults and 42.7 s
     of system time per encode + decode without it, 6.4 M and 13.9 s with it; the peak RSS
-    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends),
-    which :func:`trim_freed_heap` bounds.
+    rose from 2.34 to 2.81 GB above the weights (freed blocks held until the pass ends):
+    the caller bounds them (:func:`freed_heap_bytes`, :func:`release_host_memory`).
     """
     global _heap_reuse_depth
     libc = _glibc(device)
@@ -257,6 +248,36 @@ def reuse_freed_heap(device: torch.device | str = "cpu") -> Iterator[None]:
             libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
             libc.malloc_trim(0)
+
+
+# oneDNN's primitive cache: entries kept by a process that runs the tiled stages (see
+# bound_onednn_primitive_cache). oneDNN's default is 1024.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
+_ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+
+
+def bound_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE_CAPACITY) -> bool:
+    """Keep at most ``capacity`` oneDNN primitives cached in this process (the environment
+    variable ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), unless the user set it; returns whether it
+    was set here.
+
+    oneDNN caches every convolution / matmul primitive it makes for a new shape, up to 1024,
+    with the memory each one holds. Tiled stages make one per tile shape, so a process that
+    upscales large images accumulates hundreds. Measured at 2048x2048 output (bf16, two
+    threads, ``bench/bench_large.py``): the UNet stage after the tiled VAE encode peaked at
+    3.09 GB above the weights with the default cache, 2.5-2.9 GB with 64 entries, and the
+    whole upscale took 99 s instead of 115 s; a 512x512 upscale was as fast (4.5 s; with no
+    cache at all it took 5.2 s, every primitive being remade).
+
+    oneDNN reads the variable once, when the process makes its first primitive (its first CPU
+    convolution or matmul): call this at the start of a program that owns its process, as
+    the ``d3sr`` command does. A host application (ComfyUI, A1111) has run its own models by
+    the time it loads this package: set the variable in its environment before starting it.
+    """
+    if any(name in os.environ for name in _ONEDNN_CACHE_VARIABLES):
+        return False
+    os.environ[_ONEDNN_CACHE_VARIABLES[0]] = str(int(capacity))
+    return True
 
 
 class OutOfMemoryAfterRetries(RuntimeError):

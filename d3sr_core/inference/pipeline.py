@@ -37,6 +37,7 @@ from .tiling import (
     unet_bytes_per_latent_pixel,
 )
 from .unet_attention import attention_window
+from .unet_feed_forward import FEED_FORWARD_CHUNK, chunked_feed_forward
 
 logger = logging.getLogger("d3sr")
 
@@ -309,7 +310,7 @@ class D3SRPipeline:
                     tiles[0].w,
                     batch,
                 )
-            with attention_window(g.unet, window):
+            with attention_window(g.unet, window), chunked_feed_forward(g.unet, FEED_FORWARD_CHUNK):
                 out = tiled_model_output(
                     self._predict_guarded,
                     latent,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..memory import release_host_memory, reuse_freed_heap, trim_freed_heap
+from ..memory import freed_heap_bytes, release_host_memory, reuse_freed_heap
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats, _apply_norm
 from .ops import (
@@ -47,12 +47,17 @@ WRITE_BEHIND_TILES = 1
 # passes whose checkpoints left a tile 256 MiB peaked 0.35-0.43 GB above their checkpoints,
 # 0.16 GB (6.6 % of the 2.25 GiB budget) over it; the runner plans with 90 % of the budget.
 UNESTIMATED_FRACTION = 0.1
-# Freed tile memory a run keeps for the next tiles (memory.reuse_freed_heap) before it trims
-# the heap, as a share of the budget. Measured at 2 threads (bench/bench_large.py): with no
-# bound a 2048x2048 upscale took 124 s but the 4096x4096 peak rose from 2.50 to 3.19 GB;
-# with 10 % the peak stayed but the trims (page faults again, and on two cores TLB
-# shootdowns) cost as much as not reusing at all (157 s at 2048x2048).
+# Freed tile memory a pass keeps for its next tiles (memory.reuse_freed_heap) before it trims
+# the heap: the most its first FREED_HEAP_STEADY_TILES tiles left freed (a tile's transient
+# memory, which the next tile of the same shape reuses), and at least FREED_HEAP_FRACTION of
+# the budget. Measured at two threads (bench/bench_large.py): a fixed 25 % of the budget made
+# the decoder's band tiles, larger than that, trim and fault their memory back after every
+# tile (a 2048x2048 decode: 61.6 s, 14.4 M faults; with this bound 48.5 s, 4.7 M, the same
+# 2.45 GB peak); 25 % more than the first tiles left raised that peak to 3.03 GB, no bound
+# at all the 4096x4096 one from 2.50 to 3.19 GB, and 10 % of the budget cost as much as not
+# reusing.
 FREED_HEAP_FRACTION = 0.25
+FREED_HEAP_STEADY_TILES = 2
 
 Tick = Callable[[float], None]
 
@@ -181,6 +186,20 @@ def _read_pieces(store: dict[int, Stored], ids: list[int], regions, full: Region
         t, have = loaded.get(i, (store[i], full))
         pieces.append(Piece(_crop(t, have, r).to(dtype), r))
     return pieces
+
+
+def _bound_freed_heap(tile_index: int, bound: int, device: torch.device) -> int:
+    """After tile ``tile_index`` of a pass: the freed-heap bound for the pass's next tiles
+    (the first :data:`FREED_HEAP_STEADY_TILES` raise ``bound`` to what they left freed),
+    trimming the heap when a later tile left more than ``bound`` freed."""
+    freed = freed_heap_bytes(device)
+    if freed is None:
+        return bound
+    if tile_index < FREED_HEAP_STEADY_TILES:
+        return max(bound, freed)
+    if freed > bound:
+        release_host_memory(device)
+    return bound
 
 
 def _close_dropped(old: dict[int, Stored], new: dict[int, Stored]) -> None:
@@ -375,6 +394,7 @@ class TiledVAERunner:
             grid = _grid(h, w, tile, wide)
             if wide:
                 self.report.banded.append(s)
+            heap_bound = int(self.config.budget * FREED_HEAP_FRACTION)
             norm = op.norm if isinstance(op, Attend) else op if isinstance(op, Norm) else None
             acc = GroupStats(norm.module.num_groups) if norm is not None else None
             store = {}
@@ -435,7 +455,7 @@ class TiledVAERunner:
                         bands = bands[-1:] + [[]]
                     bands[-1].append((core, piece.tensor.to(store[i].dtype)))
                 del pieces
-                trim_freed_heap(int(self.config.budget * FREED_HEAP_FRACTION), x.device)
+                heap_bound = _bound_freed_heap(t, heap_bound, x.device)
                 self.report.tiles += 1
                 if self.tick is not None:
                     self.tick((p + (t + 1) / len(grid)) / len(points))
