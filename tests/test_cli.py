@@ -375,7 +375,8 @@ def test_download_file_from_file_url_and_local_http(tmp_path, tiny):
 
 def test_the_command_bounds_onednn_primitive_cache_before_it_runs(tmp_path, monkeypatch):
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that the value set below is undone after the test
+        monkeypatch.delenv(name)
     cli.main(["info", str(tmp_path / "missing.safetensors")])
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
 

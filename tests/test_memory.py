@@ -23,7 +23,8 @@ def test_constants_are_the_documented_ones():
 
 def test_onednn_primitive_cache_bound_unless_the_user_set_one(monkeypatch):
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that the value set below is undone after the test
+        monkeypatch.delenv(name)
     assert memory.ONEDNN_PRIMITIVE_CACHE_CAPACITY == 64
     assert memory.bound_onednn_primitive_cache() is True
     assert memory.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
