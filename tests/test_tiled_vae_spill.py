@@ -198,6 +198,32 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_each_spilled_state_is_written_once(vae, tmp_path, monkeypatch, cheap_io):
+    """Every tile of a spilled state is written once: the bytes written to each file are its
+    size, also for the passes that end with a Push (both stack entries are one state)."""
+    written: dict[int, int] = {}
+    made: list[SpilledTensor] = []
+
+    class Counted(SpilledTensor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def store(self, region, tensor):
+            written[id(self)] = written.get(id(self), 0) + tensor.numel() * tensor.element_size()
+            super().store(region, tensor)
+
+    monkeypatch.setattr(runner_module, "SpilledTensor", Counted)
+    z = torch.randn(1, 4, 8, 11, generator=torch.Generator().manual_seed(38))
+    config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+    with torch.inference_mode():
+        runner = TiledVAERunner(tiled_vae.decoder_program(vae), config)
+        runner.run(z)
+    ops = runner.ops
+    assert any(isinstance(ops[s - 1], tiled_vae.ops.Push) for s in runner.report.spilled)
+    assert made and {id(f): f.nbytes for f in made} == written
+
+
 def test_spill_files_are_removed_on_success_and_on_error(vae, tmp_path, monkeypatch, cheap_io):
     made: list[SpilledTensor] = []
 
