@@ -17,7 +17,7 @@ bands). Reads and writes are explicit unbuffered file I/O at an offset (``seek``
 ``os.pwrite``), not ``mmap``: mapped pages would count in the process's resident memory,
 which the budget bounds. Writes bypass the kernel's page cache where the file system allows it (``O_DIRECT``,
 Linux): the states are spilled because they do not fit the memory budget, and a 4096x4096
-decode writes ~45 GB, more than most machines' RAM, so caching them only costs: every page
+decode writes 52.6 GB, more than most machines' RAM, so caching them only costs: every page
 is allocated, copied and written back under memory pressure (on the CI-class VM buffered
 writes ran at 160 MB/s with 3.2 s of kernel CPU per GB, direct ones at 2.1 GB/s with 0.15 s).
 Direct I/O needs block-aligned offsets, lengths and buffers: the aligned middle of each
@@ -34,7 +34,7 @@ pass is computed, with a :class:`SpillError` naming the directory and the size.
 
 Off the compute thread
 ----------------------
-A 4096x4096 decode writes ~45 GB, more than the page cache of a typical machine holds, so the
+A 4096x4096 decode writes 52.6 GB, more than the page cache of a typical machine holds, so the
 kernel throttles the writer to the disk's speed (170 MB/s on the CI-class machine: minutes).
 :class:`SpillIO` moves the file I/O to two threads: one writes finished tiles behind the
 computation (at most ``write_behind`` bytes queued; the compute thread waits only when the
