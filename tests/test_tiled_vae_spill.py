@@ -106,6 +106,34 @@ def test_direct_io_round_trips_unaligned_runs(tmp_path, monkeypatch, failing):
     assert _open_fds() == fds
 
 
+def test_full_width_band_is_read_straight_into_its_buffer(tmp_path):
+    """A full-width band (what the banded passes read) is read into the buffer that
+    ``empty`` places for it: its block-aligned middle in place, only its unaligned ends (less
+    than a block each) through the bounce buffer; a buffer at any other address is read
+    through the bounce buffer; both exactly."""
+    from d3sr_core.inference.tiled_vae import spill
+
+    x = torch.randn(1, 64, 40, 70, generator=torch.Generator().manual_seed(37))
+    t = SpilledTensor(tuple(x.shape), torch.float32, tmp_path, torch.contiguous_format)
+    if not t.direct:
+        pytest.skip(f"no O_DIRECT on {tmp_path}")
+    t.write(Region(0, 40, 0, 70), x)
+    bounced: list[int] = []
+    read_bounced = t._read_bounced
+    t._read_bounced = lambda offset, view: bounced.append(len(view)) or read_bounced(offset, view)
+    band = Region(9, 31, 0, 70)  # rows of 17 920 bytes: starts and ends inside a block
+    band_bytes = band.h * band.w * 64 * 4
+    assert torch.equal(t.read(band), x[:, :, 9:31])
+    assert t.direct and len(bounced) == 2 and sum(bounced) < 2 * spill.DIRECT_ALIGN
+    bounced.clear()
+    buffer = t.empty(band)
+    raw = buffer.permute(0, 2, 3, 1).reshape(-1)
+    shifted = torch.empty(raw.numel() + 1)[1:].view(1, band.h, band.w, 64).permute(0, 3, 1, 2)
+    assert torch.equal(t.load(band, shifted), x[:, :, 9:31])
+    assert sum(bounced) == band_bytes
+    t.close()
+
+
 class _InMemory(SpilledTensor):
     """The same interface, kept in a tensor: what a spilled run would compute if the disk
     round trip were perfect."""
@@ -116,7 +144,8 @@ class _InMemory(SpilledTensor):
         self.shape, self.dtype, self.memory_format = tuple(shape), dtype, memory_format
         self.device = torch.device(device)
         self.t = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        self.nbytes = self.t.numel() * self.t.element_size()
+        self.itemsize = self.t.element_size()
+        self.nbytes = self.t.numel() * self.itemsize
         self._file = None
 
     closed = False
@@ -167,6 +196,32 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
             for name in ("spill", "recompute"):
                 torch.testing.assert_close(outs[name], outs["keep"], atol=1e-5, rtol=1e-5)
     assert os.listdir(tmp_path) == []
+
+
+def test_each_spilled_state_is_written_once(vae, tmp_path, monkeypatch, cheap_io):
+    """Every tile of a spilled state is written once: the bytes written to each file are its
+    size, also for the passes that end with a Push (both stack entries are one state)."""
+    written: dict[int, int] = {}
+    made: list[SpilledTensor] = []
+
+    class Counted(SpilledTensor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def store(self, region, tensor):
+            written[id(self)] = written.get(id(self), 0) + tensor.numel() * tensor.element_size()
+            super().store(region, tensor)
+
+    monkeypatch.setattr(runner_module, "SpilledTensor", Counted)
+    z = torch.randn(1, 4, 8, 11, generator=torch.Generator().manual_seed(38))
+    config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)
+    with torch.inference_mode():
+        runner = TiledVAERunner(tiled_vae.decoder_program(vae), config)
+        runner.run(z)
+    ops = runner.ops
+    assert any(isinstance(ops[s - 1], tiled_vae.ops.Push) for s in runner.report.spilled)
+    assert made and {id(f): f.nbytes for f in made} == written
 
 
 def test_spill_files_are_removed_on_success_and_on_error(vae, tmp_path, monkeypatch, cheap_io):
@@ -561,6 +616,8 @@ def test_spill_file_without_direct_io(tmp_path, monkeypatch):
     if v.direct:
         v.write(Region(0, 32, 0, 32), torch.ones(1, 4, 32, 32))
         assert torch.equal(v.read(Region(0, 32, 0, 32)), torch.ones(1, 4, 32, 32))
+        assert v._read_bounce is None  # all of it read in place; a band from mid-block is not:
+        assert torch.equal(v.read(Region(1, 32, 0, 32)), torch.ones(1, 4, 31, 32))
         bounces = (v._bounce, v._read_bounce)
         assert None not in bounces
         v.close()

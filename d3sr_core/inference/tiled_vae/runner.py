@@ -438,9 +438,13 @@ class TiledVAERunner:
                     pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
                 if acc is not None:
                     acc.add(pieces[-1].tensor)
+                # each element once: after a Push the top is also asked for its statistics
+                # (_start_tile), and the two entries are the same tensor
+                stored = set()
                 for i, r, piece in zip(ids, final, pieces, strict=True):
-                    if r is None or i not in store:
+                    if r is None or i not in store or i in stored:
                         continue
+                    stored.add(i)
                     if spill:
                         io.write(store[i], core, piece.tensor)
                         continue

@@ -17,7 +17,7 @@ bands). Reads and writes are explicit unbuffered file I/O at an offset (``seek``
 ``os.pwrite``), not ``mmap``: mapped pages would count in the process's resident memory,
 which the budget bounds. Writes bypass the kernel's page cache where the file system allows it (``O_DIRECT``,
 Linux): the states are spilled because they do not fit the memory budget, and a 4096x4096
-decode writes ~45 GB, more than most machines' RAM, so caching them only costs: every page
+decode writes 52.6 GB, more than most machines' RAM, so caching them only costs: every page
 is allocated, copied and written back under memory pressure (on the CI-class VM buffered
 writes ran at 160 MB/s with 3.2 s of kernel CPU per GB, direct ones at 2.1 GB/s with 0.15 s).
 Direct I/O needs block-aligned offsets, lengths and buffers: the aligned middle of each
@@ -34,7 +34,7 @@ pass is computed, with a :class:`SpillError` naming the directory and the size.
 
 Off the compute thread
 ----------------------
-A 4096x4096 decode writes ~45 GB, more than the page cache of a typical machine holds, so the
+A 4096x4096 decode writes 52.6 GB, more than the page cache of a typical machine holds, so the
 kernel throttles the writer to the disk's speed (170 MB/s on the CI-class machine: minutes).
 :class:`SpillIO` moves the file I/O to two threads: one writes finished tiles behind the
 computation (at most ``write_behind`` bytes queued; the compute thread waits only when the
@@ -248,9 +248,19 @@ class SpilledTensor:
         return self.place(self.load(region))
 
     def empty(self, region: Region) -> Tensor:
-        """A host buffer for :meth:`load` of ``region``: ``[B, C, h, w]``, NHWC memory."""
+        """A host buffer for :meth:`load` of ``region``: ``[B, C, h, w]``, NHWC memory.
+
+        Placed so that its first byte run's address and file offset agree modulo
+        :data:`DIRECT_ALIGN`: the run's block-aligned middle is then read straight into it
+        (:meth:`_read_run`) - a full-width band, as the banded passes read, in one request
+        with no copy."""
         b, c, _, _ = self.shape
-        nhwc = torch.empty(b, region.h, region.w, c, dtype=self.dtype)
+        nbytes = b * region.h * region.w * c * self.itemsize
+        first = next(self._runs(region), None)
+        raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+        # (a multiple of the item size: both the offset and the allocation's address are)
+        start = ((first[3] if first else 0) - raw.data_ptr()) % DIRECT_ALIGN
+        nhwc = raw[start : start + nbytes].view(self.dtype).view(b, region.h, region.w, c)
         return nhwc.permute(0, 3, 1, 2)
 
     def load(self, region: Region, out: Tensor | None = None) -> Tensor:
@@ -261,13 +271,47 @@ class SpilledTensor:
         data = out.permute(0, 2, 3, 1).view(torch.uint8).numpy()
         self._raw()
         for i, y, n, offset in self._runs(region):
-            self._read_run(offset, memoryview(data[i, y : y + n]).cast("B"))
+            run = data[i, y : y + n]
+            self._read_run(offset, memoryview(run).cast("B"), run.ctypes.data)
         return out
 
-    def _read_run(self, offset: int, view: memoryview) -> None:
+    def _read_run(self, offset: int, view: memoryview, address: int) -> None:
+        """Read ``len(view)`` bytes at ``offset`` into ``view`` (at memory ``address``): when
+        the view's block-aligned middle sits at an aligned address (:meth:`empty`), that middle
+        directly into place and its ends through the bounce buffer; else all of it through the
+        bounce buffer (:meth:`_read_bounced`).
+
+        Measured (a 2.1 GB state read back in 32-row bands of 4096 x 128 bf16, one thread):
+        0.17-0.21 s of CPU per GB and 1.06-1.18 GB/s through the bounce buffer, 0.02 s per GB
+        and 1.36-1.38 GB/s straight into place."""
+        end = offset + len(view)
+        a0 = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
+        a1 = end // DIRECT_ALIGN * DIRECT_ALIGN
+        if self._direct is None or a1 <= a0 or (address + a0 - offset) % DIRECT_ALIGN:
+            self._read_bounced(offset, view)
+            return
+        pos = a0
+        try:
+            while pos < a1:
+                got = os.preadv(self._direct, [view[pos - offset : a1 - offset]], pos)
+                if not got:
+                    raise SpillError(
+                        0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
+                    )
+                pos += got
+        except SpillError:
+            raise
+        except OSError:  # direct reads refused: the page cache from now on
+            self._close_direct()
+        self._read_bounced(offset, view[: a0 - offset])
+        self._read_bounced(pos, view[pos - offset :])
+
+    def _read_bounced(self, offset: int, view: memoryview) -> None:
         """Read ``len(view)`` bytes at ``offset`` into ``view``: directly, as the aligned
         blocks around them through a bounce buffer (a third of the kernel CPU time of a
         cached read of data that is not in the cache), else through the page cache."""
+        if not view:
+            return
         if self._direct is not None:
             if self._read_bounce is None:
                 self._read_bounce = mmap.mmap(-1, DIRECT_CHUNK)
