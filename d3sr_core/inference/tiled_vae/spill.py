@@ -22,9 +22,11 @@ is allocated, copied and written back under memory pressure (on the CI-class VM 
 writes ran at 160 MB/s with 3.2 s of kernel CPU per GB, direct ones at 2.1 GB/s with 0.15 s).
 Direct I/O needs block-aligned offsets, lengths and buffers: the aligned middle of each
 byte run goes through a small aligned bounce buffer, its unaligned ends (at most a block
-each) through the page cache; reads fetch the aligned blocks around a run into a bounce
-buffer (the kernel first writes back any cached block they cover). A tile's reads from
-data not in the cache took a third of the kernel CPU time of cached reads.
+each) through the page cache. Reads go straight into the tile's buffer for the aligned
+middle of a run when the buffer is placed for it (:meth:`SpilledTensor.empty`: a full-width
+band is then one request and no copy), and fetch the aligned blocks around the rest into a
+bounce buffer (the kernel first writes back any cached block they cover). A tile's reads
+from data not in the cache took a third of the kernel CPU time of cached reads.
 
 The file is an anonymous temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux,
 unlinked at once on other POSIX systems, delete-on-close on Windows), so it disappears when
