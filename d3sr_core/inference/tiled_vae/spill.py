@@ -258,10 +258,9 @@ class SpilledTensor:
         with no copy."""
         b, c, _, _ = self.shape
         nbytes = b * region.h * region.w * c * self.itemsize
-        first = next(self._runs(region), None)
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
         # (a multiple of the item size: both the offset and the allocation's address are)
-        start = ((first[3] if first else 0) - raw.data_ptr()) % DIRECT_ALIGN
+        start = (self._row_offset(0, region.y0, region.x0) - raw.data_ptr()) % DIRECT_ALIGN
         nhwc = raw[start : start + nbytes].view(self.dtype).view(b, region.h, region.w, c)
         return nhwc.permute(0, 3, 1, 2)
 
@@ -297,9 +296,7 @@ class SpilledTensor:
             while pos < a1:
                 got = os.preadv(self._direct, [view[pos - offset : a1 - offset]], pos)
                 if not got:
-                    raise SpillError(
-                        0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
-                    )
+                    raise self._short_read()
                 pos += got
         except SpillError:
             raise
@@ -326,9 +323,7 @@ class SpilledTensor:
                     got = os.preadv(self._direct, [bounce[: a1 - a0]], a0)
                     take = min(end, a1) - pos
                     if got < pos - a0 + take:
-                        raise SpillError(
-                            0, f"tiled VAE: short read of a checkpoint in {self.directory!r}"
-                        )
+                        raise self._short_read()
                     view[pos - offset : pos - offset + take] = bounce[pos - a0 : pos - a0 + take]
                     pos += take
                 return
@@ -345,8 +340,11 @@ class SpilledTensor:
         while view:
             done = f.readinto(view)
             if not done:
-                raise SpillError(0, f"tiled VAE: short read of a checkpoint in {self.directory!r}")
+                raise self._short_read()
             view = view[done:]
+
+    def _short_read(self) -> SpillError:
+        return SpillError(0, f"tiled VAE: short read of a checkpoint in {self.directory!r}")
 
     def place(self, loaded: Tensor) -> Tensor:
         """A :meth:`load`-ed tensor on :attr:`device` in :attr:`memory_format`."""
