@@ -357,7 +357,14 @@ def _window_ops():
         return F.conv2d(_nearest2x(x), same.weight, same.bias, padding=1)
 
     ops = []
-    for m, pad in ((odd, (3, 3, 1, 1)), (down, (0, 1, 0, 1)), (same, (1,) * 4), (one, (0,) * 4)):
+    geometries = (
+        (odd, (3, 3, 1, 1)),
+        (down, (0, 1, 0, 1)),
+        (down, (2, 2, 1, 1)),  # stride 2: top and bottom edges 2 apart, padded by the conv
+        (same, (1,) * 4),
+        (one, (0,) * 4),
+    )
+    for m, pad in geometries:
         reads = conv_reads(m, pad)
         ops.append((Conv(m, pad), lambda x, reads=reads: reads(x)[0], reads, 0))
     return [
@@ -423,6 +430,10 @@ def test_window_ops_read_their_receptive_field_and_keep_the_stack_below():
                     got = op.run([*below, top], [*keep, want], (h, w), None)
                     assert _same(got[:-1], below) and got[-1].region == want
                     torch.testing.assert_close(got[-1].tensor, full[:, :, y0:y1, x0:x1])
+                    out = torch.empty_like(got[-1].tensor)
+                    got = op.run([*below, top], [*keep, want], (h, w), None, out)
+                    assert (got[-1].tensor is out) == op.writes_out
+                    torch.testing.assert_close(got[-1].tensor, full[:, :, y0:y1, x0:x1])
                     got = op.run([*below, top], [*keep, None], (h, w), None)
                     assert _same(got, [*below, None])
 
@@ -463,8 +474,31 @@ def test_push_and_residual_act_on_the_top_of_a_deeper_stack():
             got = residual.run(stack, [*keep, r1], (8, 8), None)
             assert _same(got[:3], below) and len(got) == 4 and got[3].region == r1
             torch.testing.assert_close(got[3].tensor, expected)
+            out = torch.empty_like(expected)  # written in place, the same values
+            got = residual.run(stack, [*keep, r1], (8, 8), None, out)
+            assert got[3].tensor is out and torch.equal(
+                out, residual.run(stack, [*keep, r1], (8, 8), None)[3].tensor
+            )
             got = residual.run([*below, Piece(x, r1), None], [*keep, None], (8, 8), None)
             assert _same(got, [*below, None])
+
+
+def test_conv_pads_rows_itself_and_keeps_nhwc_tiles_dense():
+    """A tile at the top or bottom of a band (top != bottom padding, left == right): the conv
+    pads both sides with the larger amount and the surplus rows are cropped - the values of
+    the zero-padded input, and for an NHWC batch of one a dense tensor (no copy later)."""
+    import torch.nn.functional as F
+
+    from d3sr_core.inference.tiled_vae.ops import conv_padded
+
+    torch.manual_seed(21)
+    conv = nn.Conv2d(6, 5, 3)
+    x = torch.randn(1, 6, 7, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for pad in ((1, 1, 1, 0), (1, 1, 0, 1), (0, 0, 2, 0), (1, 0, 1, 1)):
+            y = conv_padded(x, conv, pad)
+            torch.testing.assert_close(y, F.conv2d(F.pad(x, pad), conv.weight, conv.bias))
+            assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_folded_upsampling_refuses_other_convs_and_caches_its_phases():

@@ -134,6 +134,42 @@ def test_full_width_band_is_read_straight_into_its_buffer(tmp_path):
     t.close()
 
 
+def test_full_width_band_is_written_straight_from_its_buffer(tmp_path, monkeypatch):
+    """A band computed into the buffer that ``empty`` places for it (as the runner has the
+    op that makes a spilled state do) is written with its block-aligned middle straight from
+    that buffer: one direct write, no bounce buffer. A buffer at any other address is copied
+    through the bounce buffer. Both exactly."""
+    from d3sr_core.inference.tiled_vae import spill
+
+    x = torch.randn(1, 64, 40, 70, generator=torch.Generator().manual_seed(41))
+    t = SpilledTensor(tuple(x.shape), torch.float32, tmp_path, torch.contiguous_format)
+    if not t.direct:
+        pytest.skip(f"no O_DIRECT on {tmp_path}")
+    direct_writes: list[int] = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(
+        spill.os,
+        "pwrite",
+        lambda fd, data, pos: direct_writes.append(len(data)) or pwrite(fd, data, pos),
+    )
+    band = Region(9, 31, 0, 70)  # rows of 17 920 bytes: starts and ends inside a block
+    band_bytes = band.h * band.w * 64 * 4
+    buffer = t.empty(band)
+    buffer.copy_(x[:, :, 9:31])
+    t.write(band, buffer)
+    assert t.direct and t._bounce is None
+    assert len(direct_writes) == 1 and band_bytes - 2 * spill.DIRECT_ALIGN < direct_writes[0]
+    rest = Region(31, 40, 0, 70)
+    shifted = torch.empty(rest.h * rest.w * 64 + 1)[1:].view(1, rest.h, rest.w, 64)
+    shifted = shifted.permute(0, 3, 1, 2)
+    shifted.copy_(x[:, :, 31:])
+    t.write(rest, shifted)
+    t.write(Region(0, 9, 0, 70), x[:, :, :9])
+    assert t.direct and t._bounce is not None
+    assert torch.equal(t.read(Region(0, 40, 0, 70)), x)
+    t.close()
+
+
 class _InMemory(SpilledTensor):
     """The same interface, kept in a tensor: what a spilled run would compute if the disk
     round trip were perfect."""
@@ -200,17 +236,34 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
 
 def test_each_spilled_state_is_written_once(vae, tmp_path, monkeypatch, cheap_io):
     """Every tile of a spilled state is written once: the bytes written to each file are its
-    size, also for the passes that end with a Push (both stack entries are one state)."""
+    size, also for the passes that end with a Push (both stack entries are one state).
+    Where the state's last op can write into a given tensor (Residual, UpConv), every tile is
+    computed into the buffer that ``empty`` places for the file (then written with no copy);
+    a conv's tiles are not."""
     written: dict[int, int] = {}
     made: list[SpilledTensor] = []
+    placed: set[int] = set()  # addresses of the buffers empty() handed out
+    stores: dict[int, set[bool]] = {}  # file -> whether its tiles came from those buffers
 
     class Counted(SpilledTensor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
+        def empty(self, region):
+            buffer = super().empty(region)
+            placed.add(buffer.data_ptr())
+            return buffer
+
+        def load(self, region, out=None):
+            if out is not None:  # a buffer for a read, not for a tile
+                placed.discard(out.data_ptr())
+            return super().load(region, out)
+
         def store(self, region, tensor):
             written[id(self)] = written.get(id(self), 0) + tensor.numel() * tensor.element_size()
+            stores.setdefault(id(self), set()).add(tensor.data_ptr() in placed)
+            placed.discard(tensor.data_ptr())  # (freed after this: the address may be reused)
             super().store(region, tensor)
 
     monkeypatch.setattr(runner_module, "SpilledTensor", Counted)
@@ -222,6 +275,13 @@ def test_each_spilled_state_is_written_once(vae, tmp_path, monkeypatch, cheap_io
     ops = runner.ops
     assert any(isinstance(ops[s - 1], tiled_vae.ops.Push) for s in runner.report.spilled)
     assert made and {id(f): f.nbytes for f in made} == written
+    makers = [
+        next(op for op in reversed(ops[:s]) if not isinstance(op, tiled_vae.ops.Push))
+        for s in runner.report.spilled
+    ]
+    assert len(made) == len(makers)  # one new state per spilled pass here
+    assert [stores[id(f)] for f in made] == [{op.writes_out} for op in makers]
+    assert {type(op).__name__ for op in makers} >= {"Residual", "UpConv", "Conv"}
 
 
 def test_spill_files_are_removed_on_success_and_on_error(vae, tmp_path, monkeypatch, cheap_io):
@@ -614,7 +674,10 @@ def test_spill_file_without_direct_io(tmp_path, monkeypatch):
 
     v = SpilledTensor((1, 4, 32, 32), torch.float32, tmp_path)  # one 16 kB run
     if v.direct:
-        v.write(Region(0, 32, 0, 32), torch.ones(1, 4, 32, 32))
+        # (4 bytes past an allocation: never at the block-aligned address that a write
+        # straight from the tensor needs, so the writer's bounce buffer is made)
+        ones = torch.ones(4 * 32 * 32 + 1)[1:].view(1, 32, 32, 4).permute(0, 3, 1, 2)
+        v.write(Region(0, 32, 0, 32), ones)
         assert torch.equal(v.read(Region(0, 32, 0, 32)), torch.ones(1, 4, 32, 32))
         assert v._read_bounce is None  # all of it read in place; a band from mid-block is not:
         assert torch.equal(v.read(Region(1, 32, 0, 32)), torch.ones(1, 4, 31, 32))

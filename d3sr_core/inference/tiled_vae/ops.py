@@ -120,6 +120,8 @@ class Op:
     """One step of a VAE program, acting on the top of a stack of same-size feature maps."""
 
     sync = False  # needs whole-image statistics of its input (GroupNorm) or is global
+    # whether run() can write its top output into a given ``out`` tensor
+    writes_out = False
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h, w
@@ -132,9 +134,18 @@ class Op:
         return out_needs
 
     def run(
-        self, pieces: list[Piece | None], needs: list[Region | None], size: tuple[int, int], ctx
+        self,
+        pieces: list[Piece | None],
+        needs: list[Region | None],
+        size: tuple[int, int],
+        ctx,
+        out: Tensor | None = None,
     ) -> list[Piece | None]:
-        """Produce the output stack covering exactly ``needs`` (clipped) from ``pieces``."""
+        """Produce the output stack covering exactly ``needs`` (clipped) from ``pieces``.
+
+        ``out``: a tensor of the top output's shape and dtype (e.g. where it is stored). An
+        op with :attr:`writes_out` may compute the top output into it and return it as the top
+        piece's tensor; others ignore it (the caller sees which by identity)."""
         raise NotImplementedError
 
 
@@ -161,6 +172,27 @@ class _WindowOp(Op):
         have = req.clip(*size)
         pad = (have.x0 - req.x0, req.x1 - have.x1, have.y0 - req.y0, req.y1 - have.y1)
         return _crop(top.tensor, top.region, have), pad, req
+
+
+def conv_padded(x: Tensor, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> Tensor:
+    """``conv`` (its weights, stride and dilation; not its padding) on ``x`` ``[B, C, H, W]``
+    zero-padded by ``pad`` = ``(left, right, top, bottom)``.
+
+    The conv pads by itself (no copy of ``x``) when left equals right: with the larger of
+    top and bottom on both sides, the surplus output rows cropped away. That is a tile at
+    the top or bottom of a band of full-width tiles, and the crop of an NHWC batch of one
+    is still dense. Only left != right (tiles at a side of the image) copies ``x`` into a
+    padded tensor (``F.pad``)."""
+    left, right, top, bottom = pad
+    if left != right or (top - bottom) % conv.stride[0]:
+        return F.conv2d(F.pad(x, pad), conv.weight, conv.bias, conv.stride, 0, conv.dilation)
+    both = max(top, bottom)
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, (both, left), conv.dilation)
+    if top == bottom:
+        return y
+    reach = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+    rows = (x.shape[2] + top + bottom - reach) // conv.stride[0] + 1
+    return y.narrow(2, (both - top) // conv.stride[0], rows)
 
 
 @dataclass
@@ -195,20 +227,12 @@ class Conv(_WindowOp):
             (r.x1 - 1) * self.s[1] - pl + self.k[1],
         )
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         top, want = pieces[-1], needs[-1]
         if want is None:
             return [*pieces[:-1], None]
         x, pad, _ = self._input(top, want, size)
-        left, right, top_, bottom = pad
-        m = self.module
-        if top_ == bottom and left == right:
-            # Symmetric (whole-axis or interior) padding: let the conv pad, no copy.
-            y = F.conv2d(x, m.weight, m.bias, m.stride, (top_, left), m.dilation, 1)
-        else:
-            x = F.pad(x, pad)
-            y = F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, 1)
-        return [*pieces[:-1], Piece(y, want)]
+        return [*pieces[:-1], Piece(conv_padded(x, self.module, pad), want)]
 
 
 @dataclass
@@ -223,7 +247,7 @@ class Norm(Op):
         if not isinstance(self.module, nn.GroupNorm) or not self.module.affine:
             raise UnsupportedVAEError(f"unsupported norm {self.module}")
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         top = pieces[-1]
         if top is None:
             return pieces
@@ -240,7 +264,7 @@ class Push(Op):
     def needed(self, out_needs):
         return [*out_needs[:-2], _union(out_needs[-2], out_needs[-1])]
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         top = pieces[-1]
         out = list(pieces[:-1])
         for want in needs[-2:]:
@@ -254,6 +278,7 @@ class Residual(Op):
 
     shortcut: nn.Conv2d | None
     scale: float
+    writes_out = True
 
     def out_channels(self, channels):
         return [*channels[:-2], channels[-1]]
@@ -262,7 +287,7 @@ class Residual(Op):
         top = out_needs[-1]
         return [*out_needs[:-1], top, top]
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         x, h = pieces[-2], pieces[-1]
         if h is None:
             return [*pieces[:-2], None]
@@ -270,9 +295,9 @@ class Residual(Op):
         if self.shortcut is not None:
             m = self.shortcut
             skip = F.conv2d(skip, m.weight, m.bias)
-        y = skip + h.tensor
+        y = torch.add(skip, h.tensor, out=out) if out is not None else skip + h.tensor
         if self.scale != 1.0:
-            y = y / self.scale
+            y = y.div_(self.scale) if out is not None else y / self.scale
         return [*pieces[:-2], Piece(y, h.region)]
 
 
@@ -288,7 +313,7 @@ class Upsample(Op):
             return out_needs
         return [*out_needs[:-1], Region(top.y0 // 2, -(-top.y1 // 2), top.x0 // 2, -(-top.x1 // 2))]
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         top, want = pieces[-1], needs[-1]
         if want is None:
             return [*pieces[:-1], None]
@@ -317,27 +342,57 @@ def subpixel_weights(weight: Tensor) -> Tensor:
     return torch.cat(phases).to(weight.dtype)
 
 
-def upsample_conv(xp: Tensor, phase_weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``conv3x3(upsample2x(x))`` for ``x`` given with a one-pixel ring of context ``xp``
-    (zeros at the image border): ``[B, C, n + 2, m + 2] -> [B, O, 2n, 2m]``."""
-    b, _, hp, wp = xp.shape
-    n, m = hp - 2, wp - 2
+def upsample_conv(
+    x: Tensor,
+    phase_weight: Tensor,
+    bias: Tensor | None,
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+    window: Region | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``conv3x3(upsample2x(x))`` for ``x`` given with a one-pixel ring of context, less the
+    zero rows / columns ``pad`` = ``(left, right, top, bottom)`` it lacks at the image border:
+    ``[B, C, n + 2 - top - bottom, m + 2 - left - right] -> [B, O, 2n, 2m]``.
+
+    ``window``: the part of that output to compute (default all of it), into ``out`` when
+    given (``[B, O, window.h, window.w]``). The conv pads rows by itself (as
+    :func:`conv_padded`); only left != right copies ``x``."""
+    left, right, top, bottom = pad
+    if left != right:
+        x, left, right = F.pad(x, (left, right, 0, 0)), 0, 0
+    b, _, hp, wp = x.shape
+    n, m = hp + top + bottom - 2, wp + 2 * left - 2
+    window = Region(0, 2 * n, 0, 2 * m) if window is None else window
     o = phase_weight.shape[0] // 4
-    # [B, 4O, n + 1, m + 1]; phase (a, b) at offset (a, b). The conv adds the bias (once per
-    # phase) while it writes, instead of a separate pass over the 4x larger output.
+    # [B, 4O, n + 1 (+ surplus rows), m + 1]; phase (a, b) at offset (a, b) from the ring's
+    # first row and column. The conv adds the bias (once per phase) while it writes,
+    # instead of a separate pass over the 4x larger output.
     phase_bias = None if bias is None else bias.repeat(4)
-    big = F.conv2d(xp, phase_weight, phase_bias)
+    both = max(top, bottom)
+    big = F.conv2d(x, phase_weight, phase_bias, padding=(both, left))
+    first = both - top
     # a crop of an NHWC checkpoint is not "contiguous" in either format but is still NHWC
-    fmt = torch.channels_last if is_channels_last(xp) else torch.contiguous_format
-    y = torch.empty(b, o, 2 * n, 2 * m, dtype=big.dtype, device=big.device, memory_format=fmt)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    y = out
+    if y is None:
+        shape = (b, o, window.h, window.w)
+        y = torch.empty(shape, dtype=big.dtype, device=big.device, memory_format=fmt)
     for k, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        y[:, :, a::2, c::2] = big[:, k * o : (k + 1) * o, a : a + n, c : c + m]
+        # output row 2i + a is phase a's row i; the window's first such row is r0
+        r0, c0 = (a - window.y0) % 2, (c - window.x0) % 2
+        i0, j0 = (window.y0 + r0) // 2 + first, (window.x0 + c0) // 2
+        rows, cols = (window.h - r0 + 1) // 2, (window.w - c0 + 1) // 2
+        y[:, :, r0::2, c0::2] = big[
+            :, k * o : (k + 1) * o, i0 + a : i0 + a + rows, j0 + c : j0 + c + cols
+        ]
     return y
 
 
 class UpConv(_WindowOp):
     """Nearest 2x upsampling followed by a 3x3 conv (diffusers ``Upsample2D``), computed at
     the low resolution by :func:`upsample_conv` (2.25x fewer FLOPs, the same values)."""
+
+    writes_out = True
 
     def __init__(self, conv: nn.Conv2d):
         if (
@@ -369,16 +424,16 @@ class UpConv(_WindowOp):
     def _in_region(r: Region) -> Region:
         return Region(r.y0 // 2 - 1, (r.y1 - 1) // 2 + 2, r.x0 // 2 - 1, (r.x1 - 1) // 2 + 2)
 
-    def run(self, pieces, needs, size, ctx):
+    def run(self, pieces, needs, size, ctx, out=None):
         top, want = pieces[-1], needs[-1]
         if want is None:
             return [*pieces[:-1], None]
         x, pad, req = self._input(top, want, size)
-        if any(pad):
-            x = F.pad(x, pad)
-        y = upsample_conv(x, self.phase_weight(), self.module.bias)
-        got = Region(2 * (req.y0 + 1), 2 * (req.y1 - 1), 2 * (req.x0 + 1), 2 * (req.x1 - 1))
-        return [*pieces[:-1], Piece(_crop(y, got, want), want)]
+        # the output of the input window starts at output pixel 2 * (req.y0 + 1), 2 * (...)
+        y0, x0 = 2 * (req.y0 + 1), 2 * (req.x0 + 1)
+        window = Region(want.y0 - y0, want.y1 - y0, want.x0 - x0, want.x1 - x0)
+        y = upsample_conv(x, self.phase_weight(), self.module.bias, pad, window, out)
+        return [*pieces[:-1], Piece(y, want)]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .ops import (
     Norm,
     Op,
     Piece,
+    Push,
     Region,
     UpConv,
     Upsample,
@@ -191,7 +192,14 @@ def _read_pieces(store: dict[int, Stored], ids: list[int], regions, full: Region
 def _bound_freed_heap(tile_index: int, bound: int, device: torch.device) -> int:
     """After tile ``tile_index`` of a pass: the freed-heap bound for the pass's next tiles
     (the first :data:`FREED_HEAP_STEADY_TILES` raise ``bound`` to what they left freed),
-    trimming the heap when a later tile left more than ``bound`` freed."""
+    trimming the heap when a later tile left more than ``bound`` freed; a trim raises the
+    bound to what it left.
+
+    Why raise it: glibc counts trimmed free blocks as freed (``fordblks``) though their pages
+    are gone, so after a trim the count does not drop. Kept at the old bound, every later
+    tile trimmed again and faulted its working set back in (a 2048x2048 decode: 47 tiles in
+    a row of one pass, ~1 M page faults in all). The freed count grows again only when tiles
+    leave new blocks freed, and that is what the next trim is for."""
     freed = freed_heap_bytes(device)
     if freed is None:
         return bound
@@ -199,6 +207,7 @@ def _bound_freed_heap(tile_index: int, bound: int, device: torch.device) -> int:
         return max(bound, freed)
     if freed > bound:
         release_host_memory(device)
+        return freed
     return bound
 
 
@@ -418,6 +427,18 @@ class TiledVAERunner:
                         batch, c, h, w, dtype=store_dtype[s], device=x.device, memory_format=fmt
                     )
             full = Region(0, sizes[ck_index][0], 0, sizes[ck_index][1])
+            # The op that makes the stored top element (only Pushes follow it) computes each
+            # tile straight into a buffer placed for direct I/O when it can: the write then
+            # goes from there to the file, with no copy (SpilledTensor._write_run).
+            last = max((j for j in range(ck_index, s) if not isinstance(ops[j], Push)), default=-1)
+            write_out = (
+                spill
+                and last >= 0
+                and ops[last].writes_out
+                and ids[-1] in store
+                and store_dtype[s] == dtype
+                and x.device.type == "cpu"
+            )
             # one tile's output may wait to be written while the next one is computed
             io.write_behind = (
                 WRITE_BEHIND_TILES * written * store_item * batch * max(r.area for r in grid)
@@ -435,7 +456,10 @@ class TiledVAERunner:
                 pieces = _read_pieces(ck_store, ck_ids, needs[0], full, dtype, loaded)
                 del loaded
                 for j in range(ck_index, s):
-                    pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx)
+                    # (made when needed, as the op's own output would be)
+                    out = store[ids[-1]].empty(core) if write_out and j == last else None
+                    pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx, out)
+                del out
                 if acc is not None:
                     acc.add(pieces[-1].tensor)
                 # each element once: after a Push the top is also asked for its statistics

@@ -21,10 +21,11 @@ decode writes 52.6 GB, more than most machines' RAM, so caching them only costs:
 is allocated, copied and written back under memory pressure (on the CI-class VM buffered
 writes ran at 160 MB/s with 3.2 s of kernel CPU per GB, direct ones at 2.1 GB/s with 0.15 s).
 Direct I/O needs block-aligned offsets, lengths and buffers: the aligned middle of each
-byte run goes through a small aligned bounce buffer, its unaligned ends (at most a block
-each) through the page cache. Reads go straight into the tile's buffer for the aligned
-middle of a run when the buffer is placed for it (:meth:`SpilledTensor.empty`: a full-width
-band is then one request and no copy), and fetch the aligned blocks around the rest into a
+byte run goes straight between the file and the tile's memory when that memory is placed for
+it (:meth:`SpilledTensor.empty`: a full-width band is then one request and no copy; the
+runner has the ops that can write into a given tensor compute such tiles in place), else
+through a small aligned bounce buffer; its unaligned ends (at most a block each) go through
+the page cache. Reads of the rest fetch the aligned blocks around it into a
 bounce buffer (the kernel first writes back any cached block they cover). A tile's reads
 from data not in the cache took a third of the kernel CPU time of cached reads.
 
@@ -198,9 +199,9 @@ class SpilledTensor:
         data = nhwc.reshape(-1).view(torch.uint8).view(*nhwc.shape[:3], -1).numpy()
         self._raw()
         for b, y, n, offset in self._runs(region):
-            view = memoryview(data[b, y : y + n]).cast("B")
+            run = data[b, y : y + n]
             try:
-                self._write_run(offset, view)
+                self._write_run(offset, memoryview(run).cast("B"), run.ctypes.data)
             except OSError as e:
                 raise SpillError(
                     e.errno,
@@ -208,9 +209,11 @@ class SpilledTensor:
                     f"{e.strerror or e}",
                 ) from e
 
-    def _write_run(self, offset: int, view: memoryview) -> None:
-        """Write ``view`` at ``offset``: its block-aligned middle directly (when available),
-        the rest through the page cache."""
+    def _write_run(self, offset: int, view: memoryview, address: int) -> None:
+        """Write ``view`` (at memory ``address``) at ``offset``: its block-aligned middle
+        directly when direct I/O is available - straight from ``view`` when that middle sits
+        at an aligned address (a tensor from :meth:`empty`), else through the bounce buffer -
+        and the rest through the page cache."""
         end = offset + len(view)
         a0 = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
         a1 = end // DIRECT_ALIGN * DIRECT_ALIGN
@@ -219,24 +222,29 @@ class SpilledTensor:
             return
         self._write_buffered(offset, view[: a0 - offset])
         self._write_buffered(a1, view[a1 - offset :])
-        if self._bounce is None:
+        placed = (address + a0 - offset) % DIRECT_ALIGN == 0
+        if not placed and self._bounce is None:
             self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
         # released on the way out, also through an exception whose traceback keeps this
         # frame, so that close() can unmap the bounce buffer
-        with memoryview(self._bounce) as bounce:
+        with memoryview(self._bounce if not placed else b"") as bounce:
             pos = a0
             while pos < a1:
-                n = min(DIRECT_CHUNK, a1 - pos)
-                bounce[:n] = view[pos - offset : pos - offset + n]
+                if placed:
+                    chunk = view[pos - offset : a1 - offset]
+                else:
+                    chunk = bounce[: min(DIRECT_CHUNK, a1 - pos)]
+                    chunk[:] = view[pos - offset : pos - offset + len(chunk)]
                 try:
-                    done = os.pwrite(self._direct, bounce[:n], pos)
+                    done = os.pwrite(self._direct, chunk, pos)
                 except OSError:  # e.g. a larger block size than DIRECT_ALIGN: stop using it
                     done = 0
-                if done != n:  # (short direct writes are not resumed at unaligned offsets)
+                # (short direct writes are not resumed at unaligned offsets)
+                if done != len(chunk):
                     self._close_direct()
                     self._write_buffered(pos + done, view[pos + done - offset : a1 - offset])
                     return
-                pos += n
+                pos += done
 
     def _write_buffered(self, offset: int, view: memoryview) -> None:
         f = self._raw()
@@ -250,12 +258,13 @@ class SpilledTensor:
         return self.place(self.load(region))
 
     def empty(self, region: Region) -> Tensor:
-        """A host buffer for :meth:`load` of ``region``: ``[B, C, h, w]``, NHWC memory.
+        """A host buffer for :meth:`load` or :meth:`write` of ``region``: ``[B, C, h, w]``,
+        NHWC memory.
 
         Placed so that its first byte run's address and file offset agree modulo
         :data:`DIRECT_ALIGN`: the run's block-aligned middle is then read straight into it
-        (:meth:`_read_run`) - a full-width band, as the banded passes read, in one request
-        with no copy."""
+        (:meth:`_read_run`) or written straight from it (:meth:`_write_run`) - a full-width
+        band, as the banded passes use, in one request with no copy."""
         b, c, _, _ = self.shape
         nbytes = b * region.h * region.w * c * self.itemsize
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)

@@ -8,7 +8,19 @@ from torch import Tensor, nn
 
 from .attention import ATTENTION_WINDOW, _run_attention
 from .norm import GroupStats
-from .ops import Attend, Conv, Norm, Op, Push, Residual, UpConv, Upsample, _shapes, upsample_conv
+from .ops import (
+    Attend,
+    Conv,
+    Norm,
+    Op,
+    Push,
+    Residual,
+    UpConv,
+    Upsample,
+    _shapes,
+    conv_padded,
+    upsample_conv,
+)
 from .program import decoder_program, encoder_program
 
 
@@ -26,16 +38,10 @@ def run_whole(ops: list[Op], x: Tensor, attention_window: int | None = ATTENTION
     for op in ops:
         t = stack[-1]
         if isinstance(op, Conv):
-            m = op.module
             pt, pb, pl, pr = op.pad
-            if pt == pb and pl == pr:
-                stack[-1] = F.conv2d(t, m.weight, m.bias, m.stride, (pt, pl), m.dilation)
-            else:
-                stack[-1] = F.conv2d(
-                    F.pad(t, (pl, pr, pt, pb)), m.weight, m.bias, m.stride, 0, m.dilation
-                )
+            stack[-1] = conv_padded(t, op.module, (pl, pr, pt, pb))
         elif isinstance(op, UpConv):
-            stack[-1] = upsample_conv(F.pad(t, (1, 1, 1, 1)), op.phase_weight(), op.module.bias)
+            stack[-1] = upsample_conv(t, op.phase_weight(), op.module.bias, (1, 1, 1, 1))
         elif isinstance(op, Norm):
             m = op.module
             y = F.group_norm(t, m.num_groups, m.weight, m.bias, m.eps)
