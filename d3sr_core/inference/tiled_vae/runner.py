@@ -456,10 +456,11 @@ class TiledVAERunner:
                 pieces = _read_pieces(ck_store, ck_ids, needs[0], full, dtype, loaded)
                 del loaded
                 for j in range(ck_index, s):
-                    # (made when needed, as the op's own output would be)
+                    # (made when needed, as the op's own output would be, and held by the
+                    # pieces only)
                     out = store[ids[-1]].empty(core) if write_out and j == last else None
                     pieces = ops[j].run(pieces, needs[j - ck_index + 1], sizes[j], ctx, out)
-                del out
+                    out = None
                 if acc is not None:
                     acc.add(pieces[-1].tensor)
                 # each element once: after a Push the top is also asked for its statistics

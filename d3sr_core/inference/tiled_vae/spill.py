@@ -226,7 +226,8 @@ class SpilledTensor:
         if not placed and self._bounce is None:
             self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned
         # released on the way out, also through an exception whose traceback keeps this
-        # frame, so that close() can unmap the bounce buffer
+        # frame, so that close() can unmap the bounce buffer (a placed view needs none: an
+        # empty stand-in)
         with memoryview(self._bounce if not placed else b"") as bounce:
             pos = a0
             while pos < a1:
