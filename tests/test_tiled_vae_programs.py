@@ -126,7 +126,14 @@ def test_whole_path_equals_diffusers_with_every_option():
         half = copy.deepcopy(vae).to(torch.bfloat16)  # float32 latents are cast to the weights
         got = tiled_vae.whole_decode(half, z, attention_window=None)
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got, half.decode(z.bfloat16()).sample, atol=0.05, rtol=0.05)
+        theirs = half.decode(z.bfloat16()).sample
+        torch.testing.assert_close(got, theirs, atol=0.1, rtol=0.05)
+        # fusing the residual add into the conv rounds once where diffusers rounds twice: as
+        # close to the fp32 decode as diffusers' own bf16 decode is
+        exact = vae.decode(z).sample
+        ours_err, theirs_err = ((t.float() - exact).abs() for t in (got, theirs))
+        assert ours_err.mean() <= 1.1 * theirs_err.mean()
+        assert ours_err.max() <= 1.5 * theirs_err.max()
     with pytest.raises(ValueError) as err:
         tiled_vae.estimate_untiled_bytes(vae, "both", (1, 4, 8, 8), torch.float32)
     assert str(err.value) == "kind must be 'encode' or 'decode', got 'both'"

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from .. import native
 from .ops import Norm, dense
 
 
@@ -52,6 +53,9 @@ def group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     b, c = x.shape[:2]
     eps = 1e-12
     x = dense(x)  # the kernel needs a packed tensor
+    moments = native.channel_moments(x)
+    if moments is not None:
+        return _group_moments_from_channels(*moments, x.shape[2] * x.shape[3], groups)
     if x.dtype in (torch.float16, torch.bfloat16):
         # fp32 affine parameters select the mixed-precision kernel: fp32 accumulation and
         # fp32 statistics straight from the half-precision tensor (no fp32 copy of it).
@@ -71,15 +75,65 @@ def group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     return _moments(mean, rstd, b, groups, eps)
 
 
+def _group_moments_from_channels(
+    mean: Tensor, m2: Tensor, n: int, groups: int
+) -> tuple[Tensor, Tensor]:
+    """Group mean and biased variance ``[B, G]`` from per-channel means and squared deviations
+    ``[B, C]`` over ``n`` pixels each (the parallel-variance formula over a group's channels)."""
+    b, c = mean.shape
+    mean = mean.view(b, groups, c // groups)
+    group_mean = mean.mean(dim=2)
+    m2 = m2.view(b, groups, c // groups).sum(dim=2)
+    m2 = m2 + n * ((mean - group_mean.unsqueeze(2)) ** 2).sum(dim=2)
+    return group_mean, m2 / (n * (c // groups))
+
+
 def _moments(mean: Tensor, rstd: Tensor, b: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     mean = mean.double().cpu().view(b, groups)
     var = (1.0 / rstd.double().cpu().view(b, groups) ** 2 - eps).clamp_min(0.0)
     return mean, var
 
 
+def normalize_act(
+    x: Tensor, mean: Tensor, var: Tensor, norm: nn.GroupNorm, act: bool, out: Tensor | None = None
+) -> Tensor:
+    """``act(GroupNorm(x))`` of ``x`` ``[B, C, H, W]`` with given group statistics ``mean``,
+    ``var`` ``[B, G]`` (float64) and ``norm``'s affine parameters and eps; ``act`` is SiLU or
+    identity. ``out`` (may be ``x``) receives it when the native kernels take ``x``."""
+    b, c = x.shape[:2]
+    rep = c // norm.num_groups
+    rstd = (var + norm.eps).rsqrt().repeat_interleave(rep, dim=1).to(x.device)
+    weight = norm.weight.double() if norm.weight is not None else torch.ones(c, dtype=torch.float64)
+    bias = norm.bias.double() if norm.bias is not None else torch.zeros(c, dtype=torch.float64)
+    scale = weight * rstd
+    shift = bias - mean.repeat_interleave(rep, dim=1).to(x.device) * scale
+    y = native.affine_act(x, scale, shift, act, out)
+    if y is not None:
+        return y
+    y = (x.float() * scale.float()[..., None, None] + shift.float()[..., None, None]).to(x.dtype)
+    return F.silu(y, inplace=True) if act else y
+
+
+def group_norm_act(x: Tensor, norm: nn.GroupNorm, act: bool, out: Tensor | None = None) -> Tensor:
+    """``act(norm(x))`` (``act``: SiLU or identity) for ``x`` ``[B, C, H, W]``, written into
+    ``out`` (which may be ``x``) when the native kernels take both; torch's own GroupNorm
+    (into a new tensor) elsewhere."""
+    moments = native.channel_moments(x)
+    if moments is None:
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.silu(y, inplace=True) if act else y
+    mean, var = _group_moments_from_channels(*moments, x.shape[2] * x.shape[3], norm.num_groups)
+    return normalize_act(x, mean, var, norm, act, out)
+
+
 def _apply_norm(op: Norm, st: GroupStats, x: Tensor) -> Tensor:
     m = op.module
     b, c = x.shape[:2]
+    packed = dense(x)
+    if native.applies_to(packed):
+        # a packed copy is ours to overwrite; a dense x may be a checkpoint still needed
+        out = packed if packed is not x else None
+        return normalize_act(packed, st.mean, st.var, m, op.act, out)
     rep = c // m.num_groups
     mean = st.mean.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
     var = st.var.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)

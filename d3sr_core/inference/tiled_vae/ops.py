@@ -195,6 +195,33 @@ def conv_padded(x: Tensor, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> T
     return y.narrow(2, (both - top) // conv.stride[0], rows)
 
 
+def conv_add_(skip: Tensor, x: Tensor, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> Tensor:
+    """``skip += conv(x)``, ``x`` zero-padded by ``pad`` = ``(left, right, top, bottom)``: a
+    residual block's last conv and its add.
+
+    On CPU one oneDNN convolution adds ``skip`` while it writes its output into it (no separate
+    pass over the sum, no fresh output to fault in); elsewhere, or where this torch lacks
+    that fused op, the conv and then an in-place add."""
+    left, right, top, bottom = pad
+    if (
+        skip.device.type == "cpu"
+        and left == right
+        and top == bottom
+        and skip.dtype == x.dtype == conv.weight.dtype
+        and skip.is_contiguous(memory_format=torch.channels_last) == is_channels_last(x)
+        and skip.is_contiguous(memory_format=torch.channels_last) | skip.is_contiguous()
+        and torch.backends.mkldnn.is_available()
+    ):
+        try:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                skip, x, conv.weight, conv.bias, [top, left], list(conv.stride),
+                list(conv.dilation), conv.groups, "add", 1.0, None, [], None,
+            )  # fmt: skip
+        except (AttributeError, RuntimeError):  # an older torch, or a shape oneDNN refuses
+            pass
+    return skip.add_(conv_padded(x, conv, pad))
+
+
 @dataclass
 class Conv(_WindowOp):
     """A conv on the top element. ``pad`` = (top, bottom, left, right) zero padding."""
