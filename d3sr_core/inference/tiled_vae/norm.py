@@ -98,19 +98,34 @@ def normalize_act(
     x: Tensor, mean: Tensor, var: Tensor, norm: nn.GroupNorm, act: bool, out: Tensor | None = None
 ) -> Tensor:
     """``act(GroupNorm(x))`` of ``x`` ``[B, C, H, W]`` with given group statistics ``mean``,
-    ``var`` ``[B, G]`` (float64) and ``norm``'s affine parameters and eps; ``act`` is SiLU or
-    identity. ``out`` (may be ``x``) receives it when the native kernels take ``x``."""
+    ``var`` ``[B, G]`` (float64, CPU) and ``norm``'s affine parameters and eps; ``act`` is SiLU
+    or identity. ``out`` (may be ``x``) receives it where the native kernels take ``x``."""
     b, c = x.shape[:2]
     rep = c // norm.num_groups
-    rstd = (var + norm.eps).rsqrt().repeat_interleave(rep, dim=1).to(x.device)
-    weight = norm.weight.double() if norm.weight is not None else torch.ones(c, dtype=torch.float64)
-    bias = norm.bias.double() if norm.bias is not None else torch.zeros(c, dtype=torch.float64)
-    scale = weight * rstd
-    shift = bias - mean.repeat_interleave(rep, dim=1).to(x.device) * scale
-    y = native.affine_act(x, scale, shift, act, out)
-    if y is not None:
-        return y
-    y = (x.float() * scale.float()[..., None, None] + shift.float()[..., None, None]).to(x.dtype)
+    weight = norm.weight if norm.weight is not None else torch.ones(c, device=x.device)
+    bias = norm.bias if norm.bias is not None else torch.zeros(c, device=x.device)
+    if native.applies_to(x):  # CPU: the statistics stay float64 until the per-channel affine
+        scale = weight.double() * (var + norm.eps).rsqrt().repeat_interleave(rep, dim=1)
+        shift = bias.double() - mean.repeat_interleave(rep, dim=1) * scale
+        y = native.affine_act(x, scale, shift, act, out)
+        if y is not None:
+            return y
+    mean = mean.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
+    var = var.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
+    weight, bias = weight.float(), bias.float()
+    outs = []
+    for i in range(b):
+        xi = dense(x[i : i + 1])  # batch_norm is ~10x slower on a strided crop (CPU)
+        try:
+            # Eval-mode batch_norm = (x - mean) / sqrt(var + eps) * w + b per channel: one
+            # fused kernel that computes in fp32 for half inputs and keeps channels_last.
+            y = F.batch_norm(xi, mean[i], var[i], weight, bias, False, 0.0, norm.eps)
+        except RuntimeError:  # a backend without mixed-precision batch_norm
+            scale = (var[i] + norm.eps).rsqrt() * weight
+            shift = bias - mean[i] * scale
+            y = (xi.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+        outs.append(y)
+    y = outs[0] if b == 1 else torch.cat(outs)
     return F.silu(y, inplace=True) if act else y
 
 
@@ -127,29 +142,7 @@ def group_norm_act(x: Tensor, norm: nn.GroupNorm, act: bool, out: Tensor | None 
 
 
 def _apply_norm(op: Norm, st: GroupStats, x: Tensor) -> Tensor:
-    m = op.module
-    b, c = x.shape[:2]
     packed = dense(x)
-    if native.applies_to(packed):
-        # a packed copy is ours to overwrite; a dense x may be a checkpoint still needed
-        out = packed if packed is not x else None
-        return normalize_act(packed, st.mean, st.var, m, op.act, out)
-    rep = c // m.num_groups
-    mean = st.mean.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
-    var = st.var.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
-    weight = m.weight.float()
-    bias = m.bias.float()
-    outs = []
-    for i in range(b):
-        xi = dense(x[i : i + 1])  # batch_norm is ~10x slower on a strided crop (CPU)
-        try:
-            # Eval-mode batch_norm = (x - mean) / sqrt(var + eps) * w + b per channel: one
-            # fused kernel that computes in fp32 for half inputs and keeps channels_last.
-            y = F.batch_norm(xi, mean[i], var[i], weight, bias, False, 0.0, m.eps)
-        except RuntimeError:  # a backend without mixed-precision batch_norm
-            scale = (var[i] + m.eps).rsqrt() * weight
-            shift = bias - mean[i] * scale
-            y = (xi.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
-        outs.append(y)
-    y = outs[0] if b == 1 else torch.cat(outs)
-    return F.silu(y, inplace=True) if op.act else y
+    # a packed copy is ours to overwrite; a dense x may be a checkpoint still needed
+    out = packed if packed is not x else None
+    return normalize_act(packed, st.mean, st.var, op.module, op.act, out)
