@@ -129,6 +129,7 @@ def applies_to(x: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and x.dim() == 4
+        and x.numel() > 0
         and x.shape[1] <= MAX_CHANNELS
         and x.is_contiguous(memory_format=torch.channels_last)
         and library() is not None
