@@ -127,7 +127,7 @@ def test_switched_off_and_failed_builds_fall_back(monkeypatch, tmp_path):
 @needs_native
 def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
-    compiler = "cc"
+    compiler = native.find_compiler()
     first = native._build(compiler)
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns

@@ -97,6 +97,11 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def find_compiler() -> str | None:
+    """``$CC``, else ``cc`` or ``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernels, or ``None`` (with one warning saying why) where they cannot be built."""
@@ -104,7 +109,7 @@ def library() -> ctypes.CDLL | None:
         return None
     if sys.platform == "win32":
         return None  # no system compiler to rely on; torch's ops are used
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     try:
         if compiler is None:
             raise RuntimeError("no C compiler (set $CC or install gcc/clang)")
