@@ -171,15 +171,14 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
 def affine_act(
     x: Tensor, scale: Tensor, shift: Tensor, act: bool, out: Tensor | None = None
 ) -> Tensor | None:
-    """``act(x * scale + shift)`` per channel (``act``: SiLU or identity) into ``out`` (may be
-    ``x``; default a new tensor), with ``scale``/``shift`` ``[B, C]`` in float32. ``None``
-    where :func:`applies_to` is false for ``x`` or ``out``."""
+    """``act(x * scale + shift)`` per channel (``act``: SiLU or identity), with
+    ``scale``/``shift`` ``[B, C]`` in float32, into ``out`` (may be ``x``) when the kernels
+    take it and it has ``x``'s shape, else into a new tensor. ``None`` where
+    :func:`applies_to` is false for ``x``."""
     if not applies_to(x):
         return None
-    if out is None:
+    if out is None or not (out.shape == x.shape and applies_to(out)):
         out = torch.empty_like(x, memory_format=torch.channels_last)
-    elif not (applies_to(out) and out.shape == x.shape):
-        return None
     b, c, h, w = x.shape
     lib = library()
     scale = scale.to(torch.float32).contiguous()

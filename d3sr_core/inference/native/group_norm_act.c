@@ -1,6 +1,6 @@
 /* GroupNorm statistics and the normalise + SiLU pass for bfloat16 NHWC (channels_last) tensors.
 
-   Built on first use by native/build.py (the system C compiler, -march=native, OpenMP) and
+   Built on first use by native/__init__.py (the system C compiler, -march=native, OpenMP) and
    called through ctypes. torch's CPU GroupNorm on bfloat16 channels_last spends most of its
    time on per-element conversions (22 ms for a [1, 128, 512, 512] map on 2 cores, plus 8 ms
    for the SiLU after it, plus the page faults of a fresh output); these two loops are

@@ -99,7 +99,8 @@ def normalize_act(
 ) -> Tensor:
     """``act(GroupNorm(x))`` of ``x`` ``[B, C, H, W]`` with given group statistics ``mean``,
     ``var`` ``[B, G]`` (float64, CPU) and ``norm``'s affine parameters and eps; ``act`` is SiLU
-    or identity. ``out`` (may be ``x``) receives it where the native kernels take ``x``."""
+    or identity. ``out`` (may be ``x``) receives it where the native kernels take ``x`` and
+    ``out`` (see :func:`..native.affine_act`); else a new tensor does."""
     b, c = x.shape[:2]
     rep = c // norm.num_groups
     weight = norm.weight if norm.weight is not None else torch.ones(c, device=x.device)

@@ -209,7 +209,7 @@ def conv_add_(skip: Tensor, x: Tensor, conv: nn.Conv2d, pad: tuple[int, int, int
         and top == bottom
         and skip.dtype == x.dtype == conv.weight.dtype
         and skip.is_contiguous(memory_format=torch.channels_last) == is_channels_last(x)
-        and skip.is_contiguous(memory_format=torch.channels_last) | skip.is_contiguous()
+        and (skip.is_contiguous(memory_format=torch.channels_last) or skip.is_contiguous())
         and torch.backends.mkldnn.is_available()
     ):
         try:

@@ -55,8 +55,7 @@ def run_whole(ops: list[Op], x: Tensor, attention_window: int | None = ATTENTION
         t = stack[-1]
         nxt = ops[i + 1] if i + 1 < len(ops) else None
         if isinstance(op, Norm) and not owned(-1):
-            out = spare if spare is not None and _same_layout(spare, t) else None
-            stack[-1] = group_norm_act(t, op.module, op.act, out=out)
+            stack[-1] = group_norm_act(t, op.module, op.act, out=spare)  # (if it fits)
             spare = None
             continue
         if isinstance(op, Conv) and isinstance(nxt, Norm) and owned(-1) and spare is None:
@@ -105,15 +104,6 @@ def run_whole(ops: list[Op], x: Tensor, attention_window: int | None = ATTENTION
         else:  # pragma: no cover - every op type is handled above
             raise TypeError(f"unknown op {op}")
     return stack[-1]
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and a.is_contiguous(memory_format=torch.channels_last)
-        and b.is_contiguous(memory_format=torch.channels_last)
-    )
 
 
 def _program(vae: nn.Module, kind: str) -> list[Op]:
