@@ -64,6 +64,11 @@ def test_group_norm_act_writes_into_out_and_in_place():
     x2 = x.clone()
     assert group_norm_act(x2, m, True, out=x2) is x2
     assert torch.equal(x2, expected)
+    # an out that does not fit (another shape, NCHW) is left alone: a new tensor gets it
+    for unfit in (torch.zeros_like(x)[:, :, :8], torch.zeros(x.shape, dtype=x.dtype)):
+        got = group_norm_act(x, m, True, out=unfit)
+        assert got is not unfit and not unfit.any()
+        assert torch.equal(got, expected)
 
 
 @needs_native
