@@ -4,6 +4,7 @@ and the upsampling conv keeps NHWC on crops."""
 
 import math
 
+import pytest
 import torch
 from tiny_models import tiny_vae
 
@@ -41,6 +42,26 @@ def test_half_precision_group_moments_match_fp32():
     ref = crop.double().reshape(2, 4, -1)  # the formula on the exact bf16 values
     torch.testing.assert_close(mean, ref.mean(-1), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(var, ref.var(-1, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_group_moments_pack_nchw_off_the_cpu(monkeypatch):
+    """CUDA's (and MPS's) group_norm kernel takes NCHW-contiguous input only - the CPU kernel
+    also takes channels_last - so a channels_last tile off the CPU is packed to NCHW first
+    (without it every tiled bf16/fp16 GPU run failed: "Expected X.is_contiguous(...)")."""
+
+    class Seen(Exception):
+        pass
+
+    def cuda_rule(x, *args):
+        if not x.is_contiguous():
+            raise RuntimeError("Expected X.is_contiguous(memory_format) to be true")
+        raise Seen  # the layout is right; meta tensors have no values to reduce
+
+    monkeypatch.setattr(torch, "native_group_norm", cuda_rule)
+    x = torch.empty(1, 8, 6, 7, device="meta", dtype=torch.bfloat16)
+    for t in (x.contiguous(memory_format=torch.channels_last), x[:, :, 1:5, 2:6]):
+        with pytest.raises(Seen):
+            tiled_vae.group_moments(t, 4)
 
 
 def test_checkpoints_follow_the_weights_layout():

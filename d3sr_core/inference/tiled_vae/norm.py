@@ -52,7 +52,9 @@ def group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """
     b, c = x.shape[:2]
     eps = 1e-12
-    x = dense(x)  # the kernel needs a packed tensor
+    # The kernel needs a packed tensor; off the CPU (CUDA, MPS) one in NCHW order: only the
+    # CPU kernel takes channels_last, and F.group_norm packs for the others (this does not).
+    x = dense(x) if x.device.type == "cpu" else x.contiguous()
     moments = native.channel_moments(x)
     if moments is not None:
         return _group_moments_from_channels(*moments, x.shape[2] * x.shape[3], groups)
