@@ -121,6 +121,12 @@ def bench_dtype(
 
     if not skip_compile and not out_of_time(f"{name} compile"):
         backend = "eager" if dry else "inductor"
+        # The untiled VAE calls conv_padded / group_norm_act with weights of ~20 shapes: at
+        # dynamo's default limit of 8 compiled variants per function the rest ran eagerly
+        # (the 2026-12-04 H200 run's fp16 row).
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         from d3sr_core.inference import tiled_vae
 
         # The UNet module, and the untiled VAE path (a function over the VAE's weights).
