@@ -110,9 +110,7 @@ def normalize_act(
     if native.applies_to(x):  # CPU: the statistics stay float64 until the per-channel affine
         scale = weight.double() * (var + norm.eps).rsqrt().repeat_interleave(rep, dim=1)
         shift = bias.double() - mean.repeat_interleave(rep, dim=1) * scale
-        y = native.affine_act(x, scale, shift, act, out)
-        if y is not None:
-            return y
+        return native.affine_act(x, scale, shift, act, out)  # (not None: applies_to(x))
     mean = mean.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
     var = var.repeat_interleave(rep, dim=1).to(device=x.device, dtype=torch.float32)
     weight, bias = weight.float(), bias.float()
