@@ -38,6 +38,7 @@ from .tiling import (
 )
 from .unet_attention import attention_window
 from .unet_feed_forward import FEED_FORWARD_CHUNK, chunked_feed_forward
+from .unet_layout import transformer_outputs_keep_layout
 
 logger = logging.getLogger("d3sr")
 
@@ -310,7 +311,11 @@ class D3SRPipeline:
                     tiles[0].w,
                     batch,
                 )
-            with attention_window(g.unet, window), chunked_feed_forward(g.unet, FEED_FORWARD_CHUNK):
+            with (
+                attention_window(g.unet, window),
+                chunked_feed_forward(g.unet, FEED_FORWARD_CHUNK),
+                transformer_outputs_keep_layout(g.unet),
+            ):
                 out = tiled_model_output(
                     self._predict_guarded,
                     latent,
