@@ -72,6 +72,30 @@ def test_group_norm_act_writes_into_out_and_in_place():
 
 
 @needs_native
+@pytest.mark.parametrize("channels", [32, 24])  # the AVX-512 loop (if built), the portable one
+def test_silu_over_every_bf16_value(channels):
+    """SiLU of every finite bf16 value (scale 1, shift 0) against torch's fp32 SiLU: at most one
+    bf16 step off, nearly always correctly rounded; saturates like torch far from zero (no
+    clamping), NaN stays NaN, +inf stays +inf."""
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    normal = every[every.isfinite() & (every.float().abs() >= 2**-120)]
+    values = torch.cat([normal, torch.tensor([float("nan"), float("inf")], dtype=torch.bfloat16)])
+    n = values.numel() // channels * channels
+    x = values[-n:].view(1, channels, -1, 1).contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(1, channels), torch.zeros(1, channels)
+    got = native.affine_act(x, ones, zeros, True).float()
+    exact = F.silu(x.float())
+    rounded = exact.to(torch.bfloat16).float()
+    finite = exact.isfinite() & (exact.abs() >= 2**-120)  # bf16 steps of normal numbers
+    step = exact.abs().frexp().exponent.float().sub(8).exp2()
+    assert ((got - rounded).abs() <= step)[finite].all()
+    assert ((got != rounded) & finite).sum() <= 0.002 * finite.sum()
+    assert (got[exact.isnan()]).isnan().all() and (got[exact == float("inf")] == float("inf")).all()
+    tiny = x.float().le(-100) & ~exact.isnan()  # silu underflows to (minus) zero
+    assert (got[tiny].abs() < 2**-120).all()
+
+
+@needs_native
 def test_channel_moments_far_from_zero():
     """Channels at 100 +- 0.5: raw sums of squares in fp32 would cancel; the shifted sums give
     the float64 moments of the same bf16 values."""
