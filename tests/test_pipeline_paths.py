@@ -319,6 +319,44 @@ def test_auto_vae_runs_whole_exactly_when_its_estimate_fits(monkeypatch, stage, 
     assert calls == ["whole", "tiled"]
 
 
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+def test_small_whole_vae_runs_keep_freed_memory(monkeypatch, stage):
+    """An untiled VAE run keeps freed blocks for reuse (no fresh pages per layer) exactly when
+    twice its estimated peak fits the budget; the same output either way."""
+    from contextlib import contextmanager
+
+    from d3sr_core.inference import pipeline as pipeline_module
+
+    pipe = D3SRPipeline(tiny_generator())
+    x = _image(4, 5, seed=9)
+    shape = (1, 3, 16, 24) if stage == "encode" else (1, 4, 2, 3)
+    estimate = tiled_vae.estimate_untiled_bytes(pipe.generator.vae, stage, shape, torch.float32)
+    entered = []
+
+    @contextmanager
+    def recording(device):
+        entered.append(str(device))
+        yield
+
+    monkeypatch.setattr(pipeline_module, "reuse_freed_heap", recording)
+    outs = []
+    for budget in (2 * estimate, 2 * estimate - 1):
+        entered.clear()
+        options = _options(vae_tile_size="auto", memory_budget_bytes=budget)
+        outs.append(pipe.upscale_tensor(x, options))
+        other = "decode" if stage == "encode" else "encode"
+        other_shape = (1, 4, 2, 3) if stage == "encode" else (1, 3, 16, 24)
+        other_keeps = (
+            2
+            * tiled_vae.estimate_untiled_bytes(
+                pipe.generator.vae, other, other_shape, torch.float32
+            )
+            <= budget
+        )
+        assert len(entered) == (budget == 2 * estimate) + other_keeps
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_attention_windows_count_whole_latent_positions():
     """Windows are given in output pixels and used in latent positions (8 px each, at least
     one): 4 and 8 px are both one position, 16 px two (another image)."""

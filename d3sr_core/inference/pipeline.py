@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..models.generator import D3SRGenerator
 from . import tiled_vae
 from .alpha import fill_transparent
 from .color import COLOR_FIXES, apply_color_fix
-from .memory import resolve_budget, run_with_oom_retry
+from .memory import resolve_budget, reuse_freed_heap, run_with_oom_retry
 from .tiling import (
     AUTO_MAX_TILE,
     attention_bytes,
@@ -352,9 +353,16 @@ class D3SRPipeline:
         return run_with_oom_retry(attempt, what=what, device=self.device)
 
     def _vae_plan(self, kind: str, shape, run: _Run, shrink: float):
-        """How to run a VAE stage: ``("whole", None)`` (untiled), ``("tiled", (budget, tile))``
-        or ``("diffusers", None)`` (the plain modules, for VAE structures the tiled path does
-        not know)."""
+        """How to run a VAE stage: ``("whole", keep_freed)`` (untiled; ``keep_freed``: reuse
+        freed memory, see below), ``("tiled", (budget, tile))`` or ``("diffusers", None)``
+        (the plain modules, for VAE structures the tiled path does not know).
+
+        An untiled run whose estimated peak is at most half the budget keeps freed blocks in
+        the heap for its next layers (:func:`~.memory.reuse_freed_heap`) instead of faulting
+        fresh memory in for every large map; what it holds freed is at most about its live
+        peak again, so it stays within the budget. Measured (512x512 output, bf16, AMX CPU,
+        2 threads): 3.03-3.12 -> 2.80-2.95 s per upscale, 460 K -> 237 K page faults. Larger
+        untiled runs do not (their peak rose from 2.5 to 4.0 GB at 1024x1024)."""
         vae = self.generator.vae
         tile = run.options.vae_tile_size
         if not tiled_vae.is_supported(vae):
@@ -364,13 +372,15 @@ class D3SRPipeline:
                 )
             return "diffusers", None
         if tile is None or tile == 0:
-            return "whole", None
+            return "whole", False
         budget = int(run.budget * shrink)
         if tile == "auto":
             dtype = next(vae.parameters()).dtype
-            fits = tiled_vae.estimate_untiled_bytes(vae, kind, shape, dtype) <= budget
+            peak = tiled_vae.estimate_untiled_bytes(vae, kind, shape, dtype)
             # after an out-of-memory error, never the whole image again
-            return ("whole", None) if fits and shrink == 1.0 else ("tiled", (budget, None))
+            if peak <= budget and shrink == 1.0:
+                return "whole", 2 * peak <= budget
+            return "tiled", (budget, None)
         return "tiled", (budget, _shrink_tile(int(tile), shrink))
 
     def _own_vae(self, kind: str, x: Tensor, mode: str, plan, run: _Run, tick) -> Tensor:
@@ -380,7 +390,8 @@ class D3SRPipeline:
         window = _latent_window(run.options.vae_attention_window)
         if mode == "whole":
             whole = getattr(tiled_vae, f"whole_{kind}")
-            return self._vae_guard(lambda: whole(vae, x, window), kind)
+            with reuse_freed_heap(x.device) if plan else nullcontext():
+                return self._vae_guard(lambda: whole(vae, x, window), kind)
         tiled = getattr(tiled_vae, f"tiled_{kind}")
         return self._vae_guard(
             lambda: tiled(vae, x, *plan, tick=tick, attention_window=window), kind
