@@ -10,9 +10,9 @@ blocks' concatenations of skips taken from such outputs. Measured (SD2.1 UNet, o
 copies gone.
 
 :func:`transformer_outputs_keep_layout` swaps in a version of the method that ends in the
-residual's memory format; on NCHW inputs it computes what diffusers does, op for op. Only
-diffusers versions that split the output step into ``_get_output_for_continuous_inputs``
-(0.26 on, which covers A1111 1.10's and Forge's) are changed; others run unchanged.
+residual's memory format; on NCHW inputs it computes what diffusers does, op for op. It
+relies on diffusers having that step as ``_get_output_for_continuous_inputs`` (0.28 on; this
+package needs 0.31); a version without it runs unchanged.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ default 512x512 upscale's CPU time (issue #12): its bf16 channels_last GroupNorm
 element by element (22 ms for a ``[1, 128, 512, 512]`` map on 2 cores, 8 ms more for the
 SiLU, and the page faults of a fresh output). ``group_norm_act.c`` has the two loops a
 GroupNorm+SiLU needs, vectorised across the channels of a pixel: per-channel moments (2 ms)
-and normalise+SiLU in one pass that may write in place (10 ms; 4.2 ms on the AMX VM, whose
-sigmoid drops the clamps and the rounding step of the earlier 5.7 ms version).
+and normalise+SiLU in one pass that may write in place (10 ms; on the AMX VM 4.2 ms, 5.7 ms
+before its sigmoid lost the clamping and the rounding instruction, 2026-12-04).
 
 How
 ---
