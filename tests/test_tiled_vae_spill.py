@@ -15,7 +15,7 @@ from tiny_models import tiny_vae
 from d3sr_core.inference import tiled_vae
 from d3sr_core.inference.tiled_vae import Region, TiledVAEConfig, TiledVAERunner
 from d3sr_core.inference.tiled_vae import runner as runner_module
-from d3sr_core.inference.tiled_vae.spill import SpilledTensor, SpillError, SpillIO
+from d3sr_core.inference.tiled_vae.spill import SpilledTensor, SpillError, SpillFiles, SpillIO
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,13 @@ class _InMemory(SpilledTensor):
     round trip were perfect."""
 
     def __init__(
-        self, shape, dtype, directory=None, memory_format=torch.channels_last, device="cpu"
+        self,
+        shape,
+        dtype,
+        directory=None,
+        memory_format=torch.channels_last,
+        device="cpu",
+        files=None,
     ):
         self.shape, self.dtype, self.memory_format = tuple(shape), dtype, memory_format
         self.device = torch.device(device)
@@ -195,6 +201,35 @@ class _InMemory(SpilledTensor):
     def load(self, region, out=None):
         out = self.empty(region) if out is None else out
         return out.copy_(self.t[:, :, region.y0 : region.y1, region.x0 : region.x1])
+
+
+def test_spill_files_reuse_only_exact_sizes_and_never_hold_more(tmp_path):
+    """A dropped checkpoint's file is written over by the next one of exactly its size (the
+    new values read back, not the old); a checkpoint of another size deletes every idle file
+    first; close deletes what is left, and files given back after it at once."""
+    files = SpillFiles()
+    fds = _open_fds()
+    region = Region(0, 8, 0, 8)
+    a = SpilledTensor((1, 16, 8, 8), torch.bfloat16, tmp_path, files=files)
+    a.store(region, torch.full((1, 16, 8, 8), 1.0, dtype=torch.bfloat16))
+    handle = a._file
+    a.close()
+    assert a.closed and files.idle_bytes == a.nbytes and _open_fds() > fds  # kept open
+    b = SpilledTensor((1, 16, 8, 8), torch.bfloat16, tmp_path, files=files)
+    assert b._file is handle and files.reused == 1 and files.idle_bytes == 0
+    b.store(region, torch.full((1, 16, 8, 8), 2.0, dtype=torch.bfloat16))
+    assert torch.equal(b.read(region), torch.full((1, 16, 8, 8), 2.0, dtype=torch.bfloat16))
+    b.close()
+    # another size (the same bytes in another shape would fit: only the size counts)
+    c = SpilledTensor((1, 8, 8, 8), torch.bfloat16, tmp_path, files=files)
+    assert c._file is not handle and files.reused == 1 and files.idle_bytes == 0
+    assert handle.closed, "the idle file was deleted before a new one was made"
+    c.close()
+    files.close()
+    assert files.idle_bytes == 0 and _open_fds() == fds and os.listdir(tmp_path) == []
+    d = SpilledTensor((1, 8, 8, 8), torch.bfloat16, tmp_path, files=files)
+    d.close()  # after close(): deleted at once
+    assert files.idle_bytes == 0 and _open_fds() == fds
 
 
 def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
@@ -223,8 +258,12 @@ def test_spill_equals_keep_and_recompute(vae, tmp_path, cheap_io, monkeypatch):
             assert reports["spill"].spill_io_cpu_s > 0 == reports["keep"].spill_io_cpu_s
             assert reports["recompute"].recomputed and not reports["recompute"].spilled
             assert not reports["keep"].spilled and not reports["keep"].recomputed
+            # a later state of the same size was written over a dropped one's file
+            assert reports["spill"].spill_files_reused > 0
             untimed = {
-                k: dataclasses.replace(r, spill_wait_s=0.0, spill_io_cpu_s=0.0)
+                k: dataclasses.replace(
+                    r, spill_wait_s=0.0, spill_io_cpu_s=0.0, spill_files_reused=0
+                )
                 for k, r in reports.items()
             }
             assert untimed["spill"] == untimed["spill in memory"]

@@ -33,7 +33,7 @@ from .ops import (
     is_channels_last,
 )
 from .planner import MIN_WORK_BYTES, MIN_WORK_FRACTION, _in_place, _work_bytes, plan_checkpoints
-from .spill import SpilledTensor, SpillIO, spill_directory
+from .spill import SpilledTensor, SpillFiles, SpillIO, spill_directory
 
 # Share of the spill directory's free space (at the start of a run) that checkpoints may
 # take at once; beyond it the planner recomputes instead (others may need the disk too).
@@ -117,6 +117,9 @@ class RunReport:
     spilled: list[int] = field(default_factory=list)
     spill_bytes: int = 0
     spill_peak: int = 0
+    # Spill files written over by a later checkpoint of the same size (spill.SpillFiles)
+    # instead of deleted and made anew.
+    spill_files_reused: int = 0
     # Seconds the computation waited for the disk (spill writes and reads that the I/O
     # threads had not finished yet).
     spill_wait_s: float = 0.0
@@ -334,20 +337,29 @@ class TiledVAERunner:
         schedule = _Schedule(
             sorted({*syncs, *(planned & optional)}), planned, spilled, store_dtype, sizes, chans
         )
-        files: list[SpilledTensor] = []  # every temporary file, closed on any exit
+        files: list[SpilledTensor] = []  # every checkpoint on disk, closed on any exit
+        spill_files = SpillFiles()  # their files, reused by later checkpoints of one size
         io = SpillIO()  # their I/O threads (started on first use), stopped before the files
         try:
             with reuse_freed_heap(x.device):
-                return self._passes(x, schedule, limit, files, io)
+                return self._passes(x, schedule, limit, files, io, spill_files)
         finally:
             io.close()
             self.report.spill_wait_s = io.waited
             self.report.spill_io_cpu_s = io.cpu
             for f in files:
                 f.close()
+            spill_files.close()
+            self.report.spill_files_reused = spill_files.reused
 
     def _passes(
-        self, x: Tensor, schedule: _Schedule, limit: float, files: list, io: SpillIO
+        self,
+        x: Tensor,
+        schedule: _Schedule,
+        limit: float,
+        files: list,
+        io: SpillIO,
+        spill_files: SpillFiles,
     ) -> Tensor:
         """Run the passes of ``schedule`` on ``x`` (already in the VAE dtype); every
         temporary file made is appended to ``files`` (the caller closes them and ``io``)."""
@@ -415,7 +427,14 @@ class TiledVAERunner:
                 for i, c in new_chans.items():
                     shape = (batch, c, h, w)
                     files.append(
-                        SpilledTensor(shape, store_dtype[s], self.config.spill_dir, fmt, x.device)
+                        SpilledTensor(
+                            shape,
+                            store_dtype[s],
+                            self.config.spill_dir,
+                            fmt,
+                            x.device,
+                            files=spill_files,
+                        )
                     )
                     store[i] = files[-1]
                     self.report.spill_bytes += files[-1].nbytes
