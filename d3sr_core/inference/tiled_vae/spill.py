@@ -31,7 +31,8 @@ from data not in the cache took a third of the kernel CPU time of cached reads.
 
 The file is an anonymous temporary file (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux,
 unlinked at once on other POSIX systems, delete-on-close on Windows), so it disappears when
-closed, when the run fails, or (POSIX) when the process dies.
+closed, when the run fails, or (POSIX) when the process dies. Within a run, a file whose
+checkpoint is dropped is written over by the next checkpoint of its size (:class:`SpillFiles`).
 Its blocks are reserved up front (``posix_fallocate``) so that a full disk fails before the
 pass is computed, with a :class:`SpillError` naming the directory and the size.
 
