@@ -366,6 +366,10 @@ def test_full_disk_or_missing_directory_is_a_clear_error(vae, tmp_path, monkeypa
         SpilledTensor((1, 8, 2048, 2048), torch.float32, tmp_path)
     assert err.value.errno == errno.ENOSPC and str(tmp_path) in str(err.value)
     assert _open_fds() == fds, "the half-made file is closed"
+    files = SpillFiles()
+    with pytest.raises(SpillError, match="No space left"):
+        SpilledTensor((1, 8, 2048, 2048), torch.float32, tmp_path, files=files)
+    assert files.idle_bytes == 0 and _open_fds() == fds, "not kept for reuse either"
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(34))
     with torch.inference_mode(), pytest.raises(SpillError, match="memory budget"):
         config = TiledVAEConfig(budget=1, tile=16, spill_dir=tmp_path)

@@ -24,19 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .tiled_vae.ops import is_channels_last
+
 _METHOD = "_get_output_for_continuous_inputs"
-
-
-def _layout_of(t: Tensor) -> torch.memory_format:
-    """channels_last for a ``[B, C, H, W]`` tensor stored NHWC (and not also NCHW), else
-    contiguous_format."""
-    if (
-        t.dim() == 4
-        and not t.is_contiguous()
-        and t.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def output_in_residual_layout(
@@ -51,7 +41,7 @@ def output_in_residual_layout(
     """diffusers' ``Transformer2DModel._get_output_for_continuous_inputs`` with the output in
     ``residual``'s memory format: tokens ``[B, H*W, C]`` -> ``proj_out`` -> ``[B, C, H, W]`` +
     ``residual``."""
-    fmt = _layout_of(residual)
+    fmt = torch.channels_last if is_channels_last(residual) else torch.contiguous_format
     shape = (batch_size, height, width, inner_dim)
     if not self.use_linear_projection:
         nhwc = hidden_states.reshape(shape).permute(0, 3, 1, 2)

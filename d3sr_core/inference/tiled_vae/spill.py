@@ -189,6 +189,7 @@ class SpilledTensor:
             if self.nbytes and hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(self._file.fileno(), 0, self.nbytes)
         except OSError as e:
+            self._files = None  # a file without its blocks is deleted, never reused
             self.close()
             raise SpillError(
                 e.errno,
@@ -218,14 +219,16 @@ class SpilledTensor:
             if getattr(self, name, None) is not None:
                 getattr(self, name).close()
                 setattr(self, name, None)
+        if self.closed:
+            self._close_direct()
+            return
+        file, direct = self._file, self._direct
+        self._file = self._direct = None
         files = getattr(self, "_files", None)
-        if not self.closed and files is not None:
-            files.give(self._file, self._direct, self.nbytes)
-            self._file, self._direct = None, None
-        self._close_direct()
-        if not self.closed:
-            self._file.close()
-            self._file = None
+        if files is not None:
+            files.give(file, direct, self.nbytes)
+        else:
+            _delete(file, direct)
 
     def _close_direct(self) -> None:
         if getattr(self, "_direct", None) is not None:
