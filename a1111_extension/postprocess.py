@@ -15,7 +15,7 @@ import random
 from modules import scripts_postprocessing
 
 from d3sr_core.inference.color import COLOR_FIXES
-from d3sr_core.inference.pipeline import output_size
+from d3sr_core.inference.options import output_size
 
 from . import host, models, settings, upscaler
 

@@ -62,7 +62,8 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
     from d3sr_core.inference.precision import cpu_supports_bf16, prepare_generator
 
     torch.set_grad_enabled(False)

@@ -147,7 +147,8 @@ def child_profile(size: int, precision: str, top: int, save: str | None, threads
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
     from d3sr_core.inference.precision import prepare_generator
 
     torch.set_num_threads(threads)
@@ -185,7 +186,8 @@ def child_unet(size: int, precision: str, window: int, repeat: int) -> dict:
     self-attention windowed at ``window`` px and always global (0)."""
     import torch
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
     from d3sr_core.inference.precision import prepare_generator
 
     torch.set_num_threads(1)

@@ -93,7 +93,8 @@ def child_rss(out_size: int, budget_gib: float | None, precision: str | None = N
     None keeps the fp32 generator, else :func:`prepare_generator` with it."""
     import torch
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
     from d3sr_core.inference.precision import prepare_generator
 
     torch.set_grad_enabled(False)
@@ -233,7 +234,8 @@ def main() -> None:
 
     import torch
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
 
     torch.set_grad_enabled(False)
     g = build_generator()

@@ -75,7 +75,8 @@ def bench_dtype(
     """All rows for one precision (a function, so each dtype's models are freed after it)."""
     import torch
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
     from d3sr_core.inference.precision import prepare_generator
 
     g = prepare_generator(copy.deepcopy(master), device, name)

@@ -274,7 +274,8 @@ def _patcher(module, load_device, offload_device):
 @contextmanager
 def user_errors(node: str):
     """Turn engine errors into one clear :class:`D3SRNodeError` (or ComfyUI's interrupt)."""
-    from d3sr_core.inference.pipeline import InvalidImageError, UpscaleCancelled
+    from d3sr_core.inference.options import InvalidImageError
+    from d3sr_core.inference.pipeline import UpscaleCancelled
     from d3sr_core.loading.files import WeightsFileError
 
     from .convert import ConversionError

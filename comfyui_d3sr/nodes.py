@@ -97,7 +97,7 @@ def _validate_tiles(tile_size=0, tile_overlap=256, vae_tile_size=0) -> bool | st
 
 
 def _options(scale, tile_size, tile_overlap, vae_tile_size, color_fix, seed, conditioning):
-    from d3sr_core.inference.pipeline import UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
 
     return UpscaleOptions(
         scale=float(scale),

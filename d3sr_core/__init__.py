@@ -7,7 +7,8 @@ Typical use::
     image = D3SRPipeline(generator).upscale(pil_image, UpscaleOptions(scale=4))
 """
 
-from .inference.pipeline import D3SRPipeline, UpscaleCancelled, UpscaleOptions, output_size
+from .inference.options import UpscaleOptions, output_size
+from .inference.pipeline import D3SRPipeline, UpscaleCancelled
 from .loading.checkpoint import D3SRCheckpoint, load_checkpoint, save_checkpoint
 from .loading.files import WeightsFileError
 from .loading.generator import build_generator, load_generator, read_weights

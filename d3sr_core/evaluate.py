@@ -212,7 +212,8 @@ def upscale_folder(
     """Run the model on every LR image (PNG output, same relative names) for evaluation."""
     from tqdm.auto import tqdm
 
-    from .inference.pipeline import D3SRPipeline, UpscaleOptions
+    from .inference.options import UpscaleOptions
+    from .inference.pipeline import D3SRPipeline
     from .loading.generator import load_generator
 
     lr_root, out = Path(lr_dir), Path(out_dir)

@@ -152,6 +152,12 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_vae_attention.py",
         "tests/test_tiled_vae.py",
     ],
+    "d3sr_core/inference/options.py": [
+        "tests/test_pipeline_options.py",
+        "tests/test_size_option.py",
+        "tests/test_pipeline.py",
+        "tests/test_robust_cli.py",
+    ],
     "d3sr_core/inference/pipeline.py": [
         "tests/test_pipeline_options.py",
         "tests/test_pipeline_stages.py",

@@ -11,7 +11,8 @@ from tiny_models import tiny_generator
 
 from d3sr_core.inference import pipeline as pipeline_module
 from d3sr_core.inference.alpha import fill_transparent
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline
 from d3sr_core.loading.fetch import (
     PROMPT_SOURCE,
     SOURCE_SHA256,

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from d3sr_core import cli
 from d3sr_core.image_files import encode_png16
-from d3sr_core.inference.pipeline import UpscaleOptions, output_size
+from d3sr_core.inference.options import UpscaleOptions, output_size
 from d3sr_core.loading.checkpoint import is_d3sr_checkpoint, load_checkpoint
 from d3sr_core.loading.detect import base_lacks_vae
 from d3sr_core.loading.fetch import download_file

@@ -11,7 +11,8 @@ from make_tiny_weights import write_tiny_base, write_tiny_checkpoint
 from test_latent import reference_sr_latent
 from tiny_models import TINY_CONTEXT_DIM
 
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline
 from d3sr_core.loading.generator import load_generator
 
 WEIGHTS = "tiny/d3sr-tiny.safetensors"

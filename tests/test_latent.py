@@ -9,12 +9,8 @@ from tiny_models import TINY_CONTEXT_DIM, tiny_generator
 
 from d3sr_core.inference.color import apply_color_fix
 from d3sr_core.inference.latent import latent_output_shape
-from d3sr_core.inference.pipeline import (
-    D3SRPipeline,
-    InvalidImageError,
-    UpscaleCancelled,
-    UpscaleOptions,
-)
+from d3sr_core.inference.options import InvalidImageError, UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleCancelled
 
 UNTILED = {"tile_size": None, "vae_tile_size": None}
 

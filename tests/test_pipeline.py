@@ -3,13 +3,8 @@ import torch
 from PIL import Image
 from tiny_models import tiny_generator
 
-from d3sr_core.inference.pipeline import (
-    D3SRPipeline,
-    InvalidImageError,
-    UpscaleCancelled,
-    UpscaleOptions,
-    output_size,
-)
+from d3sr_core.inference.options import InvalidImageError, UpscaleOptions, output_size
+from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleCancelled
 from d3sr_core.models import GeneratorConfig
 
 

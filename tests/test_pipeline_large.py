@@ -11,12 +11,8 @@ from tiny_models import tiny_generator
 
 from d3sr_core.inference import memory, tiled_vae
 from d3sr_core.inference.memory import is_oom_error, resolve_budget, run_with_oom_retry
-from d3sr_core.inference.pipeline import (
-    D3SRPipeline,
-    InvalidImageError,
-    UpscaleCancelled,
-    UpscaleOptions,
-)
+from d3sr_core.inference.options import InvalidImageError, UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleCancelled
 
 
 def psnr(a, b):

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from d3sr_core.inference.pipeline import (
+from d3sr_core.inference.options import (
     InvalidImageError,
     UpscaleOptions,
     validate_images,

@@ -16,12 +16,8 @@ from tiny_models import tiny_generator, tiny_prompt_embeds
 from torch import nn
 
 from d3sr_core.inference import tiled_vae
-from d3sr_core.inference.pipeline import (
-    D3SRPipeline,
-    InvalidImageError,
-    UpscaleCancelled,
-    UpscaleOptions,
-)
+from d3sr_core.inference.options import InvalidImageError, UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleCancelled
 from d3sr_core.models import GeneratorConfig
 
 SCALING = 0.18215

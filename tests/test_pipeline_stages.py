@@ -18,10 +18,10 @@ from tiny_models import tiny_generator
 from torch import nn
 
 from d3sr_core.inference import memory
+from d3sr_core.inference.options import UpscaleOptions
 from d3sr_core.inference.pipeline import (
     D3SRPipeline,
     UpscaleCancelled,
-    UpscaleOptions,
     _Progress,
     _shrink_tile,
     _upcast,

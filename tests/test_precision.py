@@ -7,7 +7,8 @@ import torch
 from tiny_models import tiny_generator
 
 from d3sr_core.inference import precision
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline
 from d3sr_core.inference.precision import (
     plan_precision,
     prepare_generator,

@@ -30,7 +30,8 @@ from reference import (
 from tiny_models import tiny_prompt_embeds, tiny_unet, tiny_vae
 from torch import nn
 
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline
 from d3sr_core.loading.base import BaseModel
 from d3sr_core.loading.checkpoint import D3SRCheckpoint
 from d3sr_core.loading.generator import build_generator

@@ -23,7 +23,7 @@ from PIL import Image
 from d3sr_core import cli
 from d3sr_core.batch import collect_inputs, plan_outputs, split_by_pixels
 from d3sr_core.image_files import ImageFileError, read_image
-from d3sr_core.inference.pipeline import UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
 
 REPO = Path(__file__).resolve().parent.parent
 NO_WEIGHTS = ["--weights", "/nonexistent/weights.safetensors", "--base", "/nonexistent/base", "-q"]

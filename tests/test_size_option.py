@@ -4,13 +4,8 @@ import pytest
 import torch
 from tiny_models import tiny_generator
 
-from d3sr_core.inference.pipeline import (
-    D3SRPipeline,
-    InvalidImageError,
-    UpscaleOptions,
-    output_size,
-    target_size,
-)
+from d3sr_core.inference.options import InvalidImageError, UpscaleOptions, output_size, target_size
+from d3sr_core.inference.pipeline import D3SRPipeline
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from tiny_models import tiny_generator
 from torch import nn
 
-from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+from d3sr_core.inference.options import UpscaleOptions
+from d3sr_core.inference.pipeline import D3SRPipeline
 from d3sr_core.inference.tiling import (
     Tile,
     blend_weights,

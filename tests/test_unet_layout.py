@@ -106,7 +106,8 @@ def test_methods_are_restored_after_an_error_and_nested_use_changes_once():
 def test_pipeline_denoises_with_the_layout_kept():
     from tiny_models import tiny_generator
 
-    from d3sr_core.inference.pipeline import D3SRPipeline, UpscaleOptions
+    from d3sr_core.inference.options import UpscaleOptions
+    from d3sr_core.inference.pipeline import D3SRPipeline
 
     pipe = D3SRPipeline(tiny_generator())
     transformers = [m for m in pipe.generator.unet.modules() if isinstance(m, Transformer2DModel)]

@@ -36,7 +36,7 @@ def _check_cli_only_options(args) -> None:
 def build_options(args):
     """:class:`UpscaleOptions` from the command line, validated by the engine's rules; errors
     name the CLI flag (exit 2). Runs before any model is looked for or loaded."""
-    from ..inference.pipeline import InvalidImageError, UpscaleOptions, validate_options
+    from ..inference.options import InvalidImageError, UpscaleOptions, validate_options
 
     _check_cli_only_options(args)
     values = {"scale": args.scale, "seed": args.seed}

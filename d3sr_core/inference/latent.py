@@ -21,19 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .color import apply_color_fix
+from .options import (
+    LATENT_FACTOR,
+    InvalidImageError,
+    UpscaleOptions,
+    output_size,
+    validate_options,
+)
 from .pipeline import (
     _STAGE_WEIGHTS,
-    LATENT_FACTOR,
     CancelCheck,
     D3SRPipeline,
-    InvalidImageError,
     ProgressCallback,
-    UpscaleOptions,
     _Progress,
     _Run,
-    output_size,
     pad_to_multiple,
-    validate_options,
 )
 
 
