@@ -156,7 +156,6 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_pipeline_options.py",
         "tests/test_size_option.py",
         "tests/test_pipeline.py",
-        "tests/test_robust_cli.py",
     ],
     "d3sr_core/inference/pipeline.py": [
         "tests/test_pipeline_options.py",
