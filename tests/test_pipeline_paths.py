@@ -325,8 +325,13 @@ def test_small_whole_vae_runs_keep_freed_memory(monkeypatch, stage):
 
     pipe = D3SRPipeline(tiny_generator())
     x = _image(4, 5, seed=9)
-    shape = (1, 3, 16, 24) if stage == "encode" else (1, 4, 2, 3)
-    estimate = tiled_vae.estimate_untiled_bytes(pipe.generator.vae, stage, shape, torch.float32)
+    shapes = {"encode": (1, 3, 16, 24), "decode": (1, 4, 2, 3)}  # x4 of 4x5 (padded to 8)
+    estimates = {
+        kind: tiled_vae.estimate_untiled_bytes(pipe.generator.vae, kind, shape, torch.float32)
+        for kind, shape in shapes.items()
+    }
+    estimate = estimates[stage]
+    other = "decode" if stage == "encode" else "encode"
     entered = []
 
     @contextmanager
@@ -340,15 +345,7 @@ def test_small_whole_vae_runs_keep_freed_memory(monkeypatch, stage):
         entered.clear()
         options = _options(vae_tile_size="auto", memory_budget_bytes=budget)
         outs.append(pipe.upscale_tensor(x, options))
-        other = "decode" if stage == "encode" else "encode"
-        other_shape = (1, 4, 2, 3) if stage == "encode" else (1, 3, 16, 24)
-        other_keeps = (
-            2
-            * tiled_vae.estimate_untiled_bytes(
-                pipe.generator.vae, other, other_shape, torch.float32
-            )
-            <= budget
-        )
+        other_keeps = 2 * estimates[other] <= budget
         assert len(entered) == (budget == 2 * estimate) + other_keeps
     assert torch.equal(outs[0], outs[1])
 
